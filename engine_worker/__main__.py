@@ -1,0 +1,66 @@
+"""`python -m engine_worker --model PATH --port N`: one engine process."""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from engine_worker.model import load_model
+from engine_worker.server import serve
+from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST, EngineSettings
+
+
+def parse_args(argv: list[str] | None = None) -> EngineSettings:
+    ap = argparse.ArgumentParser(prog="vllm-mlx-engine", description=__doc__)
+    ap.add_argument("--model", required=True, help="a local mlx-lm model folder")
+    ap.add_argument("--served-model-name")
+    ap.add_argument("--host", default=DEFAULT_HOST,
+                    help="address to listen on (default loopback)")
+    ap.add_argument("--port", type=int, default=DEFAULT_ENGINE_PORT)
+    ap.add_argument("--max-num-seqs", type=int, default=64,
+                    help="requests decoded together in one batch")
+    ap.add_argument("--max-queue", type=int, default=256,
+                    help="requests allowed to wait before Generate is refused")
+    ap.add_argument("--prefill-batch-size", type=int, default=8)
+    ap.add_argument("--prefill-step-size", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, help="cap the context length")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    a = ap.parse_args(argv)
+    return EngineSettings(
+        model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
+        max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,
+        prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
+        max_model_len=a.max_model_len, warmup=a.warmup)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def load(s: EngineSettings):
+        return load_model(s.model, s.served_model_name, s.max_model_len)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(settings, load)
+        except asyncio.CancelledError:
+            logging.getLogger("engine").info("stopped by signal")
+
+    asyncio.run(run())
+    # MLX aborts in its static teardown ("terminate called without an active
+    # exception") once a stream was used from a thread other than the main one,
+    # as the engine loop does. Everything is stopped and flushed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

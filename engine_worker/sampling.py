@@ -1,0 +1,104 @@
+"""Per-request samplers and logits processors.
+
+Each request in the shared batch keeps its own sampler and processors; the
+batch generator calls them row by row. A greedy request without processors
+gets `None`, so an all-greedy batch samples in one batched argmax.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import (
+    LogitsProcessor,
+    Sampler,
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+)
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; the message names the field."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # None: the penalties see the whole sequence so far.
+    penalty_context_size: int | None = None
+
+    def validate(self, vocab_size: int) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.penalty_context_size is None or self.penalty_context_size > 0,
+             "penalty_context_size must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplingError(message)
+        for token, bias in self.logit_bias.items():
+            if not 0 <= token < vocab_size:
+                raise SamplingError(f"logit_bias token {token} is outside the vocabulary "
+                                    f"(0..{vocab_size - 1})")
+            if not -100 <= bias <= 100:
+                raise SamplingError(f"logit_bias value {bias} must be in [-100, 100]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_sampler(params: SamplingParams) -> Sampler | None:
+    """A sampler with its own random key, so a seeded request draws the same
+    tokens whatever else shares the batch."""
+    if params.is_greedy:
+        return None
+    filters = []
+    if params.top_p < 1:
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    key = [mx.random.key(seed)]
+    inv_temp = 1.0 / params.temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        key[0], step_key = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * inv_temp, key=step_key)
+
+    return sample
+
+
+def make_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    # The batch generator hands processors the whole sequence (prompt and
+    # output), so "all of it" is just a context larger than any sequence.
+    context = params.penalty_context_size or 1 << 30
+    return make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
+        repetition_context_size=context,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=context,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=context,
+    )

@@ -1,0 +1,389 @@
+"""The engine loop: one thread owns the model and every MLX call.
+
+Requests arrive from any thread through `submit` and `abort`; the loop admits
+them into mlx-lm's BatchGenerator between decode steps, turns each step's
+tokens into `Output`s and hands them, one batch per step, to `publish`.
+"""
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from engine_worker.model import LoadedModel
+from engine_worker.sampling import SamplingParams, make_processors, make_sampler
+from engine_worker.text_output import TextOutput
+from vllm_mlx.settings import EngineSettings
+
+log = logging.getLogger("engine")
+
+# Lets tests make one request fail inside the batch; never set in production.
+FAULT_INJECTION = os.environ.get("VLLM_MLX_FAULT_INJECTION") == "1"
+STATS_WINDOW_S = 5.0
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DuplicateRequest(Exception):
+    pass
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    sink: object  # opaque to the engine; handed back with each Output
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    include_stop: bool = False
+
+
+@dataclass
+class Output:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # stop, length, abort, error
+    stop_reason: str = ""
+    error: str = ""
+
+
+@dataclass
+class _Running:
+    request: Request
+    text: TextOutput
+    completion_tokens: int = 0
+    failure: str = ""  # set by a guarded sampler or processor that raised
+
+
+@dataclass
+class Stats:
+    running: int = 0
+    waiting: int = 0
+    generation_tokens_per_s: float = 0.0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_total: int = 0
+    requests_rejected: int = 0
+    active_memory_bytes: int = 0
+    peak_memory_bytes: int = 0
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings,
+                 load: Callable[[EngineSettings], LoadedModel],
+                 publish: Callable[[list[tuple[object, Output]]], None]):
+        self.settings = settings
+        self._load = load
+        self.loaded: LoadedModel | None = None  # set by the engine thread before `ready`
+        self.load_error: BaseException | None = None
+        self._publish = publish
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()  # guarded by _lock
+        self._queued = 0  # submitted, not yet admitted; guarded by _lock
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, _Running] = {}  # BatchGenerator uid -> state
+        self._outbox: list[tuple[object, Output]] = []
+        self._step_tokens: deque[tuple[float, int]] = deque()
+        self.stats = Stats()
+        self.ready = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # -- any thread --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if request.request_id in self._in_flight:
+                raise DuplicateRequest(request.request_id)
+            if self._queued >= self.settings.max_queue:
+                self.stats.requests_rejected += 1
+                raise QueueFull(f"{self._queued} requests are already waiting")
+            self._in_flight.add(request.request_id)
+            self._queued += 1
+            self.stats.requests_total += 1
+        self._inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            found = request_id in self._in_flight
+        if found:
+            self._inbox.put(("abort", request_id))
+            self._wake.set()
+        return found
+
+    # -- the engine thread -------------------------------------------------
+
+    def _new_generator(self) -> BatchGenerator:
+        s = self.settings
+        return BatchGenerator(
+            self.loaded.model,
+            completion_batch_size=s.max_num_seqs,
+            prefill_batch_size=min(s.prefill_batch_size, s.max_num_seqs),
+            prefill_step_size=s.prefill_step_size,
+        )
+
+    def _run(self) -> None:
+        # Loading evaluates the weights, so it too belongs to this thread.
+        try:
+            self.loaded = self._load(self.settings)
+            self._gen = self._new_generator()
+            if self.settings.warmup:
+                self._warm_up()
+        except BaseException as e:
+            log.exception("loading %s failed", self.settings.model)
+            self.load_error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        log.info("engine ready")
+        last_memory_read = 0.0
+        while not self._stopping:
+            self._drain_inbox()
+            self._admit()
+            if not self._running:
+                self._flush()  # aborts of waiting or last requests
+                self._update_stats(idle=True)
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                _, responses = self._gen.next()
+                self._handle(responses)
+            except Exception as e:  # a failure we cannot pin on one request
+                log.exception("batch step failed; failing the running requests")
+                self._fail_all(f"engine step failed: {e}")
+                self._gen = self._new_generator()
+            self._flush()
+            now = time.monotonic()
+            if now - last_memory_read > 1.0:
+                last_memory_read = now
+                self.stats.active_memory_bytes = mx.get_active_memory()
+                self.stats.peak_memory_bytes = mx.get_peak_memory()
+        self._fail_all("engine shutting down")
+        self._flush()
+
+    def _warm_up(self) -> None:
+        # Two prompts of different lengths exercise both the padded prefill
+        # and the decode kernels, which on a GPU compile on first use.
+        tic = time.perf_counter()
+        self._gen.insert([[1, 2, 3], [4, 5, 6, 7, 8]], max_tokens=[4, 4])
+        while self._gen.next_generated():
+            pass
+        log.info("warm-up took %.2fs", time.perf_counter() - tic)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._waiting.append(item)
+            else:
+                self._abort(item)
+
+    def _abort(self, request_id: str) -> None:
+        for r in self._waiting:
+            if r.request_id == request_id:
+                self._waiting.remove(r)
+                with self._lock:
+                    self._queued -= 1
+                self._finish(r, "abort", Output(request_id, [], "", len(r.prompt), 0))
+                return
+        for uid, state in self._running.items():
+            if state.request.request_id == request_id:
+                self._gen.remove([uid])
+                self._finish_uid(uid, "abort", [], "")
+                return
+
+    def _admit(self) -> None:
+        batch: list[tuple[Request, object, list]] = []
+        while self._waiting and len(self._running) + len(batch) < self.settings.max_num_seqs:
+            r = self._waiting.popleft()
+            with self._lock:
+                self._queued -= 1
+            state = _Running(r, TextOutput(self._detok(), r.stop))
+            batch.append((r, state, self._guarded(state)))
+        if not batch:
+            return
+        uids = self._gen.insert(
+            [r.prompt for r, _, _ in batch],
+            max_tokens=[r.max_tokens for r, _, _ in batch],
+            samplers=[g[0] for _, _, g in batch],
+            logits_processors=[g[1] for _, _, g in batch],
+            stop_sequences=[StopSequences([(t,) for t in r.stop_token_ids]) for r, _, _ in batch],
+        )
+        for uid, (r, state, _) in zip(uids, batch):
+            self._running[uid] = state
+            self.stats.prompt_tokens_total += len(r.prompt)
+
+    def _detok(self):
+        return self.loaded.tokenizer.detokenizer
+
+    def _guarded(self, state: _Running) -> tuple:
+        """The request's sampler and processors, wrapped so that one raising
+        marks that request failed instead of failing the whole batch."""
+        r = state.request
+        sampler = make_sampler(r.sampling)
+        processors = make_processors(r.sampling)
+        if FAULT_INJECTION and r.request_id.startswith("fault-"):
+            processors.append(_fault_after(len(r.prompt) + 2))
+
+        def guard_processor(p):
+            def run(tokens: mx.array, logits: mx.array) -> mx.array:
+                try:
+                    return p(tokens, logits)
+                except Exception as e:
+                    state.failure = state.failure or f"logits processor failed: {e}"
+                    return logits
+            return run
+
+        def guard_sampler(s):
+            def run(logprobs: mx.array) -> mx.array:
+                try:
+                    return s(logprobs)
+                except Exception as e:
+                    state.failure = state.failure or f"sampler failed: {e}"
+                    return mx.argmax(logprobs, axis=-1)
+            return run
+
+        return (guard_sampler(sampler) if sampler else None,
+                [guard_processor(p) for p in processors])
+
+    def _handle(self, responses) -> None:
+        produced = 0
+        for resp in responses:
+            state = self._running.get(resp.uid)
+            if state is None:
+                continue
+            produced += 1
+            try:
+                self._advance(resp, state)
+            except Exception as e:  # e.g. detokenizing failed: this request only
+                log.exception("request %s failed", state.request.request_id)
+                if resp.finish_reason is None:
+                    self._gen.remove([resp.uid])
+                self._finish_uid(resp.uid, "error", [], "", error=str(e))
+        now = time.monotonic()
+        self._step_tokens.append((now, produced))
+        self.stats.generation_tokens_total += produced
+        self._update_stats()
+
+    def _advance(self, resp, state: _Running) -> None:
+        r = state.request
+        state.completion_tokens += 1
+        token = resp.token
+        if state.failure:
+            if resp.finish_reason is None:
+                self._gen.remove([resp.uid])
+            self._finish_uid(resp.uid, "error", [], "", error=state.failure)
+            return
+        logprobs = [self._logprob(resp.logprobs, token, r.top_logprobs)] if r.logprobs else None
+        if resp.finish_reason == "stop":  # EOS or a stop token id
+            text = state.text.finish()
+            if r.include_stop:
+                text += self.loaded.tokenizer.decode([token])
+            self._finish_uid(resp.uid, "stop", [token], text, logprobs, stop_reason=str(token))
+            return
+        text, matched = state.text.add(token)
+        if matched is not None:
+            if resp.finish_reason is None:
+                self._gen.remove([resp.uid])
+            if r.include_stop:
+                text += matched
+            self._finish_uid(resp.uid, "stop", [token], text, logprobs, stop_reason=matched)
+        elif resp.finish_reason == "length":
+            self._finish_uid(resp.uid, "length", [token], text + state.text.finish(), logprobs)
+        else:
+            self._emit(r, Output(r.request_id, [token], text, len(r.prompt),
+                                     state.completion_tokens, logprobs))
+
+    def _logprob(self, logprobs: mx.array, token: int, k: int) -> TokenLogprob:
+        top: list[tuple[int, float]] = []
+        if k > 0:
+            ids = mx.argpartition(-logprobs, k - 1)[:k]
+            values = logprobs[ids]
+            top = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
+        return TokenLogprob(token, logprobs[token].item(), top)
+
+    def _finish_uid(self, uid: int, reason: str, tokens: list[int], text: str,
+                    logprobs: list[TokenLogprob] | None = None, stop_reason: str = "",
+                    error: str = "") -> None:
+        state = self._running.pop(uid)
+        r = state.request
+        self._finish(r, reason, Output(
+            r.request_id, tokens, text, len(r.prompt), state.completion_tokens, logprobs,
+            stop_reason=stop_reason, error=error))
+
+    def _finish(self, request: Request, reason: str, out: Output) -> None:
+        out.finish_reason = reason
+        with self._lock:
+            self._in_flight.discard(request.request_id)
+        self._emit(request, out)
+
+    def _emit(self, request: Request, out: Output) -> None:
+        self._outbox.append((request.sink, out))
+
+    def _fail_all(self, message: str) -> None:
+        for uid in list(self._running):
+            self._finish_uid(uid, "error", [], "", error=message)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._publish(batch)
+
+    def _update_stats(self, idle: bool = False) -> None:
+        now = time.monotonic()
+        while self._step_tokens and now - self._step_tokens[0][0] > STATS_WINDOW_S:
+            self._step_tokens.popleft()
+        s = self.stats
+        s.running, s.waiting = len(self._running), len(self._waiting)
+        if len(self._step_tokens) > 1:
+            span = max(now - self._step_tokens[0][0], 1e-6)
+            s.generation_tokens_per_s = sum(n for _, n in self._step_tokens) / span
+        elif idle:
+            s.generation_tokens_per_s = 0.0
+
+
+def _fault_after(n_tokens: int):
+    def fault(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size > n_tokens:
+            raise RuntimeError("injected fault")
+        return logits
+    return fault

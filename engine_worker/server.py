@@ -1,0 +1,243 @@
+"""The engine's gRPC face: handlers turn requests into `scheduler.Request`s,
+enqueue them and stream the engine's outputs back. They never touch MLX."""
+
+import asyncio
+import json
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine_worker.model import LoadedModel
+from engine_worker.sampling import SamplingError, SamplingParams
+from engine_worker.scheduler import DuplicateRequest, Engine, Output, QueueFull, Request
+from vllm_mlx.settings import EngineSettings
+from vllm_mlx.v1 import engine_pb2 as pb
+from vllm_mlx.v1 import engine_pb2_grpc
+
+log = logging.getLogger("engine")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                  "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    defaults = SamplingParams()
+    values = {f: getattr(p, f) for f in ("temperature", "top_p", "top_k", "min_p",
+                                          "repetition_penalty", "presence_penalty",
+                                          "frequency_penalty", "seed", "penalty_context_size")
+              if p.HasField(f)}
+    return SamplingParams(**{**defaults.__dict__, **values, "logit_bias": dict(p.logit_bias)})
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    def __init__(self, settings: EngineSettings, load):
+        self.settings = settings
+        loop = asyncio.get_running_loop()
+
+        def deliver(batch: list[tuple[asyncio.Queue, Output]]) -> None:
+            for q, out in batch:
+                q.put_nowait(out)
+
+        self.engine = Engine(settings, load,
+                             publish=lambda batch: loop.call_soon_threadsafe(deliver, batch))
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.engine.loaded
+
+    def _serving(self) -> bool:
+        return self.engine.ready.is_set() and self.engine.loaded is not None
+
+    # -- building a Request ------------------------------------------------
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        tok = self.loaded.tokenizer
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            ids = tok.encode(request.text)
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            bad = [t for t in ids if t >= self.loaded.vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
+                                     f"(0..{self.loaded.vocab_size - 1})")
+        elif kind == "chat":
+            ids = self._chat_ids(request.chat)
+        else:
+            raise InvalidRequest("one of text, token_ids or chat is required")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    def _chat_ids(self, chat: pb.ChatInput) -> list[int]:
+        if not self.loaded.has_chat_template:
+            raise InvalidRequest("this model has no chat template; send text or token_ids")
+        if not chat.messages:
+            raise InvalidRequest("chat.messages must not be empty")
+        messages = []
+        for i, m in enumerate(chat.messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"chat.messages[{i}].role {m.role!r} is not one of "
+                                     f"{sorted(CHAT_ROLES)}")
+            msg = {"role": m.role, "content": m.content}
+            if m.name:
+                msg["name"] = m.name
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
+            messages.append(msg)
+        try:
+            kwargs = json.loads(chat.template_kwargs_json) if chat.template_kwargs_json else {}
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"chat.template_kwargs_json is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise InvalidRequest("chat.template_kwargs_json must be a JSON object")
+        try:
+            return self.loaded.tokenizer.apply_chat_template(
+                messages, tokenize=True,
+                add_generation_prompt=not chat.continue_final_message,
+                continue_final_message=chat.continue_final_message, **kwargs)
+        except Exception as e:  # the template itself refuses (roles order, ...)
+            raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
+
+    def _build(self, request: pb.GenerateRequest, request_id: str,
+               sink: asyncio.Queue) -> Request:
+        loaded = self.loaded
+        prompt = self._prompt_ids(request)
+        context = loaded.context_length
+        max_tokens = request.max_tokens or context - len(prompt)
+        if len(prompt) + max_tokens > context or max_tokens < 1:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: "
+                f"together they exceed the model's context length of {context} tokens")
+        sampling = sampling_from_proto(request.sampling)
+        try:
+            sampling.validate(loaded.vocab_size)
+        except SamplingError as e:
+            raise InvalidRequest(str(e)) from e
+        if request.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}")
+        if request.top_logprobs and not request.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs")
+        if any(not s for s in request.stop):
+            raise InvalidRequest("stop strings must not be empty")
+        bad = [t for t in request.stop_token_ids if t >= loaded.vocab_size]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary")
+        stop_ids = set(request.stop_token_ids)
+        if not request.ignore_eos:
+            stop_ids |= set(loaded.eos_token_ids)
+        return Request(
+            request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
+            sink=sink, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
+            logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+            include_stop=request.include_stop_in_output)
+
+    def _to_proto(self, out: Output) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(
+            request_id=out.request_id, token_ids=out.token_ids, text=out.text,
+            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+        if out.logprobs:
+            decode = self.loaded.tokenizer.decode
+            for lp in out.logprobs:
+                msg.logprobs.append(pb.TokenLogprob(
+                    token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
+                    top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]))
+                         for t, v in lp.top]))
+        if out.finish_reason:
+            msg.finished = True
+            msg.finish_reason = FINISH_REASONS[out.finish_reason]
+            msg.stop_reason = out.stop_reason
+            msg.error = out.error
+        return msg
+
+    # -- RPCs ----------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if not self._serving():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
+        request_id = request.request_id or uuid.uuid4().hex
+        sink: asyncio.Queue = asyncio.Queue()
+        try:
+            # Tokenizing and templating are plain CPU work; keep the loop free.
+            r = await asyncio.to_thread(self._build, request, request_id, sink)
+            self.engine.submit(r)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the engine's queue is full ({e}); retry later")
+        except DuplicateRequest:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id {request_id!r} is already in flight")
+        finished = False
+        try:
+            while not finished:
+                out = await sink.get()
+                finished = out.finish_reason is not None
+                yield self._to_proto(out)
+        finally:
+            if not finished:  # the client went away or cancelled
+                self.engine.abort(request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        if not self._serving():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
+        m = self.loaded
+        return pb.ModelInfo(
+            name=m.name, path=m.path, context_length=m.context_length, modalities=["text"],
+            has_chat_template=m.has_chat_template, eos_token_ids=m.eos_token_ids,
+            vocab_size=m.vocab_size, max_num_seqs=self.settings.max_num_seqs,
+            max_queue=self.settings.max_queue)
+
+    async def GetStats(self, request, context) -> pb.Stats:
+        s = self.engine.stats
+        return pb.Stats(**s.__dict__)
+
+
+async def serve(settings: EngineSettings, load) -> None:
+    """Listen at once (health NOT_SERVING), load and warm up on the engine
+    thread, then report SERVING."""
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service = EngineService(settings, load)
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("listening on %s:%d, loading %s", settings.host, port, settings.model)
+
+    service.engine.start()
+    await asyncio.to_thread(service.engine.ready.wait)
+    if service.engine.load_error is not None:
+        await server.stop(grace=None)
+        raise SystemExit(f"could not load {settings.model}: {service.engine.load_error}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (context %d) on %s:%d", service.loaded.name,
+             service.loaded.context_length, settings.host, port)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        service.engine.stop()

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Build small random-weight, mlx-lm-loadable llama model folders fully offline.
+
+Everything (tokenizer training, weights) is derived from a seed, so tests get reproducible
+models without touching the network or the Hugging Face hub.
+
+Usage: python scripts/make_test_models.py --out DIR [--shape tiny|smollm2-135m] [--seed N]
+
+Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+TRAINED_VOCAB_SIZE = 512  # includes the 256 byte symbols and the special tokens
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": TRAINED_VOCAB_SIZE,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    # Same tensor shapes as HuggingFaceTB/SmolLM2-135M-Instruct, for realistic timings/memory.
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+}
+
+# ChatML, Qwen2.5-style. Mentioning `<tool_call>` and `tool_call.name` makes mlx-lm infer its
+# "json_tools" tool parser, so tool-calling code paths can be exercised with this model too.
+CHAT_TEMPLATE = """\
+{%- macro render(content) -%}
+  {%- if content is string -%}{{- content -}}
+  {%- elif content -%}
+    {%- for part in content if part.type == 'text' -%}{{- part.text -}}{%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\\n' -}}
+  {%- if messages and messages[0].role == 'system' -%}
+    {{- render(messages[0].content) + '\\n\\n' -}}
+  {%- endif -%}
+  {{- 'You may call these tools:\\n' -}}
+  {%- for tool in tools -%}{{- tool | tojson + '\\n' -}}{%- endfor -%}
+  {{- 'Reply with <tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call><|im_end|>\\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if not (tools and loop.first and message.role == 'system') -%}
+    {{- '<|im_start|>' + message.role + '\\n' + render(message.content) -}}
+    {%- for tool_call in message.tool_calls or [] -%}
+      {%- if tool_call.function is defined -%}
+        {%- set tool_call = tool_call.function -%}
+      {%- endif -%}
+      {%- set args = tool_call.arguments -%}
+      {{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' -}}
+      {{- (args if args is string else args | tojson) + '}\\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
+"""
+
+# Small built-in training corpus. Non-ASCII text makes sure multi-byte merges exist; the
+# tokenizer is byte-level, so text outside the corpus still round-trips.
+CORPUS = [
+    (
+        "The quick brown fox jumps over the lazy dog. A small model can still say hello to the "
+        "world, answer a question, and tell a short story about a cat who lived in a quiet town."
+    ),
+    (
+        "Once upon a time there was a little robot. Every morning it walked to the market, bought "
+        "fresh bread and coffee, and talked with the people it met on the way. It was very happy."
+    ),
+    (
+        "The user asks a question and the assistant gives an answer. The system message sets the "
+        "rules. A tool can be called with a name and some arguments, and the tool returns a result."
+    ),
+    (
+        "Numbers like 0, 1, 2, 3, 42, 100, 2024 and 3.14159 appear in text, as do symbols like "
+        "(), [], {}, <>, +, -, *, /, =, %, $, #, @, &, !, ?, :, ; and quotes: \"this\" or 'that'."
+    ),
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5\n",
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+    (
+        "We met at a café in Paris. It was a naïve idea, but the crème brûlée was worth it. "
+        "Señor Muñoz ordered a piña colada and said: ¡Qué día tan bonito! Straße, Köln, Zürich."
+    ),
+    (
+        "日本語のテキストも少し含めます。東京は大きな都市です。中文也可以。한국어 문장입니다. "
+        "Русский текст тоже есть. Ελληνικά γράμματα. שלום עולם. مرحبا بالعالم."
+    ),
+    "Emoji make people smile 😀 🎉 🚀 ❤️ 👍 🐍 — and dashes, ellipses… and “curly quotes”.",
+    (
+        "In the beginning of the week the weather was cold and grey, but by Friday the sun came "
+        "out and everyone went to the park to read books, play games, and eat ice cream together."
+    ),
+    (
+        "Please write a function that sorts a list of numbers. Sure! Here is a simple example that "
+        "uses the built-in sorted function and returns the new list to the caller."
+    ),
+]
+
+
+def build_tokenizer_json(vocab_size: int) -> str:
+    """Train a deterministic byte-level BPE and pad its vocab to exactly ``vocab_size`` ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, TRAINED_VOCAB_SIZE),
+        special_tokens=SPECIAL_TOKENS,  # get ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Repeat the corpus so frequent pairs dominate; the trainer breaks count ties by pair
+    # order, so the result is deterministic.
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    data = json.loads(tok.to_str())
+
+    # Pad with merge-free vocab entries, so every id < vocab_size decodes to readable text.
+    # Plain vocab entries (not added tokens) keep loading fast even for ~49k fillers, since
+    # added tokens are matched during encoding and cost per-token setup in transformers.
+    vocab: dict[str, int] = data["model"]["vocab"]
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = (
+        "Ġ" + "".join(p) for n in itertools.count(2) for p in itertools.product(syllables, repeat=n)
+    )
+    for word in words:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    return json.dumps(data, ensure_ascii=False)
+
+
+def init_weights(args: Any, seed: int, dtype: str) -> dict[str, Any]:
+    """HF-style init: N(0, 0.02) matrices, unit norms; deterministic per seed."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    # Only parameter names/shapes are taken from the model; mlx is lazy, so its own random
+    # init is never computed.
+    shapes = [(k, v.shape) for k, v in tree_flatten(llama.Model(args).parameters())]
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    params = {}
+    for (name, shape), key in zip(shapes, keys):
+        if name.endswith("norm.weight"):
+            w = mx.ones(shape)
+        else:
+            w = 0.02 * mx.random.normal(shape, key=key)
+            if name.endswith("embed_tokens.weight"):
+                # Zero special-token rows: with tied embeddings their logit is then always 0,
+                # below the max of the others, so greedy decoding never stops on EOS early and
+                # `max_tokens` alone controls the output length.
+                w[: len(SPECIAL_TOKENS)] = 0.0
+        params[name] = w.astype(getattr(mx, dtype))
+    mx.eval(params)
+    return params
+
+
+def build_text_model(
+    out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32"
+) -> Path:
+    """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dims = SHAPES[shape]
+
+    tokenizer_json = build_tokenizer_json(dims["vocab_size"])
+    vocab = json.loads(tokenizer_json)["model"]["vocab"]
+    eos_id, pad_id = vocab[EOS_TOKEN], vocab[PAD_TOKEN]
+    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **dims,
+        "head_dim": dims["hidden_size"] // dims["num_attention_heads"],
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_scaling": None,
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": dtype,
+    }
+    _write_json(out_dir / "config.json", config)
+    _write_json(
+        out_dir / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": pad_id}
+    )
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": dims["max_position_embeddings"],
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "additional_special_tokens": SPECIAL_TOKENS[1:],
+        },
+    )
+
+    model_args = llama.ModelArgs.from_dict(config)
+    weights = init_weights(model_args, seed, dtype)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out_dir
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="model folder to (over)write")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ns = parser.parse_args(argv)
+    print(build_text_model(ns.out, seed=ns.seed, shape=ns.shape, dtype=ns.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Shared fixtures: the tiny models, and real engine processes on loopback ports."""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from vllm_mlx.health import wait_for_serving
+from vllm_mlx.v1 import engine_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_test_models = _load_script("make_test_models")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_test_models.build_text_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@dataclass
+class EngineProcess:
+    proc: subprocess.Popen
+    address: str
+    channel: grpc.Channel
+    stub: engine_pb2_grpc.EngineStub
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_engine(model: Path, log_dir: Path, *flags: str, env: dict | None = None,
+                 timeout: float = 120) -> EngineProcess:
+    port = free_port()
+    log_path = log_dir / f"engine-{port}.log"
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine_worker", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *flags],
+        stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, **(env or {})})
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for_serving(address, timeout, is_alive=lambda: proc.poll() is None)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"engine failed to start:\n{log_path.read_text()}") from None
+    channel = grpc.insecure_channel(address)
+    return EngineProcess(proc, address, channel, engine_pb2_grpc.EngineStub(channel), log_path)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tmp_path_factory):
+    """One engine shared by a test module: small queue so limits are testable."""
+    e = start_engine(tiny_model, tmp_path_factory.mktemp("logs"), "--max-num-seqs", "8",
+                     "--max-queue", "16", env={"VLLM_MLX_FAULT_INJECTION": "1"})
+    yield e
+    e.stop()
