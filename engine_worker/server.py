@@ -142,22 +142,25 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output)
 
-    def _to_proto(self, out: Output) -> pb.GenerateResponse:
+    def _to_proto(self, outs: list[Output]) -> pb.GenerateResponse:
+        """One message for every output queued since the last one: when the
+        client or the network is slower than decoding, tokens coalesce
+        instead of piling up as many small messages."""
+        last = outs[-1]
         msg = pb.GenerateResponse(
-            request_id=out.request_id, token_ids=out.token_ids, text=out.text,
-            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
-        if out.logprobs:
-            decode = self.loaded.tokenizer.decode
-            for lp in out.logprobs:
-                msg.logprobs.append(pb.TokenLogprob(
-                    token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
-                    top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]))
-                         for t, v in lp.top]))
-        if out.finish_reason:
+            request_id=last.request_id, token_ids=[t for o in outs for t in o.token_ids],
+            text="".join(o.text for o in outs), prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens)
+        decode = self.loaded.tokenizer.decode
+        for lp in (lp for o in outs if o.logprobs for lp in o.logprobs):
+            msg.logprobs.append(pb.TokenLogprob(
+                token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
+                top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t])) for t, v in lp.top]))
+        if last.finish_reason:
             msg.finished = True
-            msg.finish_reason = FINISH_REASONS[out.finish_reason]
-            msg.stop_reason = out.stop_reason
-            msg.error = out.error
+            msg.finish_reason = FINISH_REASONS[last.finish_reason]
+            msg.stop_reason = last.stop_reason
+            msg.error = last.error
         return msg
 
     # -- RPCs ----------------------------------------------------------------
@@ -182,9 +185,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         finished = False
         try:
             while not finished:
-                out = await sink.get()
-                finished = out.finish_reason is not None
-                yield self._to_proto(out)
+                outs = [await sink.get()]
+                while not sink.empty():
+                    outs.append(sink.get_nowait())
+                finished = outs[-1].finish_reason is not None
+                yield self._to_proto(outs)
         finally:
             if not finished:  # the client went away or cancelled
                 self.engine.abort(request_id)

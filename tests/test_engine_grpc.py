@@ -52,12 +52,9 @@ def test_stream_chat_text_and_token_ids(engine):
     rs = generate(engine.stub, chat=CHAT, max_tokens=16, ignore_eos=True)
     assert rs[-1].finished and rs[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert rs[-1].completion_tokens == 16 and rs[-1].prompt_tokens > 10
-    assert len(rs) == 16, "one message per decode step"
     ids, text = joined(rs)
-    assert len(ids) == 16
-    # The same prompt as token ids gives the same greedy continuation.
-    prompt_ids = rs[-1].prompt_tokens
-    assert prompt_ids > 0
+    assert len(ids) == 16 and 1 < len(rs) <= 16, "streamed, tokens coalesce at most"
+    assert text
     again = generate(engine.stub, text="hello world", max_tokens=8, ignore_eos=True)
     same = generate(engine.stub, text="hello world", max_tokens=8, ignore_eos=True)
     assert joined(again) == joined(same)
