@@ -27,16 +27,21 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--prefill-step-size", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, help="cap the context length")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0,
+                    help="after the first token, send at most one message per stream "
+                         "per interval (0: one per decode step)")
     a = ap.parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
         max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,
         prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
-        max_model_len=a.max_model_len, warmup=a.warmup)
+        max_model_len=a.max_model_len, warmup=a.warmup,
+        stream_interval_s=a.stream_interval_ms / 1000)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
+    sys.setswitchinterval(float(os.environ.get("VLLM_MLX_SWITCH_INTERVAL", "0.005")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def load(s: EngineSettings):

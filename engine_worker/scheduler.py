@@ -109,7 +109,8 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Running] = {}  # BatchGenerator uid -> state
         self._outbox: list[tuple[object, Output]] = []
-        self._step_tokens: deque[tuple[float, int]] = deque()
+        self._step_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+        self._window_tokens = 0  # their sum
         self.stats = Stats()
         self.ready = threading.Event()
         self._stopping = False
@@ -299,8 +300,8 @@ class Engine:
                 if resp.finish_reason is None:
                     self._gen.remove([resp.uid])
                 self._finish_uid(resp.uid, "error", [], "", error=str(e))
-        now = time.monotonic()
-        self._step_tokens.append((now, produced))
+        self._step_tokens.append((time.monotonic(), produced))
+        self._window_tokens += produced
         self.stats.generation_tokens_total += produced
         self._update_stats()
 
@@ -371,12 +372,12 @@ class Engine:
     def _update_stats(self, idle: bool = False) -> None:
         now = time.monotonic()
         while self._step_tokens and now - self._step_tokens[0][0] > STATS_WINDOW_S:
-            self._step_tokens.popleft()
+            self._window_tokens -= self._step_tokens.popleft()[1]
         s = self.stats
         s.running, s.waiting = len(self._running), len(self._waiting)
         if len(self._step_tokens) > 1:
             span = max(now - self._step_tokens[0][0], 1e-6)
-            s.generation_tokens_per_s = sum(n for _, n in self._step_tokens) / span
+            s.generation_tokens_per_s = self._window_tokens / span
         elif idle:
             s.generation_tokens_per_s = 0.0
 

@@ -183,9 +183,18 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request_id!r} is already in flight")
         finished = False
+        interval = self.settings.stream_interval_s
+        loop = asyncio.get_running_loop()
         try:
             while not finished:
                 outs = [await sink.get()]
+                sent_at = loop.time()
+                finished = outs[-1].finish_reason is not None
+                # After the first message, send at most one per interval: each
+                # message costs this process's event loop (and the GIL the
+                # engine thread needs) far more than a token does.
+                if not finished and interval > 0 and outs[0].completion_tokens > 1:
+                    await asyncio.sleep(interval - (loop.time() - sent_at))
                 while not sink.empty():
                     outs.append(sink.get_nowait())
                 finished = outs[-1].finish_reason is not None

@@ -3,8 +3,11 @@
 For each model and concurrency, the raw generator (in a process of its own)
 and the engine (a real engine process, driven by an asyncio gRPC client)
 generate the same prompts with greedy decoding and EOS ignored, so both
-produce exactly concurrency x max_tokens tokens. Rounds alternate between the
-two; the table reports the median aggregate tokens/s of each and their ratio.
+produce exactly concurrency x max_tokens tokens. Both processes stay up for a
+whole model; for each concurrency each side runs the workload once untimed
+(kernels for new shapes compile on first use), then raw and engine rounds
+alternate. The table reports the median aggregate tokens/s of each and their
+ratio.
 
     python scripts/bench_engine.py --models tiny smollm2-135m --out docs/bench-engine.json
 """
@@ -36,29 +39,32 @@ def vocab_of(model: Path) -> int:
     return json.loads((model / "config.json").read_text())["vocab_size"]
 
 
-# -- raw mlx-lm, run as `bench_engine.py raw ...` in its own process -----------
+# -- raw mlx-lm, in a process of its own (`bench_engine.py raw --model M`) ----------
+# It reads one concurrency per line on stdin and answers with tokens/s, so raw
+# and engine rounds can alternate while both processes stay warm.
 
-def raw(model: Path, concurrency: int, max_tokens: int) -> float:
+def raw_worker(model: Path, max_tokens: int) -> None:
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
     m, _ = load(str(model))
-    gen = BatchGenerator(m, completion_batch_size=max(concurrency, 1),
-                         prefill_batch_size=min(8, concurrency))
-    gen.insert([[1, 2, 3], [4, 5, 6, 7]], max_tokens=[4, 4])  # warm-up, as the engine does
-    while gen.next_generated():
-        pass
-    ps = prompts(concurrency, vocab_of(model))
-    mx.synchronize()
-    tic = time.perf_counter()
-    gen.insert(ps, max_tokens=[max_tokens] * concurrency)
-    produced = 0
-    while responses := gen.next_generated():
-        produced += len(responses)
-    elapsed = time.perf_counter() - tic
-    assert produced == concurrency * max_tokens, produced
-    return produced / elapsed
+    generators: dict[int, BatchGenerator] = {}
+    for line in sys.stdin:
+        c = int(line)
+        # Same batch limits as the engine (64 decoded together, 8 prefilled).
+        gen = generators.setdefault(c, BatchGenerator(m, completion_batch_size=64,
+                                                      prefill_batch_size=8))
+        ps = prompts(c, vocab_of(model))
+        mx.synchronize()
+        tic = time.perf_counter()
+        gen.insert(ps, max_tokens=[max_tokens] * c)
+        produced = 0
+        while responses := gen.next_generated():
+            produced += len(responses)
+        elapsed = time.perf_counter() - tic
+        assert produced == c * max_tokens, produced
+        print(produced / elapsed, flush=True)
 
 
 # -- the engine over gRPC ----------------------------------------------------------
@@ -88,12 +94,12 @@ async def engine_run(address: str, model: Path, concurrency: int, max_tokens: in
     return produced / elapsed
 
 
-def start_engine(model: Path, port: int) -> subprocess.Popen:
+def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
     from vllm_mlx.health import wait_for_serving
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine_worker", "--model", str(model), "--port", str(port),
-         "--max-num-seqs", "64", "--max-queue", "1024"],
+         "--max-num-seqs", "64", "--max-queue", "1024", *flags],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_serving(f"127.0.0.1:{port}", 600, is_alive=lambda: proc.poll() is None)
     return proc
@@ -114,7 +120,6 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("raw")
     r.add_argument("--model", type=Path, required=True)
-    r.add_argument("--concurrency", type=int, required=True)
     r.add_argument("--max-tokens", type=int, required=True)
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -123,26 +128,35 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--port", type=int, default=50917)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--engine-flags", default="", help="extra engine flags, one string")
     a = ap.parse_args()
     if a.cmd == "raw":
-        print(json.dumps(raw(a.model, a.concurrency, a.max_tokens)))
+        raw_worker(a.model, a.max_tokens)
         return
 
     results = []
     for shape in a.models:
         model = build_model(shape, a.cache)
-        proc = start_engine(model, a.port)
+        proc = start_engine(model, a.port, a.engine_flags.split())
+        raw_proc = subprocess.Popen(
+            [sys.executable, __file__, "raw", "--model", str(model), "--max-tokens",
+             str(a.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def raw_round(c: int, raw_proc: subprocess.Popen = raw_proc) -> float:
+            raw_proc.stdin.write(f"{c}\n")
+            raw_proc.stdin.flush()
+            return float(raw_proc.stdout.readline())
+
+        address = f"127.0.0.1:{a.port}"
         try:
             for c in a.concurrency:
+                # One untimed run each: kernels for new shapes compile on first use.
+                raw_round(c)
+                asyncio.run(engine_run(address, model, c, a.max_tokens))
                 raw_tps, eng_tps = [], []
                 for _ in range(a.rounds):
-                    out = subprocess.run(
-                        [sys.executable, __file__, "raw", "--model", str(model),
-                         "--concurrency", str(c), "--max-tokens", str(a.max_tokens)],
-                        capture_output=True, text=True, check=True)
-                    raw_tps.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    eng_tps.append(asyncio.run(
-                        engine_run(f"127.0.0.1:{a.port}", model, c, a.max_tokens)))
+                    raw_tps.append(raw_round(c))
+                    eng_tps.append(asyncio.run(engine_run(address, model, c, a.max_tokens)))
                 row = dict(model=shape, concurrency=c, raw_tps=statistics.median(raw_tps),
                            engine_tps=statistics.median(eng_tps), raw_all=raw_tps,
                            engine_all=eng_tps)
@@ -152,6 +166,7 @@ def main() -> None:
                       f"engine {row['engine_tps']:9.1f} tok/s  ratio {row['ratio']:.3f}",
                       flush=True)
         finally:
+            raw_proc.kill()
             proc.terminate()
             proc.wait()
     if a.out:

@@ -25,3 +25,6 @@ class EngineSettings:
     # Overrides the model's own context length (max_position_embeddings).
     max_model_len: int | None = None
     warmup: bool = True
+    # Streams send at most one message per interval after the first token;
+    # the tokens of that interval travel together.
+    stream_interval_s: float = 0.02
