@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 
-from engine_worker.model import load_model
 from engine_worker.server import serve
 from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST, EngineSettings
 
@@ -44,27 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(float(os.environ.get("VLLM_MLX_SWITCH_INTERVAL", "0.005")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    def load(s: EngineSettings):
-        return load_model(s.model, s.served_model_name, s.max_model_len)
-
     async def run() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            await serve(settings, load)
+            await serve(settings)
         except asyncio.CancelledError:
             logging.getLogger("engine").info("stopped by signal")
 
     asyncio.run(run())
-    # MLX aborts in its static teardown ("terminate called without an active
-    # exception") once a stream was used from a thread other than the main one,
-    # as the engine loop does. Everything is stopped and flushed by now.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,30 @@
-"""Loading a text model and the facts about it the engine serves."""
+"""Loading a text model, and the facts about it the engine serves.
 
+The gRPC front end needs only the tokenizer and the facts; the weights are
+loaded by the engine core alone.
+"""
+
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
-from mlx_lm import load
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model as load_weights
+from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 # Used when a config names no context length at all.
 FALLBACK_CONTEXT_LENGTH = 4096
 
 
 @dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: TokenizerWrapper
+class ModelFacts:
     name: str
     path: str
     context_length: int
     vocab_size: int
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return sorted(self.tokenizer.eos_token_ids)
-
-    @property
-    def has_chat_template(self) -> bool:
-        return getattr(self.tokenizer, "chat_template", None) is not None
+    eos_config: Any  # config.json's eos_token_id (int, list or None)
 
 
 def context_length_of(config: dict[str, Any]) -> int:
@@ -38,18 +35,32 @@ def context_length_of(config: dict[str, Any]) -> int:
     return FALLBACK_CONTEXT_LENGTH
 
 
-def load_model(path: str, served_name: str | None = None,
-               max_model_len: int | None = None) -> LoadedModel:
-    model, tokenizer, config = load(path, return_config=True)
+def read_facts(path: str, served_name: str | None = None,
+               max_model_len: int | None = None) -> ModelFacts:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    config = json.loads(config_path.read_text())
     context = context_length_of(config)
     if max_model_len:
         context = min(context, max_model_len)
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name=served_name or Path(path.rstrip("/")).name,
-        path=path,
-        context_length=context,
-        vocab_size=int(vocab or len(tokenizer)),
-    )
+    return ModelFacts(name=served_name or Path(path.rstrip("/")).name, path=path,
+                      context_length=context, vocab_size=int(vocab),
+                      eos_config=config.get("eos_token_id"))
+
+
+def load_tokenizer(facts: ModelFacts) -> TokenizerWrapper:
+    return _load_tokenizer(Path(facts.path), eos_token_ids=facts.eos_config)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    facts: ModelFacts
+
+
+def load_model(facts: ModelFacts) -> LoadedModel:
+    model, _ = load_weights(Path(facts.path))
+    return LoadedModel(model, load_tokenizer(facts), facts)

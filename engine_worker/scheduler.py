@@ -95,8 +95,10 @@ class Stats:
 class Engine:
     def __init__(self, settings: EngineSettings,
                  load: Callable[[EngineSettings], LoadedModel],
-                 publish: Callable[[list[tuple[object, Output]]], None]):
+                 publish: Callable[[list[tuple[object, Output]]], None],
+                 on_ready: Callable[[BaseException | None], None] = lambda error: None):
         self.settings = settings
+        self._on_ready = on_ready
         self._load = load
         self.loaded: LoadedModel | None = None  # set by the engine thread before `ready`
         self.load_error: BaseException | None = None
@@ -119,12 +121,18 @@ class Engine:
     # -- any thread --------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop on a thread of its own."""
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `stop`."""
+        self._run()
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         with self._lock:
@@ -169,16 +177,19 @@ class Engine:
             log.exception("loading %s failed", self.settings.model)
             self.load_error = e
             self.ready.set()
+            self._on_ready(e)
             return
         self.ready.set()
+        self._on_ready(None)
         log.info("engine ready")
         last_memory_read = 0.0
         while not self._stopping:
             self._drain_inbox()
             self._admit()
             if not self._running:
-                self._flush()  # aborts of waiting or last requests
+                # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
+                self._flush(always=True)
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -364,8 +375,8 @@ class Engine:
         for uid in list(self._running):
             self._finish_uid(uid, "error", [], "", error=message)
 
-    def _flush(self) -> None:
-        if self._outbox:
+    def _flush(self, always: bool = False) -> None:
+        if self._outbox or always:
             batch, self._outbox = self._outbox, []
             self._publish(batch)
 

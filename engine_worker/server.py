@@ -1,18 +1,22 @@
-"""The engine's gRPC face: handlers turn requests into `scheduler.Request`s,
-enqueue them and stream the engine's outputs back. They never touch MLX."""
+"""The engine worker's gRPC front end: handlers validate and tokenize requests,
+hand them to the engine core process (core.py) and stream its outputs back.
+This process never touches MLX."""
 
 import asyncio
 import json
 import logging
+import multiprocessing as mp
+import threading
 import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine_worker.model import LoadedModel
+from engine_worker.core import core_main
+from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.scheduler import DuplicateRequest, Engine, Output, QueueFull, Request
+from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request, TokenLogprob
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -39,38 +43,111 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**{**defaults.__dict__, **values, "logit_bias": dict(p.logit_bias)})
 
 
-class EngineService(engine_pb2_grpc.EngineServicer):
-    def __init__(self, settings: EngineSettings, load):
+class CoreClient:
+    """The front end's side of the pipe to the engine core process."""
+
+    def __init__(self, settings: EngineSettings, facts: ModelFacts):
         self.settings = settings
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
+        ctx = mp.get_context("spawn")  # never fork a process that may hold MLX or gRPC state
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=core_main, args=(child, settings, facts),
+                                   name="engine-core", daemon=True)
+        self.sinks: dict[str, asyncio.Queue] = {}  # request id -> its stream's queue
+        self.stats: dict = {}
+        self.ready: asyncio.Future = self._loop.create_future()  # -> load error or None
+        self.dead: asyncio.Future = self._loop.create_future()
+        self.requests_rejected = 0
 
-        def deliver(batch: list[tuple[asyncio.Queue, Output]]) -> None:
-            for q, out in batch:
-                q.put_nowait(out)
+    def start(self) -> None:
+        self.process.start()
+        threading.Thread(target=self._read, name="core-reader", daemon=True).start()
 
-        self.engine = Engine(settings, load,
-                             publish=lambda batch: loop.call_soon_threadsafe(deliver, batch))
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, *rest = self._conn.recv()
+                if kind == "ready":
+                    self._loop.call_soon_threadsafe(_resolve, self.ready, rest[0])
+                else:
+                    self._loop.call_soon_threadsafe(self._deliver, *rest)
+        except (EOFError, OSError):
+            self._loop.call_soon_threadsafe(_resolve, self.dead, "the engine core exited")
 
-    @property
-    def loaded(self) -> LoadedModel:
-        return self.engine.loaded
+    def _deliver(self, outputs: list[tuple], stats: dict | None) -> None:
+        if stats is not None:
+            self.stats = stats
+        for fields in outputs:
+            out = Output(*fields)
+            if out.logprobs:  # astuple flattened these too
+                out.logprobs = [TokenLogprob(*lp) for lp in out.logprobs]
+            sink = self.sinks.get(out.request_id)
+            if sink is not None:
+                if out.finish_reason:
+                    del self.sinks[out.request_id]
+                sink.put_nowait(out)
+
+    def submit(self, request: Request, sink: asyncio.Queue) -> None:
+        if request.request_id in self.sinks:
+            raise DuplicateRequest(request.request_id)
+        # Running plus waiting: so at most max_queue wait once the batch is full.
+        s = self.settings
+        if len(self.sinks) >= s.max_num_seqs + s.max_queue:
+            self.requests_rejected += 1
+            raise QueueFull(f"{len(self.sinks)} requests are in flight")
+        self.sinks[request.request_id] = sink
+        self._conn.send(("add", request))
+
+    def abort(self, request_id: str) -> bool:
+        if request_id not in self.sinks:
+            return False
+        self._conn.send(("abort", request_id))
+        return True
+
+    def fail_all(self, message: str) -> None:
+        for rid, sink in list(self.sinks.items()):
+            sink.put_nowait(Output(rid, [], "", 0, 0, finish_reason="error", error=message))
+        self.sinks.clear()
+
+    def stop(self) -> None:
+        try:
+            self._conn.send(("stop", None))
+        except OSError:
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    def __init__(self, settings: EngineSettings, facts: ModelFacts, tokenizer):
+        self.settings = settings
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.core = CoreClient(settings, facts)
 
     def _serving(self) -> bool:
-        return self.engine.ready.is_set() and self.engine.loaded is not None
+        return (self.core.ready.done() and self.core.ready.result() is None
+                and not self.core.dead.done())
 
     # -- building a Request ------------------------------------------------
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        tok = self.loaded.tokenizer
+        tok = self.tokenizer
         kind = request.WhichOneof("input")
         if kind == "text":
             ids = tok.encode(request.text)
         elif kind == "token_ids":
             ids = list(request.token_ids.ids)
-            bad = [t for t in ids if t >= self.loaded.vocab_size]
+            bad = [t for t in ids if t >= self.facts.vocab_size]
             if bad:
                 raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
-                                     f"(0..{self.loaded.vocab_size - 1})")
+                                     f"(0..{self.facts.vocab_size - 1})")
         elif kind == "chat":
             ids = self._chat_ids(request.chat)
         else:
@@ -80,7 +157,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return ids
 
     def _chat_ids(self, chat: pb.ChatInput) -> list[int]:
-        if not self.loaded.has_chat_template:
+        if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequest("this model has no chat template; send text or token_ids")
         if not chat.messages:
             raise InvalidRequest("chat.messages must not be empty")
@@ -102,18 +179,17 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if not isinstance(kwargs, dict):
             raise InvalidRequest("chat.template_kwargs_json must be a JSON object")
         try:
-            return self.loaded.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, tokenize=True,
                 add_generation_prompt=not chat.continue_final_message,
                 continue_final_message=chat.continue_final_message, **kwargs)
         except Exception as e:  # the template itself refuses (roles order, ...)
             raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
 
-    def _build(self, request: pb.GenerateRequest, request_id: str,
-               sink: asyncio.Queue) -> Request:
-        loaded = self.loaded
+    def _build(self, request: pb.GenerateRequest, request_id: str) -> Request:
+        facts = self.facts
         prompt = self._prompt_ids(request)
-        context = loaded.context_length
+        context = facts.context_length
         max_tokens = request.max_tokens or context - len(prompt)
         if len(prompt) + max_tokens > context or max_tokens < 1:
             raise InvalidRequest(
@@ -121,7 +197,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 f"together they exceed the model's context length of {context} tokens")
         sampling = sampling_from_proto(request.sampling)
         try:
-            sampling.validate(loaded.vocab_size)
+            sampling.validate(facts.vocab_size)
         except SamplingError as e:
             raise InvalidRequest(str(e)) from e
         if request.top_logprobs > MAX_TOP_LOGPROBS:
@@ -130,15 +206,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidRequest("top_logprobs requires logprobs")
         if any(not s for s in request.stop):
             raise InvalidRequest("stop strings must not be empty")
-        bad = [t for t in request.stop_token_ids if t >= loaded.vocab_size]
+        bad = [t for t in request.stop_token_ids if t >= facts.vocab_size]
         if bad:
             raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary")
         stop_ids = set(request.stop_token_ids)
         if not request.ignore_eos:
-            stop_ids |= set(loaded.eos_token_ids)
+            stop_ids |= set(self.tokenizer.eos_token_ids)
         return Request(
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-            sink=sink, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
+            sink=None, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output)
 
@@ -151,7 +227,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             request_id=last.request_id, token_ids=[t for o in outs for t in o.token_ids],
             text="".join(o.text for o in outs), prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens)
-        decode = self.loaded.tokenizer.decode
+        decode = self.tokenizer.decode
         for lp in (lp for o in outs if o.logprobs for lp in o.logprobs):
             msg.logprobs.append(pb.TokenLogprob(
                 token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
@@ -172,8 +248,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         sink: asyncio.Queue = asyncio.Queue()
         try:
             # Tokenizing and templating are plain CPU work; keep the loop free.
-            r = await asyncio.to_thread(self._build, request, request_id, sink)
-            self.engine.submit(r)
+            r = await asyncio.to_thread(self._build, request, request_id)
+            self.core.submit(r, sink)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
@@ -201,33 +277,37 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 yield self._to_proto(outs)
         finally:
             if not finished:  # the client went away or cancelled
-                self.engine.abort(request_id)
+                self.core.abort(request_id)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+        return pb.AbortResponse(found=self.core.abort(request.request_id))
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         if not self._serving():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
-        m = self.loaded
+        f = self.facts
         return pb.ModelInfo(
-            name=m.name, path=m.path, context_length=m.context_length, modalities=["text"],
-            has_chat_template=m.has_chat_template, eos_token_ids=m.eos_token_ids,
-            vocab_size=m.vocab_size, max_num_seqs=self.settings.max_num_seqs,
-            max_queue=self.settings.max_queue)
+            name=f.name, path=f.path, context_length=f.context_length, modalities=["text"],
+            has_chat_template=getattr(self.tokenizer, "chat_template", None) is not None,
+            eos_token_ids=sorted(self.tokenizer.eos_token_ids), vocab_size=f.vocab_size,
+            max_num_seqs=self.settings.max_num_seqs, max_queue=self.settings.max_queue)
 
     async def GetStats(self, request, context) -> pb.Stats:
-        s = self.engine.stats
-        return pb.Stats(**s.__dict__)
+        stats = dict(self.core.stats)
+        stats["requests_rejected"] = stats.get("requests_rejected", 0) + \
+            self.core.requests_rejected
+        return pb.Stats(**stats)
 
 
-async def serve(settings: EngineSettings, load) -> None:
-    """Listen at once (health NOT_SERVING), load and warm up on the engine
-    thread, then report SERVING."""
+async def serve(settings: EngineSettings) -> None:
+    """Listen at once (health NOT_SERVING), start the engine core, and report
+    SERVING once it has loaded the weights and warmed up."""
+    facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len)
+    tokenizer = await asyncio.to_thread(load_tokenizer, facts)
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service = EngineService(settings, load)
+    service = EngineService(settings, facts, tokenizer)
     engine_pb2_grpc.add_EngineServicer_to_server(service, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -236,22 +316,31 @@ async def serve(settings: EngineSettings, load) -> None:
     if port == 0:
         raise SystemExit(f"cannot listen on {address}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    log.info("listening on %s:%d, loading %s", settings.host, port, settings.model)
 
-    service.engine.start()
-    await asyncio.to_thread(service.engine.ready.wait)
-    if service.engine.load_error is not None:
-        await server.stop(grace=None)
-        raise SystemExit(f"could not load {settings.model}: {service.engine.load_error}")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (context %d) on %s:%d", service.loaded.name,
-             service.loaded.context_length, settings.host, port)
+    async def set_health(status) -> None:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("listening on %s:%d, loading %s", settings.host, port, settings.model)
+    core = service.core
+    core.start()
     try:
-        await server.wait_for_termination()
+        await asyncio.wait([core.ready, core.dead], return_when=asyncio.FIRST_COMPLETED)
+        error = core.ready.result() if core.ready.done() else core.dead.result()
+        if error is not None:
+            raise SystemExit(f"could not load {settings.model}: {error}")
+        await set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (context %d) on %s:%d", facts.name, facts.context_length,
+                 settings.host, port)
+        # Serve until stopped; a dead core ends this process so that its
+        # supervisor restarts it, after failing what was in flight.
+        await asyncio.shield(core.dead)
+        log.error("the engine core exited; shutting down")
+        core.fail_all("the engine core exited")
+        raise SystemExit(1)
     finally:
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
-        service.engine.stop()
+        core.stop()

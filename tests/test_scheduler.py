@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from engine_worker.model import load_model
+from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
 from engine_worker.scheduler import Engine, Output, Request
 from vllm_mlx.settings import EngineSettings
@@ -36,7 +36,7 @@ class Collector:
 def engine(tiny_model):
     collector = Collector()
     settings = EngineSettings(model=str(tiny_model), max_num_seqs=8, max_queue=64)
-    e = Engine(settings, lambda s: load_model(s.model), collector.publish)
+    e = Engine(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector

@@ -1,0 +1,69 @@
+"""The engine core: a process of its own that owns the model and every MLX call.
+
+The gRPC front end (server.py) starts it and talks to it over one pipe:
+requests and aborts go in; once per decode step, that step's outputs and the
+engine's stats come out. Keeping gRPC in another process means its per-message
+work never holds the GIL that the decode loop needs (measured in
+docs/benchmarks.md).
+"""
+
+import dataclasses
+import logging
+import signal
+import threading
+from multiprocessing.connection import Connection
+
+from engine_worker.model import ModelFacts, load_model
+from engine_worker.scheduler import DuplicateRequest, Engine, Output, QueueFull, Request
+from vllm_mlx.settings import EngineSettings
+
+log = logging.getLogger("engine")
+
+
+def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> None:
+    # The front end stops the core through the pipe (or by closing it when it
+    # dies); a Ctrl-C sent to the whole process group must not kill it mid-step.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    send_lock = threading.Lock()  # the reader thread answers refusals too
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def publish(batch: list[tuple[object, Output]]) -> None:
+        send(("outputs", [dataclasses.astuple(out) for _, out in batch],
+              dataclasses.asdict(engine.stats)))
+
+    def on_ready(error: BaseException | None) -> None:
+        send(("ready", None if error is None else f"{type(error).__name__}: {error}"))
+
+    engine = Engine(settings, lambda s: load_model(facts), publish, on_ready)
+
+    def read_requests() -> None:
+        try:
+            while True:
+                kind, item = conn.recv()
+                if kind == "add":
+                    try:
+                        engine.submit(item)
+                    except (QueueFull, DuplicateRequest) as e:  # the front end checks first
+                        send(("outputs", [dataclasses.astuple(_refused(item, e))], None))
+                elif kind == "abort":
+                    engine.abort(item)
+                else:
+                    break
+        except (EOFError, OSError):
+            log.info("front end went away")
+        engine.stop()
+
+    threading.Thread(target=read_requests, name="core-reader", daemon=True).start()
+    engine.run()
+
+
+def _refused(r: Request, e: Exception) -> Output:
+    return Output(r.request_id, [], "", len(r.prompt), 0, finish_reason="error",
+                  error=f"{type(e).__name__}: {e}")
