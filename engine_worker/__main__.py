@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--prefill-step-size", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, help="cap the context length")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
-    ap.add_argument("--stream-interval-ms", type=float, default=20.0,
+    ap.add_argument("--stream-interval-ms", type=float, default=0.0,
                     help="after the first token, send at most one message per stream "
                          "per interval (0: one per decode step)")
     a = ap.parse_args(argv)

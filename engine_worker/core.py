@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from engine_worker.model import ModelFacts, load_model
@@ -34,9 +35,17 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         with send_lock:
             conn.send(message)
 
+    last_stats = [0.0]
+
     def publish(batch: list[tuple[object, Output]]) -> None:
-        send(("outputs", [dataclasses.astuple(out) for _, out in batch],
-              dataclasses.asdict(engine.stats)))
+        # Stats ride along at most ten times a second (and on every idle tick,
+        # when the batch is empty): they are for humans and dashboards.
+        now = time.monotonic()
+        stats = None
+        if not batch or now - last_stats[0] > 0.1:
+            last_stats[0] = now
+            stats = dataclasses.asdict(engine.stats)
+        send(("outputs", [out for _, out in batch], stats))
 
     def on_ready(error: BaseException | None) -> None:
         send(("ready", None if error is None else f"{type(error).__name__}: {error}"))
@@ -51,7 +60,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                     try:
                         engine.submit(item)
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first
-                        send(("outputs", [dataclasses.astuple(_refused(item, e))], None))
+                        send(("outputs", [_refused(item, e)], None))
                 elif kind == "abort":
                     engine.abort(item)
                 else:
@@ -65,5 +74,5 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
 
 def _refused(r: Request, e: Exception) -> Output:
-    return Output(r.request_id, [], "", len(r.prompt), 0, finish_reason="error",
+    return Output(r.request_id, [], "", len(r.prompt), 0, None, "error",
                   error=f"{type(e).__name__}: {e}")

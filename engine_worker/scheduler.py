@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
@@ -37,8 +38,7 @@ class DuplicateRequest(Exception):
     pass
 
 
-@dataclass
-class TokenLogprob:
+class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
@@ -58,8 +58,10 @@ class Request:
     include_stop: bool = False
 
 
-@dataclass
-class Output:
+class Output(NamedTuple):
+    """One step's news for one request. A tuple, since one batch of these
+    crosses a process boundary every decode step."""
+
     request_id: str
     token_ids: list[int]
     text: str
@@ -235,7 +237,7 @@ class Engine:
                 self._waiting.remove(r)
                 with self._lock:
                     self._queued -= 1
-                self._finish(r, "abort", Output(request_id, [], "", len(r.prompt), 0))
+                self._finish(r, Output(request_id, [], "", len(r.prompt), 0, None, "abort"))
                 return
         for uid, state in self._running.items():
             if state.request.request_id == request_id:
@@ -358,12 +360,11 @@ class Engine:
                     error: str = "") -> None:
         state = self._running.pop(uid)
         r = state.request
-        self._finish(r, reason, Output(
+        self._finish(r, Output(
             r.request_id, tokens, text, len(r.prompt), state.completion_tokens, logprobs,
-            stop_reason=stop_reason, error=error))
+            reason, stop_reason, error))
 
-    def _finish(self, request: Request, reason: str, out: Output) -> None:
-        out.finish_reason = reason
+    def _finish(self, request: Request, out: Output) -> None:
         with self._lock:
             self._in_flight.discard(request.request_id)
         self._emit(request, out)

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_worker.core import core_main
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request, TokenLogprob
+from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -77,10 +77,7 @@ class CoreClient:
     def _deliver(self, outputs: list[tuple], stats: dict | None) -> None:
         if stats is not None:
             self.stats = stats
-        for fields in outputs:
-            out = Output(*fields)
-            if out.logprobs:  # astuple flattened these too
-                out.logprobs = [TokenLogprob(*lp) for lp in out.logprobs]
+        for out in outputs:
             sink = self.sinks.get(out.request_id)
             if sink is not None:
                 if out.finish_reason:
@@ -106,7 +103,7 @@ class CoreClient:
 
     def fail_all(self, message: str) -> None:
         for rid, sink in list(self.sinks.items()):
-            sink.put_nowait(Output(rid, [], "", 0, 0, finish_reason="error", error=message))
+            sink.put_nowait(Output(rid, [], "", 0, 0, None, "error", error=message))
         self.sinks.clear()
 
     def stop(self) -> None:

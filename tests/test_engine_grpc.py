@@ -91,7 +91,7 @@ def test_abort_frees_the_slot(engine):
     stream = engine.stub.Generate(pb.GenerateRequest(
         request_id="to-abort", text="never ending", max_tokens=1500, ignore_eos=True), timeout=60)
     next(stream)
-    assert stats(engine.stub).running >= 1
+    assert wait_until(lambda: stats(engine.stub).running >= 1)
     assert engine.stub.Abort(pb.AbortRequest(request_id="to-abort"), timeout=5).found
     rest = list(stream)
     assert rest[-1].finished and rest[-1].finish_reason == pb.FINISH_REASON_ABORT
@@ -104,7 +104,7 @@ def test_client_cancel_aborts(engine):
     stream = engine.stub.Generate(pb.GenerateRequest(
         text="cancel me", max_tokens=1500, ignore_eos=True), timeout=60)
     next(stream)
-    assert stats(engine.stub).running == 1
+    assert wait_until(lambda: stats(engine.stub).running == 1)
     stream.cancel()
     assert wait_until(lambda: stats(engine.stub).running == 0), "cancel must stop the compute"
 

@@ -27,4 +27,4 @@ class EngineSettings:
     warmup: bool = True
     # Streams send at most one message per interval after the first token;
     # the tokens of that interval travel together.
-    stream_interval_s: float = 0.02
+    stream_interval_s: float = 0.0
