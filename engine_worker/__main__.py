@@ -8,6 +8,7 @@ import signal
 import sys
 
 from engine_worker.server import serve
+from vllm_mlx import lifeline
 from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST, EngineSettings
 
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
+    lifeline.watch()
     sys.setswitchinterval(float(os.environ.get("VLLM_MLX_SWITCH_INTERVAL", "0.005")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

@@ -1,0 +1,257 @@
+"""`vllm-mlx-up`: start the engine worker and the gateways, watch them, restart
+what dies, and stop them all on Ctrl-C or SIGTERM.
+
+Children get a lifeline (vllm_mlx.lifeline), so none outlives the supervisor
+even when it is killed with SIGKILL. Each child's log lines are prefixed with
+its name.
+"""
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_mlx import lifeline
+from vllm_mlx.health import wait_for_serving
+from vllm_mlx.settings import DEFAULT_HOST
+
+DEFAULT_PORT = 8000
+BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
+# A child that stayed up this long is healthy again: its backoff resets.
+STABLE_AFTER_S = 60.0
+STOP_GRACE_S = 20.0
+OPENBLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+]
+
+
+def say(message: str) -> None:
+    print(f"[vllm-mlx-up] {message}", flush=True)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+
+    def start(self, lifeline_fd: int) -> None:
+        env = {**os.environ, **self.env, lifeline.ENV: str(lifeline_fd),
+               "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(lifeline_fd,),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        say(f"started {self.name} (pid {self.proc.pid})")
+        threading.Thread(target=self._relay, args=(self.proc,), daemon=True).start()
+
+    def _relay(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            sys.stdout.write(f"[{self.name}] {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def fast_cpu_env() -> tuple[dict[str, str], str]:
+    """The engine's fastest measured configuration on this machine, and what it is.
+
+    On Linux CPUs MLX's wheel uses a reference BLAS; OpenBLAS, where installed,
+    is several times faster (docs/benchmarks.md)."""
+    if platform.system() != "Linux":
+        return {}, "default MLX build"
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return {}, "MLX GPU backend"
+    for lib in OPENBLAS_CANDIDATES:
+        if Path(lib).exists():
+            preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
+            return {"LD_PRELOAD": preload}, f"CPU with OpenBLAS preloaded ({lib}), float32 weights"
+    return {}, ("CPU with MLX's reference BLAS, float32 weights (install libopenblas0-pthread "
+                "for several times the speed)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vllm-mlx-up", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder, Hugging Face repo id or .gguf file "
+                                    "(default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--host", default=DEFAULT_HOST, help="HTTP address (default loopback)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--gateway-workers", type=int, default=1)
+    ap.add_argument("--media-workers", type=int, default=0)
+    ap.add_argument("--mllm", action="store_true", help="force vision-language mode")
+    ap.add_argument("--api-key", default=os.environ.get("VLLM_MLX_API_KEY"))
+    ap.add_argument("--served-model-name")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
+    ap.add_argument("--ready-timeout", type=float, default=1800.0,
+                    help="seconds to wait for the model to load")
+    a = ap.parse_args(argv)
+    if a.mllm or a.media_workers:
+        ap.error("vision-language models and media workers are not available yet; "
+                 "drop --mllm / --media-workers")
+    if a.gateway_workers < 1:
+        ap.error("--gateway-workers must be at least 1")
+    return a
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, model_path: Path, served_name: str):
+        self.args = args
+        self.lifeline_read, self._lifeline_write = lifeline.make()
+        self.engine_address = f"127.0.0.1:{args.engine_port or free_port()}"
+        env, self.engine_config = fast_cpu_env()
+        py = sys.executable
+        engine = [py, "-m", "engine_worker", "--model", str(model_path),
+                  "--served-model-name", served_name, "--host", "127.0.0.1",
+                  "--port", self.engine_address.rsplit(":", 1)[1],
+                  "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue)]
+        if args.max_model_len:
+            engine += ["--max-model-len", str(args.max_model_len)]
+        gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,
+                   "--port", str(args.port), "--workers", str(args.gateway_workers)]
+        gateway_env = {"VLLM_MLX_API_KEY": args.api_key} if args.api_key else {}
+        self.engine = Child("engine", engine, env)
+        self.gateway = Child("gateway", gateway, gateway_env)
+        self.children = [self.engine, self.gateway]
+        self.stopping = threading.Event()
+
+    def url(self) -> str:
+        host = "127.0.0.1" if self.args.host in ("0.0.0.0", "") else self.args.host
+        return f"http://{host}:{self.args.port}"
+
+    def start(self) -> None:
+        say(f"engine configuration: {self.engine_config}")
+        self.engine.start(self.lifeline_read)
+        self._wait_engine()
+        self.gateway.start(self.lifeline_read)
+        self._wait_gateway()
+
+    def _wait_engine(self) -> None:
+        tic = time.monotonic()
+        done = threading.Event()
+
+        def progress() -> None:
+            while not done.wait(5):
+                say(f"loading the model... {time.monotonic() - tic:.0f}s")
+
+        threading.Thread(target=progress, daemon=True).start()
+        try:
+            wait_for_serving(self.engine_address, self.args.ready_timeout,
+                             is_alive=self.engine.alive)
+        finally:
+            done.set()
+        say(f"engine serving after {time.monotonic() - tic:.1f}s")
+
+    def _wait_gateway(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.gateway.alive():
+                raise RuntimeError("the gateway exited while starting")
+            try:
+                with urllib.request.urlopen(f"{self.url()}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("the gateway did not become healthy")
+
+    def watch(self) -> None:
+        """Restart children that die, with exponential backoff, until stopped."""
+        while not self.stopping.wait(0.2):
+            now = time.monotonic()
+            for child in self.children:
+                if child.alive():
+                    if now - child.started_at > STABLE_AFTER_S:
+                        child.backoff_s = BACKOFF_START_S
+                    continue
+                if child.restart_at is None:
+                    code = child.proc.returncode if child.proc else None
+                    say(f"{child.name} exited ({code}); restarting in {child.backoff_s:.0f}s")
+                    child.restart_at = now + child.backoff_s
+                    child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+                elif now >= child.restart_at:
+                    child.restart_at = None
+                    child.start(self.lifeline_read)
+
+    def stop(self) -> None:
+        """Gateways first, so no new request arrives and in-flight streams finish;
+        then the engine; SIGKILL for whatever outlives the grace period."""
+        self.stopping.set()
+        for child in (self.gateway, self.engine):
+            if child.alive():
+                say(f"stopping {child.name}")
+                child.proc.terminate()
+                try:
+                    child.proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    say(f"{child.name} did not stop in {STOP_GRACE_S:.0f}s; killing it")
+                    child.proc.kill()
+                    child.proc.wait()
+        say("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from vllm_mlx.model_source import ModelNotFound, preferred_float_dtype, resolve_model
+
+    try:
+        say(f"resolving model {args.model or '(embedded default: SmolLM2-135M-Instruct)'}")
+        path = resolve_model(args.model, dequantize_to=preferred_float_dtype())
+    except ModelNotFound as e:
+        say(f"error: {e}")
+        sys.exit(2)
+    name = args.served_model_name or (Path(args.model).name if args.model else
+                                      "SmolLM2-135M-Instruct")
+    sup = Supervisor(args, path, name)
+
+    def on_signal(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        sup.start()
+        say(f"ready: {sup.url()}/v1 serving {name}")
+        key = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        say(f"try: curl {sup.url()}/v1/chat/completions -H 'Content-Type: application/json'"
+            f"{key} -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"What is the capital of France?\"}}]}}'")
+        sup.watch()
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as e:
+        say(f"error: {e}")
+        sup.stop()
+        sys.exit(1)
+    sup.stop()
+
+
+if __name__ == "__main__":
+    main()
