@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         key = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
         say(f"try: curl {sup.url()}/v1/chat/completions -H 'Content-Type: application/json'"
             f"{key} -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", "
-            f"\"content\": \"What is the capital of France?\"}}]}}'")
+            f"\"content\": \"What is the capital of France?\"}}], \"temperature\": 0}}'")
         sup.watch()
     except KeyboardInterrupt:
         pass
