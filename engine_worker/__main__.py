@@ -3,9 +3,7 @@
 import argparse
 import asyncio
 import logging
-import os
 import signal
-import sys
 
 from engine_worker.server import serve
 from vllm_mlx import lifeline
@@ -42,7 +40,6 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     lifeline.watch()
-    sys.setswitchinterval(float(os.environ.get("VLLM_MLX_SWITCH_INTERVAL", "0.005")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     async def run() -> None:
