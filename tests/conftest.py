@@ -87,3 +87,59 @@ def engine(tiny_model, tmp_path_factory):
                      "--max-queue", "16", env={"VLLM_MLX_FAULT_INJECTION": "1"})
     yield e
     e.stop()
+
+
+# -- gateway processes -------------------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_gateway(engine_address: str, log_dir: Path, *flags: str, env: dict | None = None,
+                  timeout: float = 60) -> GatewayProcess:
+    """`python -m gateway` on a free loopback port; returns once it answers
+    HTTP at all (its /health may still say 503: the engine can be down on
+    purpose)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    log_path = log_dir / f"gateway-{port}.log"
+    log_file = open(log_path, "wb")
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("VLLM_MLX_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--engine", engine_address, "--host", "127.0.0.1",
+         "--port", str(port), *flags],
+        stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**base_env, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited while starting:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return GatewayProcess(proc, url, log_path)
+        except urllib.error.HTTPError:
+            return GatewayProcess(proc, url, log_path)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"gateway did not start within {timeout:.0f}s:\n{log_path.read_text()}")

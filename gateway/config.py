@@ -1,0 +1,47 @@
+"""The gateway's settings, and how they reach uvicorn's worker processes."""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST
+
+# uvicorn starts workers by importing an app factory in a fresh process, so
+# settings travel through the environment rather than through arguments.
+SETTINGS_ENV = "VLLM_MLX_GATEWAY_SETTINGS"
+API_KEY_ENV = "VLLM_MLX_API_KEY"
+DEFAULT_GATEWAY_PORT = 8000
+
+
+@dataclass
+class GatewaySettings:
+    engine: str = f"{DEFAULT_HOST}:{DEFAULT_ENGINE_PORT}"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_GATEWAY_PORT
+    api_key: str | None = None
+    # None: the name the engine reports (GetModelInfo).
+    served_model_name: str | None = None
+    model_aliases: list[str] = field(default_factory=list)
+    workers: int = 1
+    # Deadline of one Generate call: the longest a request may run.
+    request_timeout_s: float = 600.0
+    # Deadline of the health check behind GET /health; a hung engine must
+    # not hang the probe.
+    health_timeout_s: float = 1.0
+    # Most choices (n x prompts) one request may fan out to.
+    max_choices: int = 128
+    # `created` of the model objects: one value for every worker.
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    log_level: str = "info"
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "GatewaySettings":
+        raw = os.environ.get(SETTINGS_ENV)
+        settings = cls(**json.loads(raw)) if raw else cls()
+        if settings.api_key is None:
+            settings.api_key = os.environ.get(API_KEY_ENV) or None
+        return settings

@@ -1,0 +1,369 @@
+"""Running the engine streams of one HTTP request and shaping what they
+produce into OpenAI responses: whole objects, or Server-Sent Events."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+
+from gateway.engine_client import Generation
+from gateway.errors import APIError, ClientClosed, EngineFailed, sse_error
+from gateway.metrics import Timer
+from gateway.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessage,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+)
+from vllm_mlx.v1 import engine_pb2 as pb
+
+T = TypeVar("T")
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+# OpenAI's stand-in for a log-probability of minus infinity; JSON has none.
+MIN_LOGPROB = -9999.0
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Context:
+    """What every object of one response shares."""
+    id: str
+    created: int
+    model: str
+    timer: Timer
+    include_usage: bool = False
+
+
+@dataclass
+class Choice:
+    """One engine stream's output so far."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.prompt_tokens = msg.prompt_tokens
+        self.completion_tokens = msg.completion_tokens
+        if msg.text:
+            self.text.append(msg.text)
+        self.logprobs.extend(msg.logprobs)
+        if msg.finished:
+            self.finish_reason = finish_reason(msg)
+
+
+def finish_reason(msg: pb.GenerateResponse) -> str:
+    if msg.finish_reason in FINISH:
+        return FINISH[msg.finish_reason]
+    if msg.finish_reason == pb.FINISH_REASON_ABORT:
+        # Someone called Abort on this request id (our own cancels never
+        # reach here: their stream is no longer read).
+        raise EngineFailed("the request was aborted in the engine", code="aborted")
+    raise EngineFailed(f"the engine failed this request: {msg.error or 'unknown error'}")
+
+
+def cancel_all(gens: list[Generation]) -> None:
+    for g in gens:
+        g.cancel()
+
+
+async def start(gens: list[Generation]) -> None:
+    """Wait for every stream's first message, so that a refusal (bad input,
+    a full queue) is a plain HTTP error before any byte of a 200 is sent."""
+    if len(gens) == 1:
+        try:
+            await gens[0].first()
+        except BaseException:
+            gens[0].cancel()
+            raise
+        return
+    tasks = [asyncio.ensure_future(g.first()) for g in gens]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        # Read every failure (an unread one is logged as never retrieved).
+        errors = [e for e in (t.exception() for t in done) if e is not None]
+        if errors:
+            raise errors[0]
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        cancel_all(gens)
+        raise
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    """(choice index, message) from every stream as they arrive; leaving
+    early (error, disconnect) cancels every stream in the engine."""
+    try:
+        if len(gens) == 1:
+            async for msg in gens[0]:
+                yield 0, msg
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, g: Generation) -> None:
+            try:
+                async for msg in g:
+                    queue.put_nowait((i, msg, None))
+            except APIError as e:
+                queue.put_nowait((i, None, e))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            live = len(gens)
+            while live:
+                i, msg, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield i, msg
+                live -= msg.finished
+        finally:
+            for t in tasks:
+                t.cancel()
+    finally:
+        cancel_all(gens)
+
+
+# -- client disconnects --------------------------------------------------------------
+
+async def until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client goes away first: then `work` is
+    cancelled (and with it its engine calls) and ClientClosed raised.
+    uvicorn does not cancel a handler whose client left, so this does."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+    if task.cancelled():
+        raise ClientClosed("the client closed the connection")
+    return task.result()
+
+
+class SSEResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]):
+        super().__init__(content, headers={"Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no", **headers})
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Starlette only listens for a disconnect on ASGI spec < 2.4 and
+        # otherwise notices it at the next write; a request that waits in
+        # the engine's queue writes nothing for a long time. Always listen,
+        # so a departed client's stream is cancelled at once.
+        async with anyio.create_task_group() as tg:
+            async def run_then_stop(func) -> None:
+                await func()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run_then_stop, partial(self.stream_response, send))
+            await run_then_stop(partial(self.listen_for_disconnect, receive))
+
+
+def sse(obj: BaseModel) -> bytes:
+    return b"data: " + obj.model_dump_json().encode() + b"\n\n"
+
+
+_HOLE = "\x00vllm-mlx-text\x00"
+
+
+class TextChunk:
+    """The SSE event of a chunk that carries only new text, made once per
+    choice from the pydantic model (still the one schema) with a hole where
+    the text goes: filling it costs a string join instead of building and
+    serializing two models per message, the bulk of the gateway's work per
+    token."""
+
+    def __init__(self, chunk: BaseModel):
+        self._before, self._after = sse(chunk).split(json.dumps(_HOLE).encode())
+
+    def __call__(self, text: str) -> bytes:
+        return self._before + json.dumps(text, ensure_ascii=False).encode() + self._after
+
+
+def _lp(value: float) -> float:
+    return value if value > MIN_LOGPROB else MIN_LOGPROB  # also maps NaN
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+def chat_logprobs(lps) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        ChatTokenLogprob(token=lp.token, logprob=_lp(lp.logprob), bytes=_bytes(lp.token),
+                         top_logprobs=[TopLogprob(token=t.token, logprob=_lp(t.logprob),
+                                                  bytes=_bytes(t.token)) for t in lp.top])
+        for lp in lps])
+
+
+def completion_logprobs(lps, offset: int) -> tuple[CompletionLogprobs, int]:
+    """Legacy-style logprobs; the sampled token is always among the top
+    ones, as OpenAI documents. Returns the text offset after these tokens."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for lp in lps:
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(_lp(lp.logprob))
+        top: dict[str, float] = {}
+        # Different ids can decode to the same string (a lone byte reads as
+        # U+FFFD); the more likely one, listed first, keeps the key.
+        for t in lp.top:
+            top.setdefault(t.token, _lp(t.logprob))
+        top.setdefault(lp.token, _lp(lp.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+    return out, offset
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> Usage:
+    completion = sum(c.completion_tokens for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                 total_tokens=prompt_tokens + completion)
+
+
+# -- chat ----------------------------------------------------------------------------
+
+async def chat_completion(gens: list[Generation], ctx: Context, logprobs: bool
+                          ) -> ChatCompletion:
+    choices = [Choice() for _ in gens]
+    async for i, msg in merged(gens):
+        ctx.timer.tokens(i, len(msg.token_ids))
+        choices[i].add(msg)
+    usage = _usage(choices[0].prompt_tokens, choices)
+    ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
+    return ChatCompletion(id=ctx.id, created=ctx.created, model=ctx.model, usage=usage, choices=[
+        ChatChoice(index=i, message=ChatMessage(content="".join(c.text)),
+                   logprobs=chat_logprobs(c.logprobs) if logprobs else None,
+                   finish_reason=c.finish_reason)
+        for i, c in enumerate(choices)])
+
+
+async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
+                      ) -> AsyncIterator[bytes]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        return sse(ChatCompletionChunk(id=ctx.id, created=ctx.created, model=ctx.model,
+                                       choices=choices, usage=usage))
+
+    choices = [Choice() for _ in gens]
+    text_chunks = [TextChunk(ChatCompletionChunk(
+        id=ctx.id, created=ctx.created, model=ctx.model,
+        choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=_HOLE))]))
+        for i in range(len(gens))]
+    try:
+        for i in range(len(gens)):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        async for i, msg in merged(gens):
+            ctx.timer.tokens(i, len(msg.token_ids))
+            choices[i].add(msg)
+            if logprobs and msg.logprobs:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=msg.text),
+                                             logprobs=chat_logprobs(msg.logprobs))])
+            elif msg.text:
+                yield text_chunks[i](msg.text)
+            if msg.finished:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(),
+                                             finish_reason=choices[i].finish_reason)])
+        usage = _usage(choices[0].prompt_tokens, choices)
+        ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
+        if ctx.include_usage:
+            yield chunk([], usage)
+    except APIError as e:
+        yield sse_error(e)
+    yield DONE
+
+
+# -- completions -----------------------------------------------------------------------
+
+def _completion_usage(choices: list[Choice], prompt_of: list[int]) -> Usage:
+    # Each prompt counts once, however many choices it has.
+    first_choice = {}
+    for i, p in enumerate(prompt_of):
+        first_choice.setdefault(p, i)
+    return _usage(sum(choices[i].prompt_tokens for i in first_choice.values()), choices)
+
+
+async def completion(gens: list[Generation], ctx: Context, prompt_of: list[int],
+                     echo: list[str] | None, logprobs: bool) -> Completion:
+    choices = [Choice() for _ in gens]
+    async for i, msg in merged(gens):
+        ctx.timer.tokens(i, len(msg.token_ids))
+        choices[i].add(msg)
+    usage = _completion_usage(choices, prompt_of)
+    ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
+    out = []
+    for i, c in enumerate(choices):
+        prefix = echo[prompt_of[i]] if echo else ""
+        lps = completion_logprobs(c.logprobs, len(prefix))[0] if logprobs else None
+        out.append(CompletionChoice(index=i, text=prefix + "".join(c.text), logprobs=lps,
+                                    finish_reason=c.finish_reason))
+    return Completion(id=ctx.id, created=ctx.created, model=ctx.model, choices=out, usage=usage)
+
+
+async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: list[int],
+                            echo: list[str] | None, logprobs: bool) -> AsyncIterator[bytes]:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return sse(Completion(id=ctx.id, created=ctx.created, model=ctx.model,
+                              choices=choices, usage=usage))
+
+    choices = [Choice() for _ in gens]
+    offsets = [0] * len(gens)
+    text_chunks = [TextChunk(Completion(
+        id=ctx.id, created=ctx.created, model=ctx.model,
+        choices=[CompletionChoice(index=i, text=_HOLE, finish_reason=None)]))
+        for i in range(len(gens))]
+    try:
+        if echo:
+            for i in range(len(gens)):
+                offsets[i] = len(echo[prompt_of[i]])
+                yield chunk([CompletionChoice(index=i, text=echo[prompt_of[i]],
+                                              finish_reason=None)])
+        async for i, msg in merged(gens):
+            ctx.timer.tokens(i, len(msg.token_ids))
+            choices[i].add(msg)
+            if logprobs and msg.logprobs:
+                lps, offsets[i] = completion_logprobs(msg.logprobs, offsets[i])
+                yield chunk([CompletionChoice(index=i, text=msg.text, logprobs=lps,
+                                              finish_reason=None)])
+            elif msg.text:
+                yield text_chunks[i](msg.text)
+            if msg.finished:
+                yield chunk([CompletionChoice(index=i, text="",
+                                              finish_reason=choices[i].finish_reason)])
+        usage = _completion_usage(choices, prompt_of)
+        ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
+        if ctx.include_usage:
+            yield chunk([], usage)
+    except APIError as e:
+        yield sse_error(e)
+    yield DONE

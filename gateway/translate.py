@@ -1,0 +1,166 @@
+"""OpenAI requests into engine GenerateRequests.
+
+The engine owns chat templates, tokenization and detokenization, so a chat
+request travels as a ChatInput and a completion prompt as text or token ids:
+direct gRPC clients need all three in the engine anyway, stop strings must be
+matched where tokens become text to stop the compute in the same step, and a
+gateway without a tokenizer starts in a second and stays small in each of its
+N processes.
+"""
+
+import json
+
+from gateway.errors import InvalidRequest
+from gateway.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    CompletionRequest,
+    FilePart,
+    ImageURLPart,
+    InputAudioPart,
+    Message,
+    RefusalPart,
+    SamplingFields,
+    TextPart,
+    ToolMessage,
+    VideoURLPart,
+)
+from vllm_mlx.v1 import engine_pb2 as pb
+
+U64 = 2**64
+# Part types that need a modality, by the word the engine's ModelInfo uses.
+_MEDIA = {ImageURLPart: ("image", "images"), VideoURLPart: ("video", "videos"),
+          InputAudioPart: ("audio", "audio"), FilePart: ("file", "files")}
+# OpenAI's default when temperature is left out is sampling at 1.0, not
+# greedy decoding (the engine's default for an unset field).
+DEFAULT_TEMPERATURE = 1.0
+
+
+def sampling(req: SamplingFields, choice: int) -> pb.SamplingParams:
+    p = pb.SamplingParams(
+        temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature)
+    for name in ("top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(p, name, value)
+    if req.top_k is not None and req.top_k > 0:  # -1 (vLLM) and 0 both disable it
+        p.top_k = req.top_k
+    if req.seed is not None:
+        # Each of n choices gets its own seed, or they would all be the same.
+        p.seed = (req.seed + choice) % U64
+    for token, bias in (req.logit_bias or {}).items():
+        p.logit_bias[int(token)] = bias
+    return p
+
+
+def _common(req: SamplingFields, request_id: str, choice: int, max_tokens: int | None,
+            logprobs: bool, top_logprobs: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id, sampling=sampling(req, choice), max_tokens=max_tokens or 0,
+        stop=req.stop_list, stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+        include_stop_in_output=req.include_stop_str_in_output)
+
+
+def request_ids(base: str, count: int) -> list[str]:
+    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+
+
+def _check_size(req: SamplingFields, prompts: int, max_choices: int) -> None:
+    if req.n * prompts > max_choices:
+        raise InvalidRequest(f"n ({req.n}) x prompts ({prompts}) is more than the "
+                             f"{max_choices} choices one request may ask for", param="n")
+
+
+# -- chat --------------------------------------------------------------------------
+
+def _content(message: Message, index: int, modalities: list[str]) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, RefusalPart):
+            texts.append(part.refusal)
+        else:
+            modality, plural = _MEDIA[type(part)]
+            where = f"messages[{index}].content[{j}]"
+            if modality not in modalities:
+                raise InvalidRequest(f"this model does not accept {plural}", param=where,
+                                     code="unsupported_content")
+            raise InvalidRequest(f"{plural} are not supported by this server yet", param=where,
+                                 code="unsupported_content")
+    # Several text parts read as separate paragraphs, as vLLM joins them.
+    return "\n".join(texts)
+
+
+def chat_input(req: ChatCompletionRequest, modalities: list[str]) -> pb.ChatInput:
+    messages = []
+    for i, m in enumerate(req.messages):
+        msg = pb.ChatMessage(role=m.role, content=_content(m, i, modalities))
+        if getattr(m, "name", None):
+            msg.name = m.name
+        if isinstance(m, ToolMessage):
+            msg.tool_call_id = m.tool_call_id
+        if isinstance(m, AssistantMessage) and m.refusal and not msg.content:
+            msg.content = m.refusal
+        messages.append(msg)
+    if req.continue_final_message and req.messages[-1].role != "assistant":
+        raise InvalidRequest("continue_final_message needs an assistant message last",
+                             param="continue_final_message")
+    return pb.ChatInput(
+        messages=messages, add_generation_prompt=not req.continue_final_message,
+        continue_final_message=req.continue_final_message,
+        template_kwargs_json=json.dumps(req.chat_template_kwargs)
+        if req.chat_template_kwargs else "")
+
+
+def chat_requests(req: ChatCompletionRequest, request_id: str, modalities: list[str],
+                  max_choices: int) -> list[pb.GenerateRequest]:
+    _check_size(req, 1, max_choices)
+    try:
+        chat = chat_input(req, modalities)
+        out = []
+        for i, rid in enumerate(request_ids(request_id, req.n)):
+            g = _common(req, rid, i, req.max_completion_tokens or req.max_tokens,
+                        req.logprobs, req.top_logprobs or 0)
+            g.chat.CopyFrom(chat)
+            out.append(g)
+        return out
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"the request holds text that is not valid Unicode: {e}") from None
+
+
+# -- completions -------------------------------------------------------------------
+
+def completion_requests(req: CompletionRequest, request_id: str, max_choices: int
+                        ) -> list[tuple[int, pb.GenerateRequest]]:
+    """(prompt index, request) for each choice, in choice-index order."""
+    prompts = req.prompts
+    _check_size(req, len(prompts), max_choices)
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("echo with logprobs needs the prompt's log-probabilities, "
+                             "which the engine does not compute", param="echo")
+    if req.echo and any(not isinstance(p, str) for p in prompts):
+        raise InvalidRequest("echo needs a text prompt: the gateway cannot turn token ids "
+                             "back into text", param="echo")
+    ids = request_ids(request_id, len(prompts) * req.n)
+    out = []
+    try:
+        for k, rid in enumerate(ids):
+            p, i = divmod(k, req.n)
+            g = _common(req, rid, i, req.max_tokens, req.logprobs is not None,
+                        req.logprobs or 0)
+            if isinstance(prompts[p], str):
+                g.text = prompts[p]
+            else:
+                g.token_ids.ids.extend(prompts[p])
+            out.append((p, g))
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"the request holds text that is not valid Unicode: {e}") from None
+    return out

@@ -1,0 +1,348 @@
+"""The whole HTTP path (gateway + SSE) vs the engine's gRPC alone, side by side.
+
+One engine process and one gateway process (`python -m gateway`) serve the
+same model. At each concurrency, `concurrency` streams generate max_tokens
+tokens each with greedy decoding and EOS ignored, once straight over gRPC and
+once through the gateway as OpenAI streaming completions (httpx, or the
+`openai` SDK with `--client openai`), in alternating rounds after one untimed
+warm-up of each. Reported: median aggregate tokens/s, median time to first
+token (per stream, then median over rounds), and the ratios.
+
+`--prompt-form` picks what the prompt is: token ids (`ids`, identical engine
+work on both paths), raw text (`text`), chat messages (`chat`, templated and
+tokenized by the engine), or the same chat messages templated and tokenized
+by the client with the model's tokenizer, per request inside the timed run,
+and sent as token ids (`chat-ids`: what a gateway that owned templating would
+do). `chat` vs `chat-ids` measures where templating should live.
+
+    python scripts/bench_gateway.py --out bench-gateway.json
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PROMPT_LEN = 32
+WORDS = "the quick brown fox jumps over a lazy dog while café culture thrives".split()
+
+
+def make_prompts(n: int, vocab: int, form: str, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    if form == "ids":
+        return [[rng.randrange(10, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
+    texts = [" ".join(rng.choice(WORDS) for _ in range(PROMPT_LEN)) for _ in range(n)]
+    if form == "text":
+        return texts
+    return [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": t}]
+            for t in texts]
+
+
+class Templater:
+    """Chat template + tokenizer in the client process (`chat-ids`)."""
+
+    def __init__(self, model: Path):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(model))
+
+    def __call__(self, messages: list[dict]) -> list[int]:
+        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+TEMPLATER: Templater | None = None
+
+
+def vocab_of(model: Path) -> int:
+    return json.loads((model / "config.json").read_text())["vocab_size"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (uvicorn workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class Run:
+    """One timed run: aggregate tokens/s, each stream's time to first token,
+    and the CPU each process spent on it (per 1000 tokens)."""
+
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.cpu_ms_per_1k: dict[str, float] = {}
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.elapsed
+
+    @property
+    def ttft_ms(self) -> float:
+        return statistics.median(self.ttft) * 1000
+
+
+# -- the engine over gRPC ---------------------------------------------------------------
+
+async def grpc_run(address: str, prompts: list, form: str, max_tokens: int) -> Run:
+    import grpc
+
+    from vllm_mlx.v1 import engine_pb2 as pb
+    from vllm_mlx.v1 import engine_pb2_grpc
+
+    run = Run()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = engine_pb2_grpc.EngineStub(channel)
+
+        async def one(p) -> int:
+            start = time.perf_counter()
+            req = pb.GenerateRequest(max_tokens=max_tokens, ignore_eos=True)
+            if form == "chat-ids":
+                req.token_ids.ids.extend(TEMPLATER(p))
+            elif form == "ids":
+                req.token_ids.ids.extend(p)
+            elif form == "text":
+                req.text = p
+            else:
+                req.chat.messages.extend(pb.ChatMessage(**m) for m in p)
+            n = 0
+            async for r in stub.Generate(req, timeout=3600):
+                if r.token_ids and n == 0:
+                    run.ttft.append(time.perf_counter() - start)
+                n += len(r.token_ids)
+            return n
+
+        tic = time.perf_counter()
+        run.tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+        run.elapsed = time.perf_counter() - tic
+    assert run.tokens == len(prompts) * max_tokens, run.tokens
+    return run
+
+
+# -- the gateway over HTTP + SSE ---------------------------------------------------------
+
+def _body(p, form: str, max_tokens: int) -> tuple[str, dict]:
+    common = {"model": "default", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if form == "chat":
+        return "/v1/chat/completions", {**common, "messages": p}
+    if form == "chat-ids":
+        return "/v1/completions", {**common, "prompt": TEMPLATER(p)}
+    return "/v1/completions", {**common, "prompt": p}
+
+
+async def http_run(url: str, prompts: list, form: str, max_tokens: int, client: str) -> Run:
+    import httpx
+
+    run = Run()
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as c:
+
+        async def one_httpx(p) -> int:
+            start, first, usage = time.perf_counter(), True, 0
+            path, body = _body(p, form, max_tokens)
+            async with c.stream("POST", path, json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]["completion_tokens"]
+                    choice = chunk["choices"][0] if chunk["choices"] else {}
+                    delta = choice.get("delta", {}).get("content") or choice.get("text")
+                    if first and delta:
+                        run.ttft.append(time.perf_counter() - start)
+                        first = False
+            return usage
+
+        async def one_openai(p) -> int:
+            start, first, usage = time.perf_counter(), True, 0
+            path, body = _body(p, form, max_tokens)
+            extra = {"ignore_eos": True}
+            body = {k: v for k, v in body.items() if k != "ignore_eos"}
+            if path == "/v1/chat/completions":
+                stream = await sdk.chat.completions.create(**body, extra_body=extra)
+            else:
+                stream = await sdk.completions.create(**body, extra_body=extra)
+            async for chunk in stream:
+                if chunk.usage:
+                    usage = chunk.usage.completion_tokens
+                if chunk.choices:
+                    ch = chunk.choices[0]
+                    delta = ch.delta.content if path == "/v1/chat/completions" else ch.text
+                    if first and delta:
+                        run.ttft.append(time.perf_counter() - start)
+                        first = False
+            return usage
+
+        if client == "openai":
+            from openai import AsyncOpenAI
+
+            sdk = AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0,
+                              timeout=3600)
+        one = one_openai if client == "openai" else one_httpx
+        tic = time.perf_counter()
+        run.tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+        run.elapsed = time.perf_counter() - tic
+    assert run.tokens == len(prompts) * max_tokens, run.tokens
+    return run
+
+
+# -- processes ---------------------------------------------------------------------------
+
+def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
+    from vllm_mlx.health import wait_for_serving
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine_worker", "--model", str(model), "--port", str(port),
+         "--max-num-seqs", "64", "--max-queue", "1024", *flags],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_serving(f"127.0.0.1:{port}", 600, is_alive=lambda: proc.poll() is None)
+    return proc
+
+
+def start_gateway(engine_port: int, port: int, workers: int) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--engine", f"127.0.0.1:{engine_port}",
+         "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "VLLM_MLX_API_KEY"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the gateway exited while starting")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the gateway did not start")
+
+
+def build_model(shape: str, cache: Path) -> Path:
+    import make_test_models
+
+    out = cache / shape
+    if not (out / "config.json").exists():
+        make_test_models.build_text_model(out, shape=shape)
+    return out
+
+
+def _median_cpu(runs: list[Run]) -> dict[str, float]:
+    keys = runs[0].cpu_ms_per_1k.keys()
+    return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
+
+
+def measured(run_coro, pids: dict[str, int]) -> Run:
+    has_proc = Path("/proc/self/stat").exists()
+    before = {k: cpu_seconds(p) for k, p in pids.items()} if has_proc else {}
+    client_before = time.process_time()
+    run = asyncio.run(run_coro)
+    if has_proc:
+        spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+        spent["client"] = time.process_time() - client_before
+        run.cpu_ms_per_1k = {k: 1e6 * v / run.tokens for k, v in spent.items()}
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="a make_test_models.py shape")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt-form", choices=["ids", "text", "chat", "chat-ids"],
+                    default="ids")
+    ap.add_argument("--client", choices=["httpx", "openai"], default="httpx")
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
+    ap.add_argument("--engine-port", type=int, default=50927)
+    ap.add_argument("--port", type=int, default=50928)
+    ap.add_argument("--engine-flags", default="", help="extra engine flags, one string")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+
+    model = build_model(a.model, a.cache)
+    global TEMPLATER
+    if a.prompt_form == "chat-ids":
+        TEMPLATER = Templater(model)
+    engine = start_engine(model, a.engine_port, a.engine_flags.split())
+    gateway = None
+    results = []
+    try:
+        gateway = start_gateway(a.engine_port, a.port, a.workers)
+        address, url = f"127.0.0.1:{a.engine_port}", f"http://127.0.0.1:{a.port}"
+        pids = {"engine": engine.pid, "gateway": gateway.pid}
+        print(f"{'conc':>4} {'grpc tok/s':>11} {'http tok/s':>11} {'ratio':>6} "
+              f"{'grpc TTFT ms':>13} {'http TTFT ms':>13} {'added ms':>9}", flush=True)
+        for c in a.concurrency:
+            prompts = make_prompts(c, vocab_of(model), a.prompt_form)
+            grpc_runs, http_runs = [], []
+            for i in range(a.rounds + 1):  # the first of each is an untimed warm-up
+                g = measured(grpc_run(address, prompts, a.prompt_form, a.max_tokens), pids)
+                h = measured(http_run(url, prompts, a.prompt_form, a.max_tokens, a.client),
+                             pids)
+                if i:
+                    grpc_runs.append(g)
+                    http_runs.append(h)
+            row = dict(
+                concurrency=c,
+                grpc_tps=statistics.median(r.tps for r in grpc_runs),
+                http_tps=statistics.median(r.tps for r in http_runs),
+                grpc_ttft_ms=statistics.median(r.ttft_ms for r in grpc_runs),
+                http_ttft_ms=statistics.median(r.ttft_ms for r in http_runs),
+                grpc_tps_all=[r.tps for r in grpc_runs], http_tps_all=[r.tps for r in http_runs],
+                grpc_ttft_ms_all=[r.ttft_ms for r in grpc_runs],
+                http_ttft_ms_all=[r.ttft_ms for r in http_runs],
+                grpc_cpu_ms_per_1k_tokens=_median_cpu(grpc_runs),
+                http_cpu_ms_per_1k_tokens=_median_cpu(http_runs))
+            row["tps_ratio"] = row["http_tps"] / row["grpc_tps"]
+            row["added_ttft_ms"] = row["http_ttft_ms"] - row["grpc_ttft_ms"]
+            results.append(row)
+            print(f"{c:4d} {row['grpc_tps']:11.1f} {row['http_tps']:11.1f} "
+                  f"{row['tps_ratio']:6.3f} {row['grpc_ttft_ms']:13.1f} "
+                  f"{row['http_ttft_ms']:13.1f} {row['added_ttft_ms']:9.1f}   "
+                  f"CPU ms/1k tok grpc {row['grpc_cpu_ms_per_1k_tokens']} "
+                  f"http {row['http_cpu_ms_per_1k_tokens']}", flush=True)
+    finally:
+        for proc in (gateway, engine):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
+    if a.out:
+        import mlx.core as mx
+
+        a.out.write_text(json.dumps(dict(
+            machine=platform.platform(), processor=platform.machine(), cpus=os.cpu_count(),
+            device=str(mx.default_device()), model=a.model, max_tokens=a.max_tokens,
+            prompt_form=a.prompt_form, prompt_len=PROMPT_LEN, client=a.client,
+            gateway_workers=a.workers, rounds=a.rounds, engine_flags=a.engine_flags,
+            results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
