@@ -187,8 +187,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         facts = self.facts
         prompt = self._prompt_ids(request)
         context = facts.context_length
+        if len(prompt) >= context:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens, which leaves no room in the model's "
+                f"context length of {context} tokens")
         max_tokens = request.max_tokens or context - len(prompt)
-        if len(prompt) + max_tokens > context or max_tokens < 1:
+        if len(prompt) + max_tokens > context:
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: "
                 f"together they exceed the model's context length of {context} tokens")

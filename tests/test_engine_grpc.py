@@ -148,6 +148,7 @@ def test_context_overflow_names_both_numbers(engine):
     assert "100" in err.details() and "2000" in err.details() and "2048" in err.details()
     err = _error(engine.stub, token_ids=pb.TokenIds(ids=[5] * 2048))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2048 tokens" in err.details() and "no room" in err.details()
 
 
 @pytest.mark.parametrize("fields, needle", [

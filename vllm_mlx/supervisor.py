@@ -28,6 +28,7 @@ BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 # A child that stayed up this long is healthy again: its backoff resets.
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 20.0
+DENSE_COPY_MAX_BYTES = 512 << 20
 OPENBLAS_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -92,6 +93,10 @@ def fast_cpu_env() -> tuple[dict[str, str], str]:
             return {"LD_PRELOAD": preload}, f"CPU with OpenBLAS preloaded ({lib}), float32 weights"
     return {}, ("CPU with MLX's reference BLAS, float32 weights (install libopenblas0-pthread "
                 "for several times the speed)")
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,7 +229,13 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         say(f"resolving model {args.model or '(embedded default: SmolLM2-135M-Instruct)'}")
-        path = resolve_model(args.model, dequantize_to=preferred_float_dtype())
+        path = resolve_model(args.model)
+        dense = preferred_float_dtype()
+        if dense and weights_bytes(path) < DENSE_COPY_MAX_BYTES:
+            # Dense float32 with OpenBLAS measured several times faster than
+            # quantized weights on Linux CPUs (docs/benchmarks.md); bounded so a
+            # large 4-bit model is not blown up 8x on disk and in memory.
+            path = resolve_model(str(path), dequantize_to=dense)
     except ModelNotFound as e:
         say(f"error: {e}")
         sys.exit(2)
