@@ -210,15 +210,7 @@ async def http_run(url: str, prompts: list, form: str, max_tokens: int, client: 
 
 # -- processes ---------------------------------------------------------------------------
 
-def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
-    from vllm_mlx.health import wait_for_serving
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_worker", "--model", str(model), "--port", str(port),
-         "--max-num-seqs", "64", "--max-queue", "1024", *flags],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_serving(f"127.0.0.1:{port}", 600, is_alive=lambda: proc.poll() is None)
-    return proc
+from bench_engine import start_engine  # noqa: E402  (scripts/ is on sys.path)
 
 
 def start_gateway(engine_port: int, port: int, workers: int) -> subprocess.Popen:

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from vllm_mlx.v1 import engine_pb2 as pb
 
-from .conftest import ROOT, start_engine
+from .conftest import ROOT, start_engine, wait_until
 
 CHAT = pb.ChatInput(messages=[pb.ChatMessage(role="system", content="Be brief."),
                               pb.ChatMessage(role="user", content="Tell me about café culture.")])
@@ -32,13 +31,6 @@ def stats(stub) -> pb.Stats:
     return stub.GetStats(pb.GetStatsRequest(), timeout=5)
 
 
-def wait_until(predicate, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_model_info(engine):

@@ -15,7 +15,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from vllm_mlx.v1 import engine_pb2 as pb
 
-from .conftest import start_engine, start_gateway
+from .conftest import start_engine, start_gateway, wait_until
 
 SERVED = "tiny-chat"
 ALIASES = ["alias-a", "alias-b"]
@@ -65,13 +65,6 @@ def running(engine) -> int:
     return engine.stub.GetStats(pb.GetStatsRequest(), timeout=5).running
 
 
-def wait_until(predicate, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def chat(client, **kw):

@@ -17,7 +17,7 @@ from openai import OpenAI
 from vllm_mlx.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2 as pb
 
-from .conftest import ROOT, start_engine, start_gateway
+from .conftest import ROOT, start_engine, start_gateway, wait_until
 
 SERVED = "tiny"
 CHAT = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
@@ -52,13 +52,6 @@ def stats(engine) -> pb.Stats:
     return engine.stub.GetStats(pb.GetStatsRequest(), timeout=5)
 
 
-def wait_until(predicate, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_engine_failure_is_500_envelope_without_trace(gateway):

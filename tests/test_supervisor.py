@@ -15,7 +15,7 @@ import pytest
 
 from vllm_mlx.cli import to_supervisor_argv
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, wait_until
 
 
 def pid_alive(pid: int) -> bool:
@@ -36,13 +36,6 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 class Up:
