@@ -568,9 +568,9 @@ def test_non_streaming_disconnect_aborts(gateway, engine):
     with httpx.Client(base_url=gateway.url, timeout=httpx.Timeout(60, read=0.4)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/chat/completions", json=body)
-        # GetStats may lag a beat behind the decode loop.
-        assert wait_until(lambda: running(engine) == 1, timeout=2)
-    # The client hung up after 0.4 s; 1900 tokens take a few seconds.
+    # The request ran (the client may be gone before a stats snapshot shows it
+    # running) and the client hung up after 0.4 s; 1900 tokens take seconds.
+    assert wait_until(lambda: generated(engine) > before, timeout=2)
     assert wait_until(lambda: running(engine) == 0, timeout=1.0)
     assert 0 < generated(engine) - before < 1900
 
