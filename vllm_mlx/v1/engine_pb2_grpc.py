@@ -60,8 +60,9 @@ class EngineServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams one generation. The first message may carry only prompt figures;
-        every later one carries new tokens; the last one has `finished` set.
+        """Streams one generation: each message carries the tokens generated since
+        the previous one (several when the reader is slower than decoding); the
+        last one has `finished` set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
