@@ -28,13 +28,19 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--stream-interval-ms", type=float, default=0.0,
                     help="after the first token, send at most one message per stream "
                          "per interval (0: one per decode step)")
+    ap.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                    help="do not reuse KV across requests that share a prompt prefix")
+    ap.add_argument("--prefix-cache-bytes", type=int,
+                    help="byte budget of the prefix cache (default: 10%% of memory, "
+                         "at most 8 GiB)")
     a = ap.parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
         max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,
         prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
         max_model_len=a.max_model_len, warmup=a.warmup,
-        stream_interval_s=a.stream_interval_ms / 1000)
+        stream_interval_s=a.stream_interval_ms / 1000,
+        prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,8 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                         send(("outputs", [_refused(item, e)], None))
                 elif kind == "abort":
                     engine.abort(item)
+                elif kind == "clear_prefix_cache":
+                    engine.clear_prefix_cache()
                 else:
                     break
         except (EOFError, OSError):

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker.model import LoadedModel
+from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
 from engine_worker.sampling import SamplingParams, make_processors, make_sampler
 from engine_worker.text_output import TextOutput
 from vllm_mlx.settings import EngineSettings
@@ -92,6 +93,11 @@ class Stats:
     requests_rejected: int = 0
     active_memory_bytes: int = 0
     peak_memory_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_tokens_reused: int = 0
+    cache_bytes: int = 0
+    cache_evictions: int = 0
 
 
 class Engine:
@@ -115,6 +121,7 @@ class Engine:
         self._outbox: list[tuple[object, Output]] = []
         self._step_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
         self._window_tokens = 0  # their sum
+        self._prefix: PrefixCache | None = None  # set at load unless turned off
         self.stats = Stats()
         self.ready = threading.Event()
         self._stopping = False
@@ -149,6 +156,10 @@ class Engine:
         self._inbox.put(("add", request))
         self._wake.set()
 
+    def clear_prefix_cache(self) -> None:
+        self._inbox.put(("clear", None))
+        self._wake.set()
+
     def abort(self, request_id: str) -> bool:
         with self._lock:
             found = request_id in self._in_flight
@@ -173,6 +184,7 @@ class Engine:
         try:
             self.loaded = self._load(self.settings)
             self._gen = self._new_generator()
+            self._prefix = self._new_prefix_cache()
             if self.settings.warmup:
                 self._warm_up()
         except BaseException as e:
@@ -211,6 +223,18 @@ class Engine:
         self._fail_all("engine shutting down")
         self._flush()
 
+    def _new_prefix_cache(self) -> PrefixCache | None:
+        s = self.settings
+        if not s.prefix_cache:
+            return None
+        if not can_reuse(self.loaded.model):
+            log.warning("prefix cache off: this model's KV cache cannot be trimmed "
+                        "(sliding-window or recurrent layers)")
+            return None
+        budget = s.prefix_cache_bytes if s.prefix_cache_bytes is not None else default_budget()
+        log.info("prefix cache on, budget %.1f MiB", budget / 2**20)
+        return PrefixCache(budget)
+
     def _warm_up(self) -> None:
         # Two prompts of different lengths exercise both the padded prefill
         # and the decode kernels, which on a GPU compile on first use.
@@ -228,6 +252,10 @@ class Engine:
                 return
             if kind == "add":
                 self._waiting.append(item)
+            elif kind == "clear":
+                if self._prefix is not None:
+                    self._prefix.clear()
+                self._update_stats()
             else:
                 self._abort(item)
 
@@ -255,9 +283,19 @@ class Engine:
             batch.append((r, state, self._guarded(state)))
         if not batch:
             return
+        # Each prompt prefills only what follows its longest cached prefix.
+        caches, cached = [], []
+        for r, _, _ in batch:
+            cache, n = self._prefix.fetch(r.prompt) if self._prefix is not None else (None, 0)
+            caches.append(cache)
+            cached.append(n)
         uids = self._gen.insert(
-            [r.prompt for r, _, _ in batch],
+            [r.prompt[n:] for (r, _, _), n in zip(batch, cached)],
             max_tokens=[r.max_tokens for r, _, _ in batch],
+            caches=caches,
+            # The tokens each cache holds: the batch keeps them with the KV,
+            # and penalties look back over them as over any prompt.
+            all_tokens=[r.prompt[:n] for (r, _, _), n in zip(batch, cached)],
             samplers=[g[0] for _, _, g in batch],
             logits_processors=[g[1] for _, _, g in batch],
             stop_sequences=[StopSequences([(t,) for t in r.stop_token_ids]) for r, _, _ in batch],
@@ -306,6 +344,8 @@ class Engine:
             if state is None:
                 continue
             produced += 1
+            if resp.finish_reason is not None:
+                self._keep_kv(resp.all_tokens, resp.prompt_cache)
             try:
                 self._advance(resp, state)
             except Exception as e:  # e.g. detokenizing failed: this request only
@@ -337,7 +377,10 @@ class Engine:
         text, matched = state.text.add(token)
         if matched is not None:
             if resp.finish_reason is None:
-                self._gen.remove([resp.uid])
+                kept = self._gen.remove([resp.uid], return_prompt_caches=self._prefix is not None)
+                if resp.uid in kept:
+                    cache, tokens = kept[resp.uid]
+                    self._keep_kv(tokens, cache)
             if r.include_stop:
                 text += matched
             self._finish_uid(resp.uid, "stop", [token], text, logprobs, stop_reason=matched)
@@ -346,6 +389,11 @@ class Engine:
         else:
             self._emit(r, Output(r.request_id, [token], text, len(r.prompt),
                                      state.completion_tokens, logprobs))
+
+    def _keep_kv(self, tokens: list[int] | None, cache: list | None) -> None:
+        """Offer a finished request's KV (of prompt + completion) to later ones."""
+        if self._prefix is not None and tokens and cache:
+            self._prefix.insert(tokens, cache)
 
     def _logprob(self, logprobs: mx.array, token: int, k: int) -> TokenLogprob:
         top: list[tuple[int, float]] = []
@@ -387,6 +435,11 @@ class Engine:
             self._window_tokens -= self._step_tokens.popleft()[1]
         s = self.stats
         s.running, s.waiting = len(self._running), len(self._waiting)
+        if self._prefix is not None:
+            p = self._prefix
+            s.cache_hits, s.cache_misses = p.hits, p.misses
+            s.cache_tokens_reused, s.cache_evictions = p.tokens_reused, p.evictions
+            s.cache_bytes = p.nbytes
         if len(self._step_tokens) > 1:
             span = max(now - self._step_tokens[0][0], 1e-6)
             s.generation_tokens_per_s = self._window_tokens / span

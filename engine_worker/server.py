@@ -101,6 +101,10 @@ class CoreClient:
         self._conn.send(("abort", request_id))
         return True
 
+    def clear_prefix_cache(self) -> None:
+        # The pipe is ordered: requests sent after this never see the old KV.
+        self._conn.send(("clear_prefix_cache", None))
+
     def fail_all(self, message: str) -> None:
         for rid, sink in list(self.sinks.items()):
             sink.put_nowait(Output(rid, [], "", 0, 0, None, "error", error=message))
@@ -298,6 +302,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         stats["requests_rejected"] = stats.get("requests_rejected", 0) + \
             self.core.requests_rejected
         return pb.Stats(**stats)
+
+    async def ClearPrefixCache(self, request, context) -> pb.ClearPrefixCacheResponse:
+        if not self._serving():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
+        self.core.clear_prefix_cache()
+        return pb.ClearPrefixCacheResponse()
 
 
 async def serve(settings: EngineSettings) -> None:

@@ -146,6 +146,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         response.headers.update(headers)
         return response
 
+    @app.post("/v1/admin/clear-prefix-cache", responses=_ERRORS)
+    async def clear_prefix_cache() -> dict:
+        """Drop the engine's cached prompt prefixes (guarded by the API key
+        like every route but /health)."""
+        await engine.clear_prefix_cache()
+        return {"cleared": True}
+
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:

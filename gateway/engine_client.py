@@ -115,6 +115,9 @@ class EngineClient:
     async def stats(self) -> pb.Stats:
         return await self._unary(self._stub.GetStats, pb.GetStatsRequest())
 
+    async def clear_prefix_cache(self) -> None:
+        await self._unary(self._stub.ClearPrefixCache, pb.ClearPrefixCacheRequest())
+
     async def abort(self, request_id: str) -> bool:
         reply = await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))
         return reply.found

@@ -19,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from vllm_mlx.v1 import engine_pb2 as pb
@@ -99,6 +99,23 @@ class _EngineCollector:
             g = GaugeMetricFamily(f"vllm_mlx_engine_{name}", doc)
             g.add_metric([], value)
             yield g
+        g = GaugeMetricFamily("vllm_mlx_engine_prefix_cache_bytes",
+                              "KV bytes held by the engine's prefix cache")
+        g.add_metric([], s.cache_bytes)
+        yield g
+        # Counters of the engine process: they restart from zero with it.
+        for name, value, doc in (
+                ("prefix_cache_hits", s.cache_hits,
+                 "Requests that reused cached KV for part of their prompt"),
+                ("prefix_cache_misses", s.cache_misses,
+                 "Requests that found no cached prefix"),
+                ("prefix_cache_tokens_reused", s.cache_tokens_reused,
+                 "Prompt tokens served from the prefix cache instead of prefilled"),
+                ("prefix_cache_evictions", s.cache_evictions,
+                 "Prefix-cache entries dropped to stay under its byte budget")):
+            c = CounterMetricFamily(f"vllm_mlx_engine_{name}", doc)
+            c.add_metric([], value)
+            yield c
 
 
 def render(stats: pb.Stats | None) -> bytes:

@@ -28,3 +28,7 @@ class EngineSettings:
     # Streams send at most one message per interval after the first token;
     # the tokens of that interval travel together.
     stream_interval_s: float = 0.0
+    # Reuse the KV of finished requests for later prompts that share a prefix.
+    prefix_cache: bool = True
+    # The cache's byte budget; None: derived from the machine's memory.
+    prefix_cache_bytes: int | None = None

@@ -114,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                    help="do not reuse KV across requests that share a prompt prefix")
+    ap.add_argument("--prefix-cache-bytes", type=int,
+                    help="byte budget of the engine's prefix cache")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
@@ -139,6 +143,10 @@ class Supervisor:
                   "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue)]
         if args.max_model_len:
             engine += ["--max-model-len", str(args.max_model_len)]
+        if not args.prefix_cache:
+            engine += ["--no-prefix-cache"]
+        if args.prefix_cache_bytes is not None:
+            engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
         gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,
                    "--port", str(args.port), "--workers", str(args.gateway_workers)]
         gateway_env = {"VLLM_MLX_API_KEY": args.api_key} if args.api_key else {}

@@ -198,7 +198,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes")
+    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class Stats(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     generation_tokens_per_s: float
@@ -225,4 +226,13 @@ class Stats(_message.Message):
     cache_bytes: int
     active_memory_bytes: int
     peak_memory_bytes: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    cache_evictions: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
+
+class ClearPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClearPrefixCacheResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

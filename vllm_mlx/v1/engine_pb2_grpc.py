@@ -54,6 +54,11 @@ class EngineStub:
                 request_serializer=vllm__mlx_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=vllm__mlx_dot_v1_dot_engine__pb2.Stats.FromString,
                 _registered_method=True)
+        self.ClearPrefixCache = channel.unary_unary(
+                '/vllm_mlx.v1.Engine/ClearPrefixCache',
+                request_serializer=vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheRequest.SerializeToString,
+                response_deserializer=vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -87,6 +92,14 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearPrefixCache(self, request, context):
+        """Admin: drops every cached prompt prefix (KV reuse starts cold again).
+        Requests already running keep their own KV.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=vllm__mlx_dot_v1_dot_engine__pb2.GetStatsRequest.FromString,
                     response_serializer=vllm__mlx_dot_v1_dot_engine__pb2.Stats.SerializeToString,
+            ),
+            'ClearPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearPrefixCache,
+                    request_deserializer=vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheRequest.FromString,
+                    response_serializer=vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Engine:
             '/vllm_mlx.v1.Engine/GetStats',
             vllm__mlx_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
             vllm__mlx_dot_v1_dot_engine__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vllm_mlx.v1.Engine/ClearPrefixCache',
+            vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheRequest.SerializeToString,
+            vllm__mlx_dot_v1_dot_engine__pb2.ClearPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
