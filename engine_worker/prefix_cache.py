@@ -1,0 +1,85 @@
+"""KV reuse across requests: the KV of each finished request, keyed by its
+tokens (prompt + completion), serves later prompts that share a prefix with
+it, so they prefill only what is new (a shared system prompt, the next turn
+of a chat).
+
+The trie, the LRU order and the copying/trimming of caches are mlx-lm's
+`LRUPromptCache`; this wrapper adds the byte budget with counted evictions,
+the figures for Stats, and the rule that at least one prompt token is always
+left to prefill (the first sampled token needs the last prompt token's logits).
+Everything here runs on the engine thread.
+"""
+
+import logging
+import os
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+
+log = logging.getLogger("engine")
+
+# One engine serves one model; LRUPromptCache keys its trie by model too.
+_MODEL_KEY = "model"
+_MAX_DEFAULT_BYTES = 8 << 30
+
+
+def default_budget() -> int:
+    """10% of the device's memory (unified memory on a Mac), at most 8 GiB."""
+    total = mx.device_info().get("memory_size") or (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return min(int(total) // 10, _MAX_DEFAULT_BYTES)
+
+
+def can_reuse(model) -> bool:
+    """Only plain KV caches can be trimmed back to any prefix. Rotating
+    (sliding-window) and recurrent/hybrid caches cannot, and reusing them
+    would be silently wrong, so such models run without the prefix cache."""
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        # mlx-lm's own limits are lifted: `insert` enforces the budget with
+        # trim_to, so that evictions can be counted.
+        self._lru = LRUPromptCache(max_size=1 << 62, max_bytes=1 << 62)
+        self.hits = 0
+        self.misses = 0
+        self.tokens_reused = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
+        """A private copy of the KV for the longest cached prefix of
+        `prompt`, and that prefix's length (0 and None on a miss). The
+        prefix is always shorter than the prompt."""
+        cache, rest = self._lru.fetch_nearest_cache(_MODEL_KEY, prompt)
+        if cache is not None and not rest:
+            # A full hit: give back the last token so that it is prefilled
+            # and yields the logits of the first generated token.
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        reused = len(prompt) - len(rest)
+        if cache is None or reused <= 0:
+            self.misses += 1
+            return None, 0
+        self.hits += 1
+        self.tokens_reused += reused
+        return cache, reused
+
+    def insert(self, tokens: list[int], cache: list) -> None:
+        """Keep `cache`, the KV of exactly `tokens`, evicting the least
+        recently inserted entries past the byte budget."""
+        self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
+        before = len(self._lru)
+        self._lru.trim_to(n_bytes=self.max_bytes)
+        self.evictions += before - len(self._lru)
+
+    def clear(self) -> None:
+        self._lru.trim_to(n_sequences=0)

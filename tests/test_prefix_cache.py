@@ -1,0 +1,227 @@
+"""The prefix cache: reusing a finished request's KV must never change what
+greedy decoding produces, must stay under its byte budget, and must show in
+Stats, /metrics and the admin RPC."""
+
+import random
+
+import httpx
+import pytest
+
+from engine_worker.model import load_model, read_facts
+from engine_worker.sampling import SamplingParams
+from engine_worker.scheduler import Engine, Request
+from vllm_mlx.settings import EngineSettings
+from vllm_mlx.v1 import engine_pb2 as pb
+
+from .conftest import start_engine, start_gateway, wait_until
+from .test_scheduler import Collector, run, tokens_of
+
+
+def make_engine(model, **settings) -> Engine:
+    collector = Collector()
+    s = EngineSettings(model=str(model), max_num_seqs=8, max_queue=64, warmup=False, **settings)
+    e = Engine(s, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    assert e.ready.wait(60) and e.load_error is None
+    e.collector = collector
+    return e
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_model):
+    e = make_engine(tiny_model)
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    e = make_engine(tiny_model, prefix_cache=False)
+    yield e
+    e.stop()
+
+
+def ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 250) for _ in range(n)]
+
+
+def greedy(engine, rid: str, prompt: list[int], max_tokens: int = 16) -> list[int]:
+    return tokens_of(run(engine, rid, prompt, max_tokens=max_tokens))
+
+
+def test_hits_are_token_for_token_exact(cached, plain):
+    base = ids(200, seed=1)
+    first = greedy(cached, "miss", base)
+    assert first == greedy(plain, "ref-miss", base)
+    hits = cached.stats.cache_hits
+    cases = {
+        "same prompt (longer entry, trimmed)": base,
+        "exact entry (prompt + completion)": base + first,
+        "partial hit, then new tokens": base + first + ids(40, seed=2),
+        "divergent suffix": base[:120] + ids(60, seed=3),
+    }
+    for i, (name, prompt) in enumerate(cases.items()):
+        want = greedy(plain, f"ref-{i}", prompt)
+        reused = cached.stats.cache_tokens_reused
+        assert greedy(cached, f"hit-{i}", prompt) == want, name
+        assert cached.stats.cache_tokens_reused - reused >= min(120, len(prompt) - 1), name
+    assert cached.stats.cache_hits - hits == len(cases)
+
+
+def test_full_hit_still_prefills_one_token(cached, plain):
+    prompt = ids(50, seed=4)
+    greedy(cached, "full-a", prompt, max_tokens=1)  # caches exactly prompt + 1 token
+    greedy(cached, "full-b", prompt + greedy(plain, "full-ref", prompt, max_tokens=1))
+    # The entry now equals the whole next prompt: reuse all but its last token.
+    reused = cached.stats.cache_tokens_reused
+    p = prompt + greedy(plain, "full-ref2", prompt, max_tokens=1)
+    assert greedy(cached, "full-c", p) == greedy(plain, "full-ref3", p)
+    assert cached.stats.cache_tokens_reused - reused == len(p) - 1
+
+
+def test_concurrent_requests_sharing_a_system_prompt(cached, plain):
+    system = ids(300, seed=5)
+    greedy(cached, "prime", system + [7, 8, 9])
+    prompts = [system + ids(5 + 3 * i, seed=100 + i) for i in range(7)] + [ids(30, seed=99)]
+    want = [greedy(plain, f"sys-ref-{i}", p) for i, p in enumerate(prompts)]
+    hits = cached.stats.cache_hits
+    for i, p in enumerate(prompts):  # all admitted together: hits and a miss in one batch
+        cached.submit(Request(f"sys-{i}", p, 16, SamplingParams(), sink=None))
+    got = [tokens_of(cached.collector.wait(f"sys-{i}")) for i in range(len(prompts))]
+    assert got == want
+    assert cached.stats.cache_hits - hits >= 7
+
+
+def test_eviction_under_a_small_budget(tiny_model, plain):
+    # The tiny model's KV: 2 layers x (K + V) x 2 heads x 16 dims x 4 bytes = 512 B/token.
+    budget = 512 * 300
+    e = make_engine(tiny_model, prefix_cache_bytes=budget)
+    try:
+        for i in range(5):
+            prompt = ids(120, seed=200 + i)
+            assert greedy(e, f"ev-{i}", prompt) == greedy(plain, f"ev-ref-{i}", prompt)
+            assert e._prefix.nbytes <= budget
+        assert wait_until(lambda: e.stats.cache_evictions > 0, timeout=5)
+        assert 0 < e.stats.cache_bytes <= budget
+        # The newest entry survived and still serves exact output.
+        prompt = ids(120, seed=204) + ids(10, seed=7)
+        hits = e.stats.cache_hits
+        assert greedy(e, "ev-hit", prompt) == greedy(plain, "ev-hit-ref", prompt)
+        assert e.stats.cache_hits == hits + 1
+    finally:
+        e.stop()
+
+
+def test_untrimmable_cache_types_turn_reuse_off(tiny_model, monkeypatch, caplog):
+    import engine_worker.scheduler as scheduler
+    monkeypatch.setattr(scheduler, "can_reuse", lambda model: False)
+    e = make_engine(tiny_model)
+    try:
+        prompt = ids(40, seed=8)
+        greedy(e, "r1", prompt)
+        greedy(e, "r2", prompt)
+        assert e._prefix is None and e.stats.cache_hits == 0
+    finally:
+        e.stop()
+    assert "prefix cache off" in caplog.text
+
+
+@pytest.mark.skip(reason="media issue not landed")
+def test_images_key_the_cache_apart():
+    """Two prompts with the same tokens but different images must not share KV."""
+
+
+# -- a real engine process: stats, the admin RPC, the gateway ----------------------------
+
+
+def generate(stub, prompt: list[int], max_tokens: int = 12) -> list[int]:
+    rs = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                               max_tokens=max_tokens, ignore_eos=True),
+                            timeout=60))
+    assert rs[-1].finished
+    return [t for r in rs for t in r.token_ids]
+
+
+def stats(stub) -> pb.Stats:
+    return stub.GetStats(pb.GetStatsRequest(), timeout=5)
+
+
+def settled(stub, **want) -> pb.Stats:
+    """Stats once the engine has published figures matching `want`."""
+    box = [None]
+
+    def ok():
+        box[0] = stats(stub)
+        return all(getattr(box[0], k) == v for k, v in want.items())
+    assert wait_until(ok, timeout=5), (want, box[0])
+    return box[0]
+
+
+@pytest.fixture(scope="module")
+def engine_proc(tiny_model, tmp_path_factory):
+    e = start_engine(tiny_model, tmp_path_factory.mktemp("logs"), "--max-num-seqs", "8",
+                     "--prefix-cache-bytes", str(64 << 20))
+    yield e
+    e.stop()
+
+
+def test_multi_turn_chat_reuses_each_previous_turn(engine_proc):
+    stub = engine_proc.stub
+    prompt = ids(80, seed=10)
+    before = settled(stub, running=0)
+    previous = 0  # tokens the previous turn saw and said
+    for turn in range(5):
+        completion = generate(stub, prompt)
+        if turn:
+            s = settled(stub, cache_hits=before.cache_hits + 1)
+            # Everything the previous turn saw and said is reused.
+            assert s.cache_tokens_reused - before.cache_tokens_reused == previous
+            before = s
+        else:
+            before = settled(stub, cache_misses=before.cache_misses + 1)
+        previous = len(prompt) + len(completion)
+        prompt = prompt + completion + ids(20, seed=11 + turn)  # the next user message
+    assert before.cache_bytes > 0
+
+
+def test_clear_prefix_cache_rpc(engine_proc):
+    stub = engine_proc.stub
+    prompt = ids(60, seed=20)
+    generate(stub, prompt)
+    assert wait_until(lambda: stats(stub).cache_bytes > 0, timeout=5)
+    stub.ClearPrefixCache(pb.ClearPrefixCacheRequest(), timeout=5)
+    misses = settled(stub, cache_bytes=0).cache_misses
+    generate(stub, prompt)
+    settled(stub, cache_misses=misses + 1)
+
+
+def test_no_prefix_cache_flag(tiny_model, tmp_path):
+    e = start_engine(tiny_model, tmp_path, "--no-prefix-cache", "--no-warmup")
+    try:
+        prompt = ids(40, seed=30)
+        assert generate(e.stub, prompt) == generate(e.stub, prompt)
+        s = settled(e.stub, running=0, requests_total=2)
+        assert (s.cache_hits, s.cache_misses, s.cache_bytes) == (0, 0, 0)
+    finally:
+        e.stop()
+
+
+def test_gateway_metrics_and_admin_route(engine_proc, tmp_path):
+    generate(engine_proc.stub, ids(30, seed=40))
+    generate(engine_proc.stub, ids(30, seed=40))
+    g = start_gateway(engine_proc.address, tmp_path, env={"VLLM_MLX_API_KEY": "sekret"})
+    try:
+        auth = {"Authorization": "Bearer sekret"}
+        with httpx.Client(base_url=g.url, timeout=30) as c:
+            assert c.post("/v1/admin/clear-prefix-cache").status_code == 401
+            text = c.get("/metrics", headers=auth).text
+            for name in ("prefix_cache_hits_total", "prefix_cache_misses_total",
+                         "prefix_cache_tokens_reused_total", "prefix_cache_evictions_total",
+                         "prefix_cache_bytes"):
+                assert f"vllm_mlx_engine_{name} " in text, name
+            r = c.post("/v1/admin/clear-prefix-cache", headers=auth)
+            assert r.status_code == 200, r.text
+        settled(engine_proc.stub, cache_bytes=0)
+    finally:
+        g.stop()
