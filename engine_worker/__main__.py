@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--prefix-cache-bytes", type=int,
                     help="byte budget of the prefix cache (default: 10%% of memory, "
                          "at most 8 GiB)")
+    ap.add_argument("--max-memory", type=int,
+                    help="bytes for weights + KV + prefix cache (default: 90%% of the "
+                         "device's memory)")
     a = ap.parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
@@ -40,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
-        prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes)
+        prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,
+        max_memory=a.max_memory)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,8 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         send(("outputs", [out for _, out in batch], stats))
 
     def on_ready(error: BaseException | None) -> None:
-        send(("ready", None if error is None else f"{type(error).__name__}: {error}"))
+        send(("ready", None if error is None else f"{type(error).__name__}: {error}",
+              engine.memory))
 
     engine = Engine(settings, lambda s: load_model(facts), publish, on_ready)
 

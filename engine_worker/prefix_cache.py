@@ -11,10 +11,10 @@ Everything here runs on the engine thread.
 """
 
 import logging
-import os
 
-import mlx.core as mx
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+
+from engine_worker.memory import device_memory
 
 log = logging.getLogger("engine")
 
@@ -25,9 +25,7 @@ _MAX_DEFAULT_BYTES = 8 << 30
 
 def default_budget() -> int:
     """10% of the device's memory (unified memory on a Mac), at most 8 GiB."""
-    total = mx.device_info().get("memory_size") or (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return min(int(total) // 10, _MAX_DEFAULT_BYTES)
+    return min(device_memory() // 10, _MAX_DEFAULT_BYTES)
 
 
 def can_reuse(model) -> bool:
@@ -79,6 +77,13 @@ class PrefixCache:
         self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
         before = len(self._lru)
         self._lru.trim_to(n_bytes=self.max_bytes)
+        self.evictions += before - len(self._lru)
+
+    def shrink(self, by: int) -> None:
+        """Evict least recently inserted entries until `by` bytes are freed
+        (or the cache is empty): running requests come before cached ones."""
+        before = len(self._lru)
+        self._lru.trim_to(n_bytes=max(0, self.nbytes - by))
         self.evictions += before - len(self._lru)
 
     def clear(self) -> None:

@@ -18,6 +18,12 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from engine_worker.memory import (
+    DEFAULT_LIMIT_FRACTION,
+    MemoryBudget,
+    device_memory,
+    kv_bytes_per_token,
+)
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
 from engine_worker.sampling import SamplingParams, make_processors, make_sampler
@@ -109,6 +115,7 @@ class Engine:
         self._on_ready = on_ready
         self._load = load
         self.loaded: LoadedModel | None = None  # set by the engine thread before `ready`
+        self.memory: MemoryBudget | None = None  # likewise
         self.load_error: BaseException | None = None
         self._publish = publish
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -183,6 +190,7 @@ class Engine:
         # Loading evaluates the weights, so it too belongs to this thread.
         try:
             self.loaded = self._load(self.settings)
+            self.memory = self._measure_memory()
             self._gen = self._new_generator()
             self._prefix = self._new_prefix_cache()
             if self.settings.warmup:
@@ -235,6 +243,17 @@ class Engine:
         log.info("prefix cache on, budget %.1f MiB", budget / 2**20)
         return PrefixCache(budget)
 
+    def _measure_memory(self) -> MemoryBudget:
+        limit = self.settings.max_memory or int(device_memory() * DEFAULT_LIMIT_FRACTION)
+        budget = MemoryBudget(limit, mx.get_active_memory(),
+                              kv_bytes_per_token(self.loaded.model))
+        log.info("memory: limit %.2f GB, weights %.2f GB, KV %d bytes per token",
+                 limit / 1e9, budget.weights / 1e9, budget.kv_per_token)
+        if budget.for_requests <= 0:
+            raise MemoryError(f"the weights take {budget.weights} bytes, more than the "
+                              f"memory limit of {limit} bytes")
+        return budget
+
     def _warm_up(self) -> None:
         # Two prompts of different lengths exercise both the padded prefill
         # and the decode kernels, which on a GPU compile on first use.
@@ -275,8 +294,22 @@ class Engine:
 
     def _admit(self) -> None:
         batch: list[tuple[Request, object, list]] = []
+        reserved = sum(self._reservation(st.request) for st in self._running.values())
         while self._waiting and len(self._running) + len(batch) < self.settings.max_num_seqs:
-            r = self._waiting.popleft()
+            r = self._waiting[0]
+            need = self._reservation(r)
+            if not self._make_room(reserved + need):
+                if self._running or batch:
+                    break  # it waits for running requests to finish
+                self._waiting.popleft()  # alone it cannot fit: it never will
+                with self._lock:
+                    self._queued -= 1
+                self._finish(r, Output(r.request_id, [], "", len(r.prompt), 0, None, "error",
+                                       error=f"the request needs {need} bytes of KV cache, "
+                                             f"more than the memory limit leaves"))
+                continue
+            self._waiting.popleft()
+            reserved += need
             with self._lock:
                 self._queued -= 1
             state = _Running(r, TextOutput(self._detok(), r.stop))
@@ -303,6 +336,21 @@ class Engine:
         for uid, (r, state, _) in zip(uids, batch):
             self._running[uid] = state
             self.stats.prompt_tokens_total += len(r.prompt)
+
+    def _reservation(self, r: Request) -> int:
+        return self.memory.request_bytes(len(r.prompt) + r.max_tokens)
+
+    def _make_room(self, requests_bytes: int) -> bool:
+        """Whether weights + `requests_bytes` of KV + the prefix cache fit the
+        limit, evicting cached prefixes first if that is what it takes."""
+        over = self.memory.weights + requests_bytes - self.memory.limit
+        if self._prefix is not None:
+            over += self._prefix.nbytes
+            if over > 0:
+                self._prefix.shrink(over)
+                over = self.memory.weights + requests_bytes + self._prefix.nbytes \
+                    - self.memory.limit
+        return over <= 0
 
     def _detok(self):
         return self.loaded.tokenizer.detokenizer

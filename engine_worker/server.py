@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_worker.core import core_main
+from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
@@ -58,6 +59,7 @@ class CoreClient:
         self.ready: asyncio.Future = self._loop.create_future()  # -> load error or None
         self.dead: asyncio.Future = self._loop.create_future()
         self.requests_rejected = 0
+        self.memory: MemoryBudget | None = None  # the core's, once ready
 
     def start(self) -> None:
         self.process.start()
@@ -68,7 +70,8 @@ class CoreClient:
             while True:
                 kind, *rest = self._conn.recv()
                 if kind == "ready":
-                    self._loop.call_soon_threadsafe(_resolve, self.ready, rest[0])
+                    error, self.memory = rest
+                    self._loop.call_soon_threadsafe(_resolve, self.ready, error)
                 else:
                     self._loop.call_soon_threadsafe(self._deliver, *rest)
         except (EOFError, OSError):
@@ -200,6 +203,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: "
                 f"together they exceed the model's context length of {context} tokens")
+        memory = self.core.memory
+        need = memory.request_bytes(len(prompt) + max_tokens)
+        if need > memory.for_requests:
+            raise InvalidRequest(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) needs "
+                f"{need} bytes of KV cache, more than the {memory.for_requests} bytes the "
+                f"engine's memory limit of {memory.limit} leaves beside the weights; "
+                f"lower max_tokens")
         sampling = sampling_from_proto(request.sampling)
         try:
             sampling.validate(facts.vocab_size)
@@ -295,7 +306,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             name=f.name, path=f.path, context_length=f.context_length, modalities=["text"],
             has_chat_template=getattr(self.tokenizer, "chat_template", None) is not None,
             eos_token_ids=sorted(self.tokenizer.eos_token_ids), vocab_size=f.vocab_size,
-            max_num_seqs=self.settings.max_num_seqs, max_queue=self.settings.max_queue)
+            max_num_seqs=self.settings.max_num_seqs, max_queue=self.settings.max_queue,
+            memory_limit_bytes=self.core.memory.limit, weights_bytes=self.core.memory.weights,
+            kv_bytes_per_token=self.core.memory.kv_per_token)
 
     async def GetStats(self, request, context) -> pb.Stats:
         stats = dict(self.core.stats)

@@ -32,3 +32,7 @@ class EngineSettings:
     prefix_cache: bool = True
     # The cache's byte budget; None: derived from the machine's memory.
     prefix_cache_bytes: int | None = None
+    # Weights + reserved KV + prefix cache stay under this; None: 90% of the
+    # device's memory. Requests that do not fit yet wait; one that never can
+    # is refused.
+    max_memory: int | None = None

@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="do not reuse KV across requests that share a prompt prefix")
     ap.add_argument("--prefix-cache-bytes", type=int,
                     help="byte budget of the engine's prefix cache")
+    ap.add_argument("--max-memory", type=int,
+                    help="bytes for weights + KV + prefix cache (default: 90%% of device memory)")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
@@ -145,6 +147,8 @@ class Supervisor:
             engine += ["--max-model-len", str(args.max_model_len)]
         if not args.prefix_cache:
             engine += ["--no-prefix-cache"]
+        if args.max_memory is not None:
+            engine += ["--max-memory", str(args.max_memory)]
         if args.prefix_cache_bytes is not None:
             engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
         gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,

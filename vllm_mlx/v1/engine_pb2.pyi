@@ -172,7 +172,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "context_length", "modalities", "has_chat_template", "eos_token_ids", "vocab_size", "max_num_seqs", "max_queue")
+    __slots__ = ("name", "path", "context_length", "modalities", "has_chat_template", "eos_token_ids", "vocab_size", "max_num_seqs", "max_queue", "memory_limit_bytes", "weights_bytes", "kv_bytes_per_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,9 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     context_length: int
@@ -191,7 +194,10 @@ class ModelInfo(_message.Message):
     vocab_size: int
     max_num_seqs: int
     max_queue: int
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., context_length: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    memory_limit_bytes: int
+    weights_bytes: int
+    kv_bytes_per_token: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., context_length: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., has_chat_template: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

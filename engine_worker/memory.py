@@ -1,0 +1,52 @@
+"""The engine's memory budget: weights + the KV every admitted request may
+grow to + the prefix cache stay under one limit, so a burst of long requests
+waits instead of pushing the process into an out-of-memory kill (on a Mac,
+unified memory shared with everything else).
+
+Each admitted request reserves KV for its whole prompt plus max_tokens: a
+request never runs out of room halfway.
+"""
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+DEFAULT_LIMIT_FRACTION = 0.9
+
+
+def device_memory() -> int:
+    """Bytes of memory the device can use: unified memory on a Mac, GPU
+    memory on CUDA; on a CPU, which mlx does not size, the machine's RAM."""
+    return int(mx.device_info().get("memory_size")
+               or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """KV bytes one token of one sequence takes, read off a real cache after a
+    one-token forward (so dtype, GQA and head sizes are the model's own)."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[1]]), cache=cache)
+    total = 0
+    for c in cache:
+        for a in (getattr(c, "keys", None), getattr(c, "values", None)):
+            if a is not None:  # [batch, kv heads, allocated steps, head dim]
+                total += a.nbytes // a.shape[2]
+    return total
+
+
+@dataclass
+class MemoryBudget:
+    limit: int
+    weights: int
+    kv_per_token: int
+
+    def request_bytes(self, n_tokens: int) -> int:
+        return n_tokens * self.kv_per_token
+
+    @property
+    def for_requests(self) -> int:
+        """What the limit leaves beside the weights."""
+        return self.limit - self.weights
