@@ -18,6 +18,7 @@ from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
+from engine_worker.token_bytes import token_bytes
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -243,11 +244,13 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             request_id=last.request_id, token_ids=[t for o in outs for t in o.token_ids],
             text="".join(o.text for o in outs), prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens)
-        decode = self.tokenizer.decode
+        decode, tok = self.tokenizer.decode, self.tokenizer
         for lp in (lp for o in outs if o.logprobs for lp in o.logprobs):
             msg.logprobs.append(pb.TokenLogprob(
                 token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
-                top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t])) for t, v in lp.top]))
+                token_bytes=token_bytes(tok, lp.token_id),
+                top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]),
+                                   token_bytes=token_bytes(tok, t)) for t, v in lp.top]))
         if last.finish_reason:
             msg.finished = True
             msg.finish_reason = FINISH_REASONS[last.finish_reason]

@@ -215,15 +215,17 @@ def _lp(value: float) -> float:
     return value if value > MIN_LOGPROB else MIN_LOGPROB  # also maps NaN
 
 
-def _bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", "surrogatepass"))
+def _bytes(lp) -> list[int]:
+    # The engine's raw bytes: the decoded text of a token holding part of a
+    # UTF-8 character is U+FFFD.
+    return list(lp.token_bytes or lp.token.encode("utf-8", "surrogatepass"))
 
 
 def chat_logprobs(lps) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=[
-        ChatTokenLogprob(token=lp.token, logprob=_lp(lp.logprob), bytes=_bytes(lp.token),
+        ChatTokenLogprob(token=lp.token, logprob=_lp(lp.logprob), bytes=_bytes(lp),
                          top_logprobs=[TopLogprob(token=t.token, logprob=_lp(t.logprob),
-                                                  bytes=_bytes(t.token)) for t in lp.top])
+                                                  bytes=_bytes(t)) for t in lp.top])
         for lp in lps])
 
 
