@@ -3,11 +3,12 @@
 For each model and concurrency, the raw generator (in a process of its own)
 and the engine (a real engine process, driven by an asyncio gRPC client)
 generate the same prompts with greedy decoding and EOS ignored, so both
-produce exactly concurrency x max_tokens tokens. Both processes stay up for a
-whole model; for each concurrency each side runs the workload once untimed
-(kernels for new shapes compile on first use), then raw and engine rounds
-alternate. The table reports the median aggregate tokens/s of each and their
-ratio.
+produce exactly concurrency x max_tokens tokens. A third column, "core", is
+the engine's scheduler fed directly in the raw process (no gRPC, all requests
+at once), to tell the loop's own cost from the rest. All processes stay up for
+a whole model; for each concurrency each runs the workload once untimed
+(kernels for new shapes compile on first use), then rounds alternate. The
+table reports median aggregate tokens/s and ratios to raw.
 
     python scripts/bench_engine.py --models tiny smollm2-135m --out docs/bench-engine.json
 """
@@ -39,25 +40,60 @@ def vocab_of(model: Path) -> int:
     return json.loads((model / "config.json").read_text())["vocab_size"]
 
 
-# -- raw mlx-lm, in a process of its own (`bench_engine.py raw --model M`) ----------
-# It reads one concurrency per line on stdin and answers with tokens/s, so raw
-# and engine rounds can alternate while both processes stay warm.
+# -- raw mlx-lm and the engine loop without gRPC, in a process of their own --------
+# (`bench_engine.py raw --model M`). It reads "raw C" or "core C" per line on
+# stdin and answers with tokens/s, so all three can alternate while warm.
+# "core" is the engine's scheduler fed directly, all C requests at once: the
+# gap between it and raw is the engine loop's own cost, the gap between it and
+# the gRPC engine is transport, front end and arrival pattern.
 
 def raw_worker(model: Path, max_tokens: int) -> None:
+    import threading
+
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
+    from engine_worker.model import load_model, read_facts
+    from engine_worker.sampling import SamplingParams
+    from engine_worker.scheduler import Engine, Request
+    from vllm_mlx.settings import EngineSettings
+
     m, _ = load(str(model))
     generators: dict[int, BatchGenerator] = {}
+    done, left = threading.Event(), [0]
+
+    def publish(batch) -> None:
+        for _, out in batch:
+            if out.finish_reason:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False),
+                  lambda s: load_model(read_facts(s.model)), publish)
+    core.start()
+    core.ready.wait()
+    rounds = 0
     for line in sys.stdin:
-        c = int(line)
-        # Same batch limits as the engine (64 decoded together, 8 prefilled).
-        gen = generators.setdefault(c, BatchGenerator(m, completion_batch_size=64,
-                                                      prefill_batch_size=8))
+        kind, c = line.split()
+        c = int(c)
         ps = prompts(c, vocab_of(model))
         mx.synchronize()
         tic = time.perf_counter()
+        if kind == "core":
+            rounds += 1
+            done.clear()
+            left[0] = c
+            for i, p in enumerate(ps):
+                core.submit(Request(f"{rounds}-{i}", p, max_tokens, SamplingParams(),
+                                    sink=None))
+            done.wait()
+            print(c * max_tokens / (time.perf_counter() - tic), flush=True)
+            continue
+        # Same batch limits as the engine (64 decoded together, 8 prefilled).
+        gen = generators.setdefault(c, BatchGenerator(m, completion_batch_size=64,
+                                                      prefill_batch_size=8))
         gen.insert(ps, max_tokens=[max_tokens] * c)
         produced = 0
         while responses := gen.next_generated():
@@ -142,8 +178,8 @@ def main() -> None:
             [sys.executable, __file__, "raw", "--model", str(model), "--max-tokens",
              str(a.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        def raw_round(c: int, raw_proc: subprocess.Popen = raw_proc) -> float:
-            raw_proc.stdin.write(f"{c}\n")
+        def local_round(kind: str, c: int, raw_proc: subprocess.Popen = raw_proc) -> float:
+            raw_proc.stdin.write(f"{kind} {c}\n")
             raw_proc.stdin.flush()
             return float(raw_proc.stdout.readline())
 
@@ -151,19 +187,24 @@ def main() -> None:
         try:
             for c in a.concurrency:
                 # One untimed run each: kernels for new shapes compile on first use.
-                raw_round(c)
+                local_round("raw", c)
+                local_round("core", c)
                 asyncio.run(engine_run(address, model, c, a.max_tokens))
-                raw_tps, eng_tps = [], []
+                runs: dict[str, list[float]] = {"raw": [], "core": [], "engine": []}
                 for _ in range(a.rounds):
-                    raw_tps.append(raw_round(c))
-                    eng_tps.append(asyncio.run(engine_run(address, model, c, a.max_tokens)))
-                row = dict(model=shape, concurrency=c, raw_tps=statistics.median(raw_tps),
-                           engine_tps=statistics.median(eng_tps), raw_all=raw_tps,
-                           engine_all=eng_tps)
+                    runs["raw"].append(local_round("raw", c))
+                    runs["core"].append(local_round("core", c))
+                    runs["engine"].append(
+                        asyncio.run(engine_run(address, model, c, a.max_tokens)))
+                row = dict(model=shape, concurrency=c,
+                           **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
+                           **{f"{k}_all": v for k, v in runs.items()})
                 row["ratio"] = row["engine_tps"] / row["raw_tps"]
+                row["core_ratio"] = row["core_tps"] / row["raw_tps"]
                 results.append(row)
-                print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f} tok/s  "
-                      f"engine {row['engine_tps']:9.1f} tok/s  ratio {row['ratio']:.3f}",
+                print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
+                      f"core {row['core_tps']:9.1f} ({row['core_ratio']:.3f})  "
+                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s",
                       flush=True)
         finally:
             raw_proc.kill()
