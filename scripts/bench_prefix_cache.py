@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import grpc  # noqa: E402
+from bench_engine import build_model, start_engine  # noqa: E402
 
 from vllm_mlx.v1 import engine_pb2 as pb  # noqa: E402
 from vllm_mlx.v1 import engine_pb2_grpc  # noqa: E402
@@ -48,25 +48,6 @@ def generate(stub, prompt: list[int], max_tokens: int) -> tuple[float, list[int]
             ttft = time.perf_counter() - tic
         tokens += r.token_ids
     return ttft, tokens
-
-
-def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
-    from vllm_mlx.health import wait_for_serving
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_worker", "--model", str(model), "--port", str(port),
-         *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_serving(f"127.0.0.1:{port}", 600, is_alive=lambda: proc.poll() is None)
-    return proc
-
-
-def build_model(shape: str, cache: Path) -> Path:
-    import make_test_models
-
-    out = cache / shape
-    if not (out / "config.json").exists():
-        make_test_models.build_text_model(out, shape=shape)
-    return out
 
 
 def bench_ttft(stub, vocab: int, prefix_len: int, rounds: int, rng: random.Random) -> dict:
