@@ -246,8 +246,9 @@ def test_client_with_only_the_proto_files(engine, tmp_path):
     out = tmp_path / "stubs"
     out.mkdir()
     proto_dir = ROOT / "proto"
+    protos = [str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto")]
     assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", "vllm_mlx/v1/engine.proto"]) == 0
+                        f"--grpc_python_out={out}", *protos]) == 0
     for d in (out / "vllm_mlx", out / "vllm_mlx" / "v1"):
         (d / "__init__.py").touch()
     script = textwrap.dedent(f"""

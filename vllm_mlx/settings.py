@@ -36,3 +36,33 @@ class EngineSettings:
     # device's memory. Requests that do not fit yet wait; one that never can
     # is refused.
     max_memory: int | None = None
+
+
+DEFAULT_MEDIA_PORT = 50061  # media worker k listens on DEFAULT_MEDIA_PORT + k
+
+
+@dataclass
+class MediaSettings:
+    """Limits and guards of the media workers (shared/DESIGN.md, failure and
+    input rules). Every refusal is INVALID_ARGUMENT naming the item and why."""
+
+    model: str                     # the processor of this model prepares the tensors
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_MEDIA_PORT
+    # Local files are read only under these roots (checked after resolving links).
+    allowed_local_media_paths: tuple[str, ...] = ()
+    # URLs to private, loopback and link-local addresses are refused unless set.
+    allow_private_media_urls: bool = False
+    # When set, only these hosts (and their subdomains) may be fetched.
+    allowed_media_domains: tuple[str, ...] = ()
+    max_media_bytes: int = 50 * 1024 * 1024
+    fetch_timeout_s: float = 10.0
+    max_redirects: int = 5
+    # Decompression-bomb guard: decoded width * height.
+    max_image_pixels: int = 40_000_000
+    max_video_seconds: float = 600.0
+    # Defaults for a request's video_fps / video_max_frames, and their caps.
+    default_video_fps: float = 2.0
+    default_video_max_frames: int = 16
+    max_video_fps: float = 30.0
+    max_video_frames: int = 64

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from vllm_mlx.v1 import media_pb2 as vllm__mlx_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vllm_mlx/v1/engine.proto\x12\x0bvllm_mlx.v1\"P\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"\x94\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.vllm_mlx.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1c\n\x14template_kwargs_json\x18\x04 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x80\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12>\n\nlogit_bias\x18\t \x03(\x0b\x32*.vllm_mlx.v1.SamplingParams.LogitBiasEntry\x12!\n\x14penalty_context_size\x18\n \x01(\x05H\x08\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x17\n\x15_penalty_context_size\"\xd7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.vllm_mlx.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.vllm_mlx.v1.ChatInputH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.vllm_mlx.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x1e\n\x16include_stop_in_output\x18\x0c \x01(\x08\x42\x07\n\x05input\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.vllm_mlx.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"\x8e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.vllm_mlx.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.vllm_mlx.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0bstop_reason\x18\n \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x91\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nmodalities\x18\x04 \x03(\t\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1a\n\x12memory_limit_bytes\x18\n \x01(\x04\x12\x15\n\rweights_bytes\x18\x0b \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xe8\x02\n\x05Stats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1f\n\x17generation_tokens_per_s\x18\x03 \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x07 \x01(\x04\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\x04\x12\x1b\n\x13\x63\x61\x63he_tokens_reused\x18\n \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13\x61\x63tive_memory_bytes\x18\x0c \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\r \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0e \x01(\x04\"\x19\n\x17\x43learPrefixCacheRequest\"\x1a\n\x18\x43learPrefixCacheResponse*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xfc\x02\n\x06\x45ngine\x12I\n\x08Generate\x12\x1c.vllm_mlx.v1.GenerateRequest\x1a\x1d.vllm_mlx.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.vllm_mlx.v1.AbortRequest\x1a\x1a.vllm_mlx.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .vllm_mlx.v1.GetModelInfoRequest\x1a\x16.vllm_mlx.v1.ModelInfo\x12<\n\x08GetStats\x12\x1c.vllm_mlx.v1.GetStatsRequest\x1a\x12.vllm_mlx.v1.Stats\x12_\n\x10\x43learPrefixCache\x12$.vllm_mlx.v1.ClearPrefixCacheRequest\x1a%.vllm_mlx.v1.ClearPrefixCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vllm_mlx/v1/engine.proto\x12\x0bvllm_mlx.v1\x1a\x17vllm_mlx/v1/media.proto\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\'\n\x05parts\x18\x05 \x03(\x0b\x32\x18.vllm_mlx.v1.ContentPart\"P\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x05media\x18\x02 \x01(\x0b\x32\x18.vllm_mlx.v1.MediaSourceH\x00\x42\x06\n\x04part\"\x94\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.vllm_mlx.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1c\n\x14template_kwargs_json\x18\x04 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x80\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12>\n\nlogit_bias\x18\t \x03(\x0b\x32*.vllm_mlx.v1.SamplingParams.LogitBiasEntry\x12!\n\x14penalty_context_size\x18\n \x01(\x05H\x08\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x17\n\x15_penalty_context_size\"\xd7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.vllm_mlx.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.vllm_mlx.v1.ChatInputH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.vllm_mlx.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x1e\n\x16include_stop_in_output\x18\x0c \x01(\x08\x42\x07\n\x05input\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.vllm_mlx.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"\x8e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.vllm_mlx.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.vllm_mlx.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0bstop_reason\x18\n \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x91\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nmodalities\x18\x04 \x03(\t\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1a\n\x12memory_limit_bytes\x18\n \x01(\x04\x12\x15\n\rweights_bytes\x18\x0b \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xe8\x02\n\x05Stats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1f\n\x17generation_tokens_per_s\x18\x03 \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x07 \x01(\x04\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\x04\x12\x1b\n\x13\x63\x61\x63he_tokens_reused\x18\n \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13\x61\x63tive_memory_bytes\x18\x0c \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\r \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0e \x01(\x04\"\x19\n\x17\x43learPrefixCacheRequest\"\x1a\n\x18\x43learPrefixCacheResponse*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xfc\x02\n\x06\x45ngine\x12I\n\x08Generate\x12\x1c.vllm_mlx.v1.GenerateRequest\x1a\x1d.vllm_mlx.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.vllm_mlx.v1.AbortRequest\x1a\x1a.vllm_mlx.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .vllm_mlx.v1.GetModelInfoRequest\x1a\x16.vllm_mlx.v1.ModelInfo\x12<\n\x08GetStats\x12\x1c.vllm_mlx.v1.GetStatsRequest\x1a\x12.vllm_mlx.v1.Stats\x12_\n\x10\x43learPrefixCache\x12$.vllm_mlx.v1.ClearPrefixCacheRequest\x1a%.vllm_mlx.v1.ClearPrefixCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +34,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2448
-  _globals['_FINISHREASON']._serialized_end=2593
-  _globals['_CHATMESSAGE']._serialized_start=41
-  _globals['_CHATMESSAGE']._serialized_end=121
-  _globals['_CHATINPUT']._serialized_start=124
-  _globals['_CHATINPUT']._serialized_end=272
-  _globals['_TOKENIDS']._serialized_start=274
-  _globals['_TOKENIDS']._serialized_end=297
-  _globals['_SAMPLINGPARAMS']._serialized_start=300
-  _globals['_SAMPLINGPARAMS']._serialized_end=812
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=618
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=666
-  _globals['_GENERATEREQUEST']._serialized_start=815
-  _globals['_GENERATEREQUEST']._serialized_end=1158
-  _globals['_TOPLOGPROB']._serialized_start=1160
-  _globals['_TOPLOGPROB']._serialized_end=1243
-  _globals['_TOKENLOGPROB']._serialized_start=1245
-  _globals['_TOKENLOGPROB']._serialized_end=1368
-  _globals['_GENERATERESPONSE']._serialized_start=1371
-  _globals['_GENERATERESPONSE']._serialized_end=1641
-  _globals['_ABORTREQUEST']._serialized_start=1643
-  _globals['_ABORTREQUEST']._serialized_end=1677
-  _globals['_ABORTRESPONSE']._serialized_start=1679
-  _globals['_ABORTRESPONSE']._serialized_end=1709
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1711
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1732
-  _globals['_MODELINFO']._serialized_start=1735
-  _globals['_MODELINFO']._serialized_end=2008
-  _globals['_GETSTATSREQUEST']._serialized_start=2010
-  _globals['_GETSTATSREQUEST']._serialized_end=2027
-  _globals['_STATS']._serialized_start=2030
-  _globals['_STATS']._serialized_end=2390
-  _globals['_CLEARPREFIXCACHEREQUEST']._serialized_start=2392
-  _globals['_CLEARPREFIXCACHEREQUEST']._serialized_end=2417
-  _globals['_CLEARPREFIXCACHERESPONSE']._serialized_start=2419
-  _globals['_CLEARPREFIXCACHERESPONSE']._serialized_end=2445
-  _globals['_ENGINE']._serialized_start=2596
-  _globals['_ENGINE']._serialized_end=2976
+  _globals['_FINISHREASON']._serialized_start=2596
+  _globals['_FINISHREASON']._serialized_end=2741
+  _globals['_CHATMESSAGE']._serialized_start=66
+  _globals['_CHATMESSAGE']._serialized_end=187
+  _globals['_CONTENTPART']._serialized_start=189
+  _globals['_CONTENTPART']._serialized_end=269
+  _globals['_CHATINPUT']._serialized_start=272
+  _globals['_CHATINPUT']._serialized_end=420
+  _globals['_TOKENIDS']._serialized_start=422
+  _globals['_TOKENIDS']._serialized_end=445
+  _globals['_SAMPLINGPARAMS']._serialized_start=448
+  _globals['_SAMPLINGPARAMS']._serialized_end=960
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=766
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=814
+  _globals['_GENERATEREQUEST']._serialized_start=963
+  _globals['_GENERATEREQUEST']._serialized_end=1306
+  _globals['_TOPLOGPROB']._serialized_start=1308
+  _globals['_TOPLOGPROB']._serialized_end=1391
+  _globals['_TOKENLOGPROB']._serialized_start=1393
+  _globals['_TOKENLOGPROB']._serialized_end=1516
+  _globals['_GENERATERESPONSE']._serialized_start=1519
+  _globals['_GENERATERESPONSE']._serialized_end=1789
+  _globals['_ABORTREQUEST']._serialized_start=1791
+  _globals['_ABORTREQUEST']._serialized_end=1825
+  _globals['_ABORTRESPONSE']._serialized_start=1827
+  _globals['_ABORTRESPONSE']._serialized_end=1857
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1859
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1880
+  _globals['_MODELINFO']._serialized_start=1883
+  _globals['_MODELINFO']._serialized_end=2156
+  _globals['_GETSTATSREQUEST']._serialized_start=2158
+  _globals['_GETSTATSREQUEST']._serialized_end=2175
+  _globals['_STATS']._serialized_start=2178
+  _globals['_STATS']._serialized_end=2538
+  _globals['_CLEARPREFIXCACHEREQUEST']._serialized_start=2540
+  _globals['_CLEARPREFIXCACHEREQUEST']._serialized_end=2565
+  _globals['_CLEARPREFIXCACHERESPONSE']._serialized_start=2567
+  _globals['_CLEARPREFIXCACHERESPONSE']._serialized_end=2593
+  _globals['_ENGINE']._serialized_start=2744
+  _globals['_ENGINE']._serialized_end=3124
 # @@protoc_insertion_point(module_scope)
