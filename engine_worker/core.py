@@ -63,7 +63,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first
                         send(("outputs", [_refused(item, e)], None))
                 elif kind == "abort":
-                    engine.abort(item)
+                    engine.abort(*item)
                 elif kind == "clear_prefix_cache":
                     engine.clear_prefix_cache()
                 else:
@@ -77,5 +77,4 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
 
 def _refused(r: Request, e: Exception) -> Output:
-    return Output(r.request_id, [], "", len(r.prompt), 0, None, "error",
-                  error=f"{type(e).__name__}: {e}")
+    return Output(r.request_id, None, "error", error=f"{type(e).__name__}: {e}")

@@ -3,6 +3,9 @@
 Requests arrive from any thread through `submit` and `abort`; the loop admits
 them into mlx-lm's BatchGenerator between decode steps, turns each step's
 tokens into `Output`s and hands them, one batch per step, to `publish`.
+Outputs carry token ids only: turning them into text (detokenizing, stop
+strings) is the front end's job, in a process of its own, so the decode loop
+does as little per token as it can (docs/benchmarks.md).
 """
 
 import logging
@@ -27,7 +30,6 @@ from engine_worker.memory import (
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
 from engine_worker.sampling import SamplingParams, make_processors, make_sampler
-from engine_worker.text_output import TextOutput
 from vllm_mlx.settings import EngineSettings
 
 log = logging.getLogger("engine")
@@ -67,25 +69,20 @@ class Request:
 
 
 class Output(NamedTuple):
-    """One step's news for one request. A tuple, since one batch of these
-    crosses a process boundary every decode step."""
+    """One step's news for one request: a token, a finish, or both. A tuple,
+    since one batch of these crosses a process boundary every decode step."""
 
     request_id: str
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # stop, length, abort, error
-    stop_reason: str = ""
+    token: int | None
+    # stop (EOS or a stop token id: `token` is it), length, abort, error
+    finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
     error: str = ""
 
 
 @dataclass
 class _Running:
     request: Request
-    text: TextOutput
-    completion_tokens: int = 0
     failure: str = ""  # set by a guarded sampler or processor that raised
 
 
@@ -170,11 +167,13 @@ class Engine:
         self._inbox.put(("clear", None))
         self._wake.set()
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, keep_kv: bool = False) -> bool:
+        """End a request. `keep_kv`: it ended normally (the front end found a
+        stop string), so its KV may serve later prompts."""
         with self._lock:
             found = request_id in self._in_flight
         if found:
-            self._inbox.put(("abort", request_id))
+            self._inbox.put(("abort", (request_id, keep_kv)))
             self._wake.set()
         return found
 
@@ -292,20 +291,24 @@ class Engine:
                     self._prefix.clear()
                 self._update_stats()
             else:
-                self._abort(item)
+                self._abort(*item)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, keep_kv: bool) -> None:
         for r in self._waiting:
             if r.request_id == request_id:
                 self._waiting.remove(r)
                 with self._lock:
                     self._queued -= 1
-                self._finish(r, Output(request_id, [], "", len(r.prompt), 0, None, "abort"))
+                self._finish(r, Output(request_id, None, "abort"))
                 return
         for uid, state in self._running.items():
             if state.request.request_id == request_id:
-                self._gen.remove([uid])
-                self._finish_uid(uid, "abort", [], "")
+                keep_kv = keep_kv and self._prefix is not None
+                kept = self._gen.remove([uid], return_prompt_caches=keep_kv)
+                if keep_kv and uid in kept:
+                    cache, tokens = kept[uid]
+                    self._keep_kv(tokens, cache)
+                self._finish_uid(uid, "abort")
                 return
 
     def _admit(self) -> None:
@@ -320,7 +323,7 @@ class Engine:
                 self._waiting.popleft()  # alone it cannot fit: it never will
                 with self._lock:
                     self._queued -= 1
-                self._finish(r, Output(r.request_id, [], "", len(r.prompt), 0, None, "error",
+                self._finish(r, Output(r.request_id, None, "error",
                                        error=f"the request needs {need} bytes of KV cache, "
                                              f"more than the memory limit leaves"))
                 continue
@@ -328,7 +331,7 @@ class Engine:
             reserved += need
             with self._lock:
                 self._queued -= 1
-            state = _Running(r, TextOutput(self._detok(), r.stop))
+            state = _Running(r)
             batch.append((r, state, self._guarded(state)))
         if not batch:
             return
@@ -368,9 +371,6 @@ class Engine:
                     - self.memory.limit
         return over <= 0
 
-    def _detok(self):
-        return self.loaded.tokenizer.detokenizer
-
     def _guarded(self, state: _Running) -> tuple:
         """The request's sampler and processors, wrapped so that one raising
         marks that request failed instead of failing the whole batch."""
@@ -402,57 +402,37 @@ class Engine:
                 [guard_processor(p) for p in processors])
 
     def _handle(self, responses) -> None:
+        running, outbox = self._running, self._outbox
         produced = 0
         for resp in responses:
-            state = self._running.get(resp.uid)
+            state = running.get(resp.uid)
             if state is None:
                 continue
             produced += 1
-            if resp.finish_reason is not None:
-                self._keep_kv(resp.all_tokens, resp.prompt_cache)
-            try:
-                self._advance(resp, state)
-            except Exception as e:  # e.g. detokenizing failed: this request only
-                log.exception("request %s failed", state.request.request_id)
+            r = state.request
+            if state.failure:
                 if resp.finish_reason is None:
                     self._gen.remove([resp.uid])
-                self._finish_uid(resp.uid, "error", [], "", error=str(e))
+                self._finish_uid(resp.uid, "error", error=state.failure)
+                continue
+            try:
+                logprob = (self._logprob(resp.logprobs, resp.token, r.top_logprobs)
+                           if r.logprobs else None)
+            except Exception as e:  # this request only
+                log.exception("request %s failed", r.request_id)
+                if resp.finish_reason is None:
+                    self._gen.remove([resp.uid])
+                self._finish_uid(resp.uid, "error", error=str(e))
+                continue
+            if resp.finish_reason is None:
+                outbox.append((r.sink, Output(r.request_id, resp.token, None, logprob)))
+            else:
+                self._keep_kv(resp.all_tokens, resp.prompt_cache)
+                self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced
         self.stats.generation_tokens_total += produced
         self._update_stats()
-
-    def _advance(self, resp, state: _Running) -> None:
-        r = state.request
-        state.completion_tokens += 1
-        token = resp.token
-        if state.failure:
-            if resp.finish_reason is None:
-                self._gen.remove([resp.uid])
-            self._finish_uid(resp.uid, "error", [], "", error=state.failure)
-            return
-        logprobs = [self._logprob(resp.logprobs, token, r.top_logprobs)] if r.logprobs else None
-        if resp.finish_reason == "stop":  # EOS or a stop token id
-            text = state.text.finish()
-            if r.include_stop:
-                text += self.loaded.tokenizer.decode([token])
-            self._finish_uid(resp.uid, "stop", [token], text, logprobs, stop_reason=str(token))
-            return
-        text, matched = state.text.add(token)
-        if matched is not None:
-            if resp.finish_reason is None:
-                kept = self._gen.remove([resp.uid], return_prompt_caches=self._prefix is not None)
-                if resp.uid in kept:
-                    cache, tokens = kept[resp.uid]
-                    self._keep_kv(tokens, cache)
-            if r.include_stop:
-                text += matched
-            self._finish_uid(resp.uid, "stop", [token], text, logprobs, stop_reason=matched)
-        elif resp.finish_reason == "length":
-            self._finish_uid(resp.uid, "length", [token], text + state.text.finish(), logprobs)
-        else:
-            self._emit(r, Output(r.request_id, [token], text, len(r.prompt),
-                                     state.completion_tokens, logprobs))
 
     def _keep_kv(self, tokens: list[int] | None, cache: list | None) -> None:
         """Offer a finished request's KV (of prompt + completion) to later ones."""
@@ -467,14 +447,10 @@ class Engine:
             top = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
         return TokenLogprob(token, logprobs[token].item(), top)
 
-    def _finish_uid(self, uid: int, reason: str, tokens: list[int], text: str,
-                    logprobs: list[TokenLogprob] | None = None, stop_reason: str = "",
-                    error: str = "") -> None:
-        state = self._running.pop(uid)
-        r = state.request
-        self._finish(r, Output(
-            r.request_id, tokens, text, len(r.prompt), state.completion_tokens, logprobs,
-            reason, stop_reason, error))
+    def _finish_uid(self, uid: int, reason: str, token: int | None = None,
+                    logprob: TokenLogprob | None = None, error: str = "") -> None:
+        r = self._running.pop(uid).request
+        self._finish(r, Output(r.request_id, token, reason, logprob, error))
 
     def _finish(self, request: Request, out: Output) -> None:
         with self._lock:
@@ -486,7 +462,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._running):
-            self._finish_uid(uid, "error", [], "", error=message)
+            self._finish_uid(uid, "error", error=message)
 
     def _flush(self, always: bool = False) -> None:
         if self._outbox or always:

@@ -18,6 +18,7 @@ from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
+from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
@@ -100,10 +101,18 @@ class CoreClient:
         self._conn.send(("add", request))
 
     def abort(self, request_id: str) -> bool:
+        """End a request; its stream still gets the core's "abort" finish."""
         if request_id not in self.sinks:
             return False
-        self._conn.send(("abort", request_id))
+        self._conn.send(("abort", (request_id, False)))
         return True
+
+    def stop_early(self, request_id: str) -> None:
+        """The front end found a stop string: the request is over for its
+        client now, and the core frees its slot (keeping its KV for the
+        prefix cache) as soon as it hears."""
+        if self.sinks.pop(request_id, None) is not None:
+            self._conn.send(("abort", (request_id, True)))
 
     def clear_prefix_cache(self) -> None:
         # The pipe is ordered: requests sent after this never see the old KV.
@@ -111,7 +120,7 @@ class CoreClient:
 
     def fail_all(self, message: str) -> None:
         for rid, sink in list(self.sinks.items()):
-            sink.put_nowait(Output(rid, [], "", 0, 0, None, "error", error=message))
+            sink.put_nowait(Output(rid, None, "error", error=message))
         self.sinks.clear()
 
     def stop(self) -> None:
@@ -235,27 +244,33 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output)
 
-    def _to_proto(self, outs: list[Output]) -> pb.GenerateResponse:
+    def _to_proto(self, r: Request, stream: TokenStream,
+                  outs: list[Output]) -> pb.GenerateResponse:
         """One message for every output queued since the last one: when the
         client or the network is slower than decoding, tokens coalesce
         instead of piling up as many small messages."""
-        last = outs[-1]
+        try:
+            ids, text, logprobs = stream.take(outs)
+        except Exception as e:  # e.g. detokenizing failed: this request only
+            log.exception("request %s failed", r.request_id)
+            ids, text, logprobs = [], "", []
+            stream.finish_reason, stream.error = "error", f"detokenizing failed: {e}"
+            stream.stopped_by_string = True  # the core must still let go of it
         msg = pb.GenerateResponse(
-            request_id=last.request_id, token_ids=[t for o in outs for t in o.token_ids],
-            text="".join(o.text for o in outs), prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens)
+            request_id=r.request_id, token_ids=ids, text=text, prompt_tokens=len(r.prompt),
+            completion_tokens=stream.completion_tokens)
         decode, tok = self.tokenizer.decode, self.tokenizer
-        for lp in (lp for o in outs if o.logprobs for lp in o.logprobs):
+        for lp in logprobs:
             msg.logprobs.append(pb.TokenLogprob(
                 token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
                 token_bytes=token_bytes(tok, lp.token_id),
                 top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]),
                                    token_bytes=token_bytes(tok, t)) for t, v in lp.top]))
-        if last.finish_reason:
+        if stream.finish_reason:
             msg.finished = True
-            msg.finish_reason = FINISH_REASONS[last.finish_reason]
-            msg.stop_reason = last.stop_reason
-            msg.error = last.error
+            msg.finish_reason = FINISH_REASONS[stream.finish_reason]
+            msg.stop_reason = stream.stop_reason
+            msg.error = stream.error
         return msg
 
     # -- RPCs ----------------------------------------------------------------
@@ -277,25 +292,26 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         except DuplicateRequest:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request_id!r} is already in flight")
-        finished = False
+        stream = TokenStream(self.tokenizer, r.stop, r.include_stop)
         interval = self.settings.stream_interval_s
         loop = asyncio.get_running_loop()
         try:
-            while not finished:
+            while stream.finish_reason is None:
                 outs = [await sink.get()]
                 sent_at = loop.time()
-                finished = outs[-1].finish_reason is not None
                 # After the first message, send at most one per interval: each
-                # message costs this process's event loop (and the GIL the
-                # engine thread needs) far more than a token does.
-                if not finished and interval > 0 and outs[0].completion_tokens > 1:
+                # message costs this process's event loop far more than a token.
+                if (outs[0].finish_reason is None and interval > 0
+                        and stream.completion_tokens > 0):
                     await asyncio.sleep(interval - (loop.time() - sent_at))
                 while not sink.empty():
                     outs.append(sink.get_nowait())
-                finished = outs[-1].finish_reason is not None
-                yield self._to_proto(outs)
+                msg = self._to_proto(r, stream, outs)
+                if stream.stopped_by_string:
+                    self.core.stop_early(request_id)
+                yield msg
         finally:
-            if not finished:  # the client went away or cancelled
+            if stream.finish_reason is None:  # the client went away or cancelled
                 self.core.abort(request_id)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:

@@ -47,3 +47,56 @@ class TextOutput:
                 break
         self._pending = pending[len(pending) - hold:]
         return pending[: len(pending) - hold], None
+
+
+class TokenStream:
+    """One request's tokens from the engine core, turned into what its client
+    sees: text deltas with stop strings held back, the completion count, and
+    why it finished. Runs in the front end, so the decode loop never
+    detokenizes."""
+
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool):
+        self._tokenizer = tokenizer
+        self._text = TextOutput(tokenizer.detokenizer, stop)
+        self._include_stop = include_stop
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # stop, length, abort, error
+        self.stop_reason = ""                  # the stop string or stop token id
+        self.error = ""
+        self.stopped_by_string = False         # the core must be told to end it
+
+    def take(self, outputs) -> tuple[list[int], str, list]:
+        """Consume outputs (scheduler.Output) in order; returns the new token
+        ids, the text they settle and their logprobs. Outputs after the finish
+        (the core runs on until it hears of a stop string) are dropped."""
+        ids: list[int] = []
+        pieces: list[str] = []
+        logprobs = []
+        for out in outputs:
+            if self.finish_reason is not None:
+                break
+            reason = out.finish_reason
+            if out.token is not None:
+                self.completion_tokens += 1
+                ids.append(out.token)
+                if out.logprob is not None:
+                    logprobs.append(out.logprob)
+                if reason == "stop":  # EOS or a stop token id: not part of the text
+                    pieces.append(self._text.finish())
+                    if self._include_stop:
+                        pieces.append(self._tokenizer.decode([out.token]))
+                    self.finish_reason, self.stop_reason = "stop", str(out.token)
+                    break
+                piece, matched = self._text.add(out.token)
+                pieces.append(piece)
+                if matched is not None:
+                    if self._include_stop:
+                        pieces.append(matched)
+                    self.finish_reason, self.stop_reason = "stop", matched
+                    self.stopped_by_string = True
+                    break
+            if reason is not None:
+                if reason == "length":
+                    pieces.append(self._text.finish())
+                self.finish_reason, self.error = reason, out.error
+        return ids, "".join(pieces), logprobs

@@ -123,6 +123,7 @@ async def engine_run(address: str, model: Path, concurrency: int, max_tokens: in
                 n += len(r.token_ids)
             return n
 
+        await channel.channel_ready()  # connecting is not part of the run
         tic = time.perf_counter()
         produced = sum(await asyncio.gather(*(one(p) for p in ps)))
         elapsed = time.perf_counter() - tic

@@ -45,7 +45,7 @@ def engine(tiny_model):
 
 
 def tokens_of(outputs: list[Output]) -> list[int]:
-    return [t for o in outputs for t in o.token_ids]
+    return [o.token for o in outputs if o.token is not None]
 
 
 def run(engine, rid, prompt, max_tokens=24, **sampling) -> list[Output]:
