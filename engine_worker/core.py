@@ -45,7 +45,9 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         if not batch or now - last_stats[0] > 0.1:
             last_stats[0] = now
             stats = dataclasses.asdict(engine.stats)
-        send(("outputs", [out for _, out in batch], stats))
+        # Plain tuples: pickling a NamedTuple costs several times more, and
+        # this runs every decode step (docs/benchmarks.md).
+        send(("outputs", [tuple(out) for _, out in batch], stats))
 
     def on_ready(error: BaseException | None) -> None:
         send(("ready", None if error is None else f"{type(error).__name__}: {error}",

@@ -312,6 +312,8 @@ class Engine:
                 return
 
     def _admit(self) -> None:
+        if not self._waiting:
+            return
         batch: list[tuple[Request, object, list]] = []
         reserved = sum(self._reservation(st.request) for st in self._running.values())
         while self._waiting and len(self._running) + len(batch) < self.settings.max_num_seqs:

@@ -82,7 +82,7 @@ class CoreClient:
     def _deliver(self, outputs: list[tuple], stats: dict | None) -> None:
         if stats is not None:
             self.stats = stats
-        for out in outputs:
+        for out in map(Output._make, outputs):
             sink = self.sinks.get(out.request_id)
             if sink is not None:
                 if out.finish_reason:

@@ -15,6 +15,7 @@ table reports median aggregate tokens/s and ratios to raw.
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import random
@@ -76,20 +77,23 @@ def raw_worker(model: Path, max_tokens: int) -> None:
     core.ready.wait()
     rounds = 0
     for line in sys.stdin:
-        kind, c = line.split()
+        kind, c, seed = line.split()
         c = int(c)
-        ps = prompts(c, vocab_of(model))
+        ps = prompts(c, vocab_of(model), int(seed))
         mx.synchronize()
         tic = time.perf_counter()
         if kind == "core":
             rounds += 1
             done.clear()
             left[0] = c
+            before = {**core.stats.loop_seconds, "steps": core.stats.steps}
             for i, p in enumerate(ps):
                 core.submit(Request(f"{rounds}-{i}", p, max_tokens, SamplingParams(),
                                     sink=None))
             done.wait()
-            print(c * max_tokens / (time.perf_counter() - tic), flush=True)
+            tps = c * max_tokens / (time.perf_counter() - tic)
+            after = {**core.stats.loop_seconds, "steps": core.stats.steps}
+            print(tps, json.dumps({k: after[k] - before[k] for k in after}), flush=True)
             continue
         # Same batch limits as the engine (64 decoded together, 8 prefilled).
         gen = generators.setdefault(c, BatchGenerator(m, completion_batch_size=64,
@@ -105,13 +109,14 @@ def raw_worker(model: Path, max_tokens: int) -> None:
 
 # -- the engine over gRPC ----------------------------------------------------------
 
-async def engine_run(address: str, model: Path, concurrency: int, max_tokens: int) -> float:
+async def engine_run(address: str, model: Path, concurrency: int, max_tokens: int,
+                     seed: int) -> float:
     import grpc
 
     from vllm_mlx.v1 import engine_pb2 as pb
     from vllm_mlx.v1 import engine_pb2_grpc
 
-    ps = prompts(concurrency, vocab_of(model))
+    ps = prompts(concurrency, vocab_of(model), seed)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = engine_pb2_grpc.EngineStub(channel)
 
@@ -184,6 +189,7 @@ def main() -> None:
         return
 
     results = []
+    seeds = itertools.count(1)
     for shape in a.models:
         model = build_model(shape, a.cache)
         proc = start_engine(model, a.port, a.engine_flags.split())
@@ -191,26 +197,37 @@ def main() -> None:
             [sys.executable, __file__, "raw", "--model", str(model), "--max-tokens",
              str(a.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        def local_round(kind: str, c: int, raw_proc: subprocess.Popen = raw_proc) -> float:
-            raw_proc.stdin.write(f"{kind} {c}\n")
+        def local_round(kind: str, c: int, raw_proc: subprocess.Popen = raw_proc,
+                        loop: dict | None = None) -> float:
+            # Every run gets prompts of its own: a repeated prompt would hit
+            # the engine's prefix cache and skip its prefill.
+            raw_proc.stdin.write(f"{kind} {c} {next(seeds)}\n")
             raw_proc.stdin.flush()
-            return float(raw_proc.stdout.readline())
+            tps, *spent = raw_proc.stdout.readline().split(maxsplit=1)
+            if loop is not None and spent:
+                for k, v in json.loads(spent[0]).items():
+                    loop[k] = loop.get(k, 0.0) + v
+            return float(tps)
 
         address = f"127.0.0.1:{a.port}"
+
+        def engine_round(c: int, address: str = address, model: Path = model) -> float:
+            return asyncio.run(engine_run(address, model, c, a.max_tokens, next(seeds)))
+
         try:
             for c in a.concurrency:
                 # One untimed run each: kernels for new shapes compile on first use.
                 local_round("raw", c)
                 local_round("core", c)
-                asyncio.run(engine_run(address, model, c, a.max_tokens))
+                engine_round(c)
                 runs: dict[str, list[float]] = {"raw": [], "core": [], "engine": []}
                 loop: dict[str, float] = {}
+                core_loop: dict[str, float] = {}
                 for _ in range(a.rounds):
                     runs["raw"].append(local_round("raw", c))
-                    runs["core"].append(local_round("core", c))
+                    runs["core"].append(local_round("core", c, loop=core_loop))
                     before = loop_seconds(address)
-                    runs["engine"].append(
-                        asyncio.run(engine_run(address, model, c, a.max_tokens)))
+                    runs["engine"].append(engine_round(c))
                     for k, v in loop_seconds(address).items():
                         loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
                 row = dict(model=shape, concurrency=c,
@@ -218,14 +235,20 @@ def main() -> None:
                            **{f"{k}_all": v for k, v in runs.items()})
                 row["ratio"] = row["engine_tps"] / row["raw_tps"]
                 row["core_ratio"] = row["core_tps"] / row["raw_tps"]
-                steps = loop.pop("steps", 0.0) or 1.0
-                row["engine_loop_us_per_step"] = {k: 1e6 * v / steps for k, v in loop.items()}
+                for name, spent in (("engine", loop), ("core", core_loop)):
+                    steps = spent.pop("steps", 0.0) or 1.0
+                    row[f"{name}_loop_steps"] = steps / a.rounds
+                    row[f"{name}_loop_us_per_step"] = {k: 1e6 * v / steps
+                                                       for k, v in spent.items()}
                 results.append(row)
                 print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
                       f"core {row['core_tps']:9.1f} ({row['core_ratio']:.3f})  "
                       f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s"
-                      "\n    engine loop, us per step: " + "  ".join(
-                          f"{k} {v:.0f}" for k, v in row["engine_loop_us_per_step"].items()),
+                      + "".join(f"\n    {name} loop, {row[f'{name}_loop_steps']:.0f} steps,"
+                                " us per step: " + "  ".join(
+                                    f"{k} {v:.0f}"
+                                    for k, v in row[f"{name}_loop_us_per_step"].items())
+                                for name in ("core", "engine")),
                       flush=True)
         finally:
             raw_proc.kill()
