@@ -128,17 +128,16 @@ def _check_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
     return scheme, host, port, target
 
 
-def _read_body(resp: http.client.HTTPResponse, sock: socket.socket | None,
-               policy: FetchPolicy, deadline: float) -> bytes:
+def _read_body(resp: http.client.HTTPResponse, sock: socket.socket, policy: FetchPolicy,
+               deadline: float) -> bytes:
     length = resp.getheader("Content-Length")
     if length and length.isdigit() and int(length) > policy.max_bytes:
         raise MediaError(f"the media is {int(length)} bytes, over the limit of "
                          f"{policy.max_bytes} bytes")
     chunks, total = [], 0
     while True:
-        if sock is not None:
-            # A server that trickles bytes must not outlast the deadline.
-            sock.settimeout(min(policy.timeout_s, _remaining(deadline, "reading the body")))
+        # A server that trickles bytes must not outlast the deadline.
+        sock.settimeout(min(policy.timeout_s, _remaining(deadline, "reading the body")))
         chunk = resp.read1(CHUNK)
         if not chunk:
             return b"".join(chunks)
@@ -157,16 +156,19 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float
     last_error: Exception | None = None
     for address in addresses:
         conn = cls(host, port, address, timeout=_remaining(deadline, "connecting"))
+        resp = None
         try:
             conn.request("GET", target, headers={"User-Agent": "vllm-mlx-media",
                                                   "Accept-Encoding": "identity"})
-            conn.sock.settimeout(_remaining(deadline, "waiting for the response"))
+            # Held here: the connection lets go of it once a closing response starts.
+            sock = conn.sock
+            sock.settimeout(_remaining(deadline, "waiting for the response"))
             resp = conn.getresponse()
             if resp.status in REDIRECTS:
                 return resp.status, resp.getheader("Location"), None, None
             if resp.status != 200:
                 raise MediaError(f"the URL answered HTTP {resp.status} {resp.reason}")
-            body = _read_body(resp, conn.sock, policy, deadline)
+            body = _read_body(resp, sock, policy, deadline)
             return 200, None, body, resp.getheader("Content-Type")
         except TimeoutError:
             raise MediaError(f"fetching the URL took longer than the timeout "
@@ -176,6 +178,8 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float
         except (OSError, http.client.HTTPException) as e:
             last_error = e  # try the host's next address
         finally:
+            if resp is not None:
+                resp.close()
             conn.close()
     raise MediaError(f"cannot fetch the URL: {last_error}")
 

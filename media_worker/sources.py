@@ -5,6 +5,7 @@ import base64
 import binascii
 import os
 import re
+import stat
 
 from media_worker.errors import MediaError
 from media_worker.fetch import FetchPolicy, fetch_url
@@ -67,20 +68,27 @@ def resolve_local_path(path: str, roots: tuple[str, ...]) -> str:
 def read_local_file(path: str, roots: tuple[str, ...], max_bytes: int) -> bytes:
     real = resolve_local_path(path, roots)
     try:
-        # O_NOFOLLOW: the last component cannot be swapped for a link after the check.
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NOFOLLOW: the last component cannot be swapped for a link after the
+        # check. O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise MediaError(f"local file {path!r} does not exist") from None
     except OSError as e:
         raise MediaError(f"cannot open local file {path!r}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not os.path.stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise MediaError(f"local path {path!r} is not a regular file")
         if st.st_size > max_bytes:
             raise MediaError(f"the media is {st.st_size} bytes, over the limit of "
                              f"{max_bytes} bytes")
-        data = f.read(max_bytes + 1)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read(max_bytes + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if len(data) > max_bytes:
         raise MediaError(f"the media is over the limit of {max_bytes} bytes")
     return data
