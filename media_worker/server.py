@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from media_worker.errors import MediaError
-from media_worker.prepare import PreparedCache, prepare_item
+from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
 from vllm_mlx.settings import MediaSettings
 from vllm_mlx.v1 import media_pb2 as pb
@@ -55,10 +55,10 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"item {i}: internal error while preparing the media "
                                 f"({type(error).__name__})")
-        items = [t.result() for t in tasks]
-        log.info("request %s: %d item(s) in %.3f s", request.request_id, len(items),
-                 max(it.prepare_seconds for it in items))
-        return pb.PrepareResponse(items=items)
+        results = [t.result() for t in tasks]
+        log.info("request %s: %d item(s) in %.3f s", request.request_id, len(results),
+                 max(r.prepare_seconds for r in results))
+        return await loop.run_in_executor(self.pool, pack, results)
 
 
 def _drop_result(task: asyncio.Future) -> None:

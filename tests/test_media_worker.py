@@ -168,7 +168,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass  # the worker stopped reading (a refused oversized body)
 
     def do_GET(self) -> None:
         port = self.server.server_address[1]
@@ -528,6 +531,25 @@ def test_health_and_reflection(strict):
         list_services="")]), timeout=5)
     names = {s.name for a in answers for s in a.list_services_response.service}
     assert "vllm_mlx.v1.MediaWorker" in names
+
+
+def test_health_answers_while_media_is_decoded(strict):
+    """Decoding runs on worker threads: the event loop keeps answering."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    rng = np.random.default_rng(0)
+    items = [image_url(data_url(image_bytes(Image.fromarray(
+        rng.integers(0, 255, (1080, 1920, 3), np.uint8)), "JPEG", quality=50), "image/jpeg"))
+        for _ in range(6)]
+    call = strict.stub.Prepare.future(pb.PrepareRequest(request_id="h", items=items), timeout=60)
+    health = health_pb2_grpc.HealthStub(strict.channel)
+    waits = []
+    while not call.done():
+        start = time.monotonic()
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        waits.append(time.monotonic() - start)
+    assert len(call.result().items) == 6
+    assert len(waits) >= 3 and max(waits) < 0.5, waits
 
 
 def test_killed_worker_fails_the_call_at_once(tiny_vlm, silent_port, tmp_path):
