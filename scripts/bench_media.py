@@ -181,7 +181,7 @@ def bench_decoders(clip: bytes, reps: int) -> dict:
             "pyav_all_frames_threads_auto_s": timed(lambda: pyav_all(clip, True), reps)[0],
             "pyav_all_frames_one_thread_s": timed(lambda: pyav_all(clip, False), reps)[0],
             "opencv_all_frames_s": timed(lambda: opencv_all(f.name), reps)[0],
-            "pyav_16_sampled_s (worker's decode_video)":
+            "pyav_16_sampled_s":  # the worker's decode_video
                 timed(lambda: decode_video(clip, 30.0, 16, BIG, BIG), reps)[0],
             "opencv_16_sampled_s": timed(lambda: opencv_sampled(f.name, 16), reps)[0],
             "opencv_temp_file_write_s": write_s,
