@@ -58,6 +58,8 @@ class Preprocessor:
     processors keep no state between calls)."""
 
     def __init__(self, model_path: str):
+        # The model is a local folder; nothing may reach for the Hub (read at import).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from mlx_vlm.utils import get_model_and_args, get_model_type, load_processor
 
         path = Path(model_path).resolve()
@@ -71,7 +73,6 @@ class Preprocessor:
         # Importing the architecture registers mlx-vlm's own (numpy) processor
         # for it with AutoProcessor; transformers' video processors need torch.
         get_model_and_args(config, path)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.processor = load_processor(str(path), add_detokenizer=False)
         tokenizer = self.processor.tokenizer
         self.image_token_id = self._token_id(tokenizer, self.family.image_token)

@@ -179,6 +179,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "/redirect": lambda: self._send(302, headers={"Location": "/img.png"}),
             "/redirect-ip": lambda: self._send(
                 302, headers={"Location": f"http://127.0.0.1:{port}/img.png"}),
+            "/redirect-private": lambda: self._send(
+                302, headers={"Location": f"http://127.0.0.2:{port}/img.png"}),
             "/redirect-file": lambda: self._send(302, headers={"Location": "file:///etc/passwd"}),
             "/loop": lambda: self._send(302, headers={"Location": "/loop"}),
             "/big": lambda: self._send(200, b"\0" * (MAX_BYTES + 1)),
@@ -569,3 +571,63 @@ def test_killed_worker_fails_the_call_at_once(tiny_vlm, silent_port, tmp_path):
         assert time.monotonic() - start < 5
     finally:
         worker.stop()
+
+
+# -- the address guard, in-process ---------------------------------------------------
+# Without a network the worker cannot be shown a public address that redirects
+# to a private one; these tests stand 127.0.0.1 in for "public" instead.
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False),
+    ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+    ("0.0.0.0", False), ("224.0.0.1", False), ("240.0.0.1", False),
+    ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("2002:7f00:1::1", False),
+])
+def test_is_public(address, public):
+    import ipaddress
+
+    from media_worker.fetch import is_public
+
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+def test_redirect_to_a_private_address_is_refused(http_port, monkeypatch):
+    import ipaddress
+
+    from media_worker import fetch
+    from media_worker.errors import MediaError
+
+    monkeypatch.setattr(fetch, "is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.1"))
+    policy = fetch.FetchPolicy(timeout_s=FETCH_TIMEOUT_S)
+    body, _ = fetch.fetch_url(f"http://127.0.0.1:{http_port}/redirect", policy)
+    assert body == Handler.files["/img.png"]
+    Handler.files["/to-private"] = b""
+    with pytest.raises(MediaError, match="resolves to 127.0.0.2, a private"):
+        # /redirect-ip points at 127.0.0.1; go through a hop to 127.0.0.2 instead.
+        fetch.fetch_url(f"http://127.0.0.2:{http_port}/img.png", policy)
+
+
+def test_each_hop_resolves_once_and_connects_to_what_was_checked(http_port, monkeypatch):
+    """DNS rebinding: a second lookup answering a private address is never made."""
+    import ipaddress
+
+    from media_worker import fetch
+
+    answers = iter(["127.0.0.1", "127.0.0.2"])
+    calls = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        if host != "media.example":  # connecting to an address looks it up too
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(fetch, "is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.1"))
+    body, _ = fetch.fetch_url(f"http://media.example:{http_port}/img.png",
+                              fetch.FetchPolicy(timeout_s=FETCH_TIMEOUT_S))
+    assert body == Handler.files["/img.png"] and calls == ["media.example"]
