@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Build small random-weight, mlx-lm-loadable llama model folders fully offline.
+"""Build small random-weight test models fully offline: mlx-lm-loadable llama text models
+and mlx-vlm-loadable Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision-language models.
 
 The tokenizer is trained in-process on a built-in corpus and the weights are derived from a
 seed, so tests get reproducible models without touching the network or the Hugging Face hub.
 
 Usage: python scripts/make_test_models.py --out DIR [--shape tiny|smollm2-135m] [--seed N]
+       python scripts/make_test_models.py --out DIR --vlm [qwen2_vl|qwen2_5_vl|qwen3_vl]
 
-Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")``.
+Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")`` and
+``build_vlm_model(out_dir, family="qwen2_vl", seed=0)``.
+
+The vision-language folders hold the processor configs too. Without PyTorch, transformers
+cannot build Qwen's video processor, so load the processor with mlx-vlm
+(``mlx_vlm.utils.load_processor(path)``, or import ``mlx_vlm.models.<family>`` before
+``AutoProcessor.from_pretrained(path)``: mlx-vlm registers torch-free processors).
 """
 
 from __future__ import annotations
@@ -127,8 +135,9 @@ CORPUS = [
 ]
 
 
-def build_tokenizer_json(vocab_size: int) -> str:
-    """Train a deterministic byte-level BPE and pad its vocab to exactly ``vocab_size`` ids."""
+def build_tokenizer_json(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS) -> str:
+    """Train a deterministic byte-level BPE and pad its vocab to exactly ``vocab_size`` ids.
+    The special tokens get the first ids, in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -136,7 +145,7 @@ def build_tokenizer_json(vocab_size: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=min(vocab_size, TRAINED_VOCAB_SIZE),
-        special_tokens=SPECIAL_TOKENS,  # get ids 0, 1, 2
+        special_tokens=special_tokens,  # get ids 0, 1, 2, ...
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -161,13 +170,22 @@ def build_tokenizer_json(vocab_size: int) -> str:
 
 def init_weights(args: Any, seed: int, dtype: str) -> dict[str, Any]:
     """Random llama parameters (flat name -> array), deterministic per seed."""
-    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
     # Only parameter names/shapes are taken from the model; mlx is lazy, so its own random
     # init is never computed.
     shapes = [(k, v.shape) for k, v in tree_flatten(llama.Model(args).parameters())]
+    return random_parameters(shapes, seed, args.hidden_size, len(SPECIAL_TOKENS), dtype)
+
+
+def random_parameters(shapes: list[tuple[str, tuple[int, ...]]], seed: int, hidden_size: int,
+                      n_special: int, dtype: str) -> dict[str, Any]:
+    """Random values for named parameter shapes, deterministic per seed: norms at one,
+    norm biases at zero, token embeddings scaled to the hidden size with the first
+    `n_special` (special-token) rows zeroed."""
+    import mlx.core as mx
+
     keys = mx.random.split(mx.random.key(seed), len(shapes))
 
     def rand(shape: tuple[int, ...], std: float, key: mx.array) -> mx.array:
@@ -178,14 +196,18 @@ def init_weights(args: Any, seed: int, dtype: str) -> dict[str, Any]:
 
     params = {}
     for (name, shape), key in zip(shapes, keys):
-        if name.endswith("norm.weight"):
+        module = name.rsplit(".", 2)[-2] if "." in name else ""
+        is_norm = "norm" in module or module.startswith("ln_")
+        if is_norm and name.endswith(".weight"):
             w = mx.ones(shape)
+        elif is_norm and name.endswith(".bias"):
+            w = mx.zeros(shape)
         elif name.endswith("embed_tokens.weight"):
             # std 1/sqrt(hidden) gives tied-head logits with std ~1: a real spread for sampling.
-            w = rand(shape, args.hidden_size**-0.5, key)
+            w = rand(shape, hidden_size**-0.5, key)
             # Zero special-token rows: their logit is then always 0, below the max of the
             # others, so greedy decoding never stops on EOS and `max_tokens` sets the length.
-            w[: len(SPECIAL_TOKENS)] = 0.0
+            w[:n_special] = 0.0
         else:
             # Not HF's N(0, 0.02): with tied embeddings the residual stream would be dominated
             # by the input token's own embedding and greedy decoding would repeat the last
@@ -234,6 +256,270 @@ def build_text_model(
     _write_json(
         out_dir / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": pad_id}
     )
+    _write_tokenizer_config(out_dir, SPECIAL_TOKENS, CHAT_TEMPLATE,
+                            dims["max_position_embeddings"])
+
+    model_args = llama.ModelArgs.from_dict(config)
+    weights = init_weights(model_args, seed, dtype)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out_dir
+
+
+# -- vision-language models ------------------------------------------------------------
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+VLM_SPECIAL_TOKENS = SPECIAL_TOKENS + VISION_TOKENS
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# Renders content-part lists the way Qwen2-VL's template does: each image or video part
+# becomes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>), which the
+# processor then expands to one pad token per merged patch.
+VLM_CHAT_TEMPLATE = """\
+{%- set image_count = namespace(value=0) -%}
+{%- set video_count = namespace(value=0) -%}
+{%- for message in messages -%}
+  {%- if loop.first and message.role != 'system' -%}
+    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
+  {%- endif -%}
+  {{- '<|im_start|>' + message.role + '\\n' -}}
+  {%- if message.content is string -%}
+    {{- message.content -}}
+  {%- else -%}
+    {%- for part in message.content or [] -%}
+      {%- if part.type in ('image', 'image_url') or 'image' in part or 'image_url' in part -%}
+        {%- set image_count.value = image_count.value + 1 -%}
+        {%- if add_vision_id -%}{{- 'Picture ' ~ image_count.value ~ ': ' -}}{%- endif -%}
+        {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+      {%- elif part.type in ('video', 'video_url') or 'video' in part -%}
+        {%- set video_count.value = video_count.value + 1 -%}
+        {%- if add_vision_id -%}{{- 'Video ' ~ video_count.value ~ ': ' -}}{%- endif -%}
+        {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+      {%- elif 'text' in part -%}
+        {{- part.text -}}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{- '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
+"""
+
+# The tiny language model every family shares. head_dim 16: the mrope sections (temporal,
+# height, width) must sum to head_dim / 2.
+VLM_TEXT_DIMS: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": TRAINED_VOCAB_SIZE,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+MROPE_SECTION = [2, 3, 3]
+
+# Pixels per merged token: (patch_size * merge_size) ** 2. Images keep their size between
+# 4 and 960 merged tokens (a 1920x1080 image is scaled down to at most 960); video frames
+# between 4 and 128 per pair of frames. The low minimum keeps small frames from being
+# upscaled (Qwen's own video minimum is 128 tokens).
+MAX_IMAGE_TOKENS = 960
+MAX_VIDEO_TOKENS = 128
+MIN_TOKENS = 4
+
+
+def _vlm_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
+    text = dict(VLM_TEXT_DIMS)
+    special = {
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "bos_token_id": None,
+        "eos_token_id": ids[EOS_TOKEN],
+        "pad_token_id": ids[PAD_TOKEN],
+    }
+    if family == "qwen2_vl":
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            **text,
+            **special,
+            "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION},
+            "sliding_window": 4096,
+            "use_sliding_window": False,
+            "torch_dtype": "float32",
+            "vision_config": {
+                "depth": 2,
+                "embed_dim": 32,
+                "hidden_size": text["hidden_size"],  # the merger's output: the LM's width
+                "mlp_ratio": 2,  # an int: transformers validates it
+                "num_heads": 2,
+                "in_chans": 3,
+                "in_channels": 3,
+                "patch_size": 14,
+                "spatial_patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+        }
+    if family == "qwen2_5_vl":
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            **text,
+            **special,
+            "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION},
+            "sliding_window": 4096,
+            "use_sliding_window": False,
+            "torch_dtype": "float32",
+            "vision_config": {
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "out_hidden_size": text["hidden_size"],
+                "num_heads": 2,
+                "in_chans": 3,
+                "in_channels": 3,
+                "patch_size": 14,
+                "spatial_patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "tokens_per_second": 2,
+                "window_size": 56,
+                "fullatt_block_indexes": [1],
+                "hidden_act": "silu",
+            },
+        }
+    if family == "qwen3_vl":
+        return {
+            "architectures": ["Qwen3VLForConditionalGeneration"],
+            "model_type": "qwen3_vl",
+            **special,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+            "text_config": {
+                "model_type": "qwen3_vl_text",
+                **text,
+                "head_dim": text["hidden_size"] // text["num_attention_heads"],
+                "hidden_act": "silu",
+                "attention_bias": False,
+                "rope_scaling": {"rope_type": "default", "mrope_section": MROPE_SECTION,
+                                 "mrope_interleaved": True},
+                "bos_token_id": None,
+                "eos_token_id": ids[EOS_TOKEN],
+            },
+            "vision_config": {
+                "model_type": "qwen3_vl",
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "out_hidden_size": text["hidden_size"],
+                "num_heads": 2,
+                "in_channels": 3,
+                "patch_size": 16,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "num_position_embeddings": 64,  # an 8x8 grid, interpolated per image
+                "deepstack_visual_indexes": [0],
+                "hidden_act": "gelu_pytorch_tanh",
+            },
+        }
+    raise ValueError(f"unknown vision-language family {family!r}; choose from {VLM_FAMILIES}")
+
+
+def _preprocessor_configs(family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """preprocessor_config.json and video_preprocessor_config.json for the family."""
+    patch = 16 if family == "qwen3_vl" else 14
+    token_pixels = (patch * 2) ** 2
+    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                       "qwen3_vl": "Qwen3VLProcessor"}[family]
+    if family == "qwen3_vl":
+        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    else:  # CLIP's
+        mean = [0.48145466, 0.4578275, 0.40821073]
+        std = [0.26862954, 0.26130258, 0.27577711]
+    common = {
+        "processor_class": processor_class,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": mean,
+        "image_std": std,
+        "patch_size": patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+
+    def pixels(max_tokens: int) -> dict[str, Any]:
+        lo, hi = MIN_TOKENS * token_pixels, max_tokens * token_pixels
+        return {"min_pixels": lo, "max_pixels": hi,
+                "size": {"shortest_edge": lo, "longest_edge": hi}}
+
+    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
+             **pixels(MAX_IMAGE_TOKENS)}
+    video_type = "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    # Frames are sampled by the media workers; the processor takes them all.
+    video = {"video_processor_type": video_type, **common, **pixels(MAX_VIDEO_TOKENS),
+             "do_sample_frames": False}
+    return image, video
+
+
+def build_vlm_model(out_dir: Path, *, family: str = "qwen2_vl", seed: int = 0,
+                    dtype: str = "float32") -> Path:
+    """Write a random-weight vision-language model folder (Qwen2-VL, Qwen2.5-VL or
+    Qwen3-VL shaped) loadable with ``mlx_vlm.load(out_dir)`` and with transformers'
+    ``AutoProcessor.from_pretrained(out_dir)``. Pass an absolute path to both offline."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+
+    if family not in VLM_FAMILIES:
+        raise ValueError(f"unknown vision-language family {family!r}; choose from "
+                         f"{VLM_FAMILIES}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer_json = build_tokenizer_json(VLM_TEXT_DIMS["vocab_size"], VLM_SPECIAL_TOKENS)
+    vocab = json.loads(tokenizer_json)["model"]["vocab"]
+    ids = {t: vocab[t] for t in VLM_SPECIAL_TOKENS}
+    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    config = _vlm_config(family, ids)
+    _write_json(out_dir / "config.json", config)
+    _write_json(out_dir / "generation_config.json",
+                {"eos_token_id": ids[EOS_TOKEN], "pad_token_id": ids[PAD_TOKEN]})
+    _write_tokenizer_config(out_dir, VLM_SPECIAL_TOKENS, VLM_CHAT_TEMPLATE,
+                            VLM_TEXT_DIMS["max_position_embeddings"])
+    image_config, video_config = _preprocessor_configs(family)
+    _write_json(out_dir / "preprocessor_config.json", image_config)
+    _write_json(out_dir / "video_preprocessor_config.json", video_config)
+    _write_json(out_dir / "chat_template.json", {"chat_template": VLM_CHAT_TEMPLATE})
+
+    # Parameter names and shapes come from mlx-vlm's own Model class; lazy, so its own
+    # random init is never computed. Configured as mlx_vlm.utils.load_model does.
+    module, _ = get_model_and_args(config)
+    params = json.loads(json.dumps(config))
+    params.setdefault("text_config", {})
+    params.setdefault("vision_config", {})
+    model_config = module.ModelConfig.from_dict(params)
+    model_config = update_module_configs(model_config, module, params, ["text", "vision"])
+    model = module.Model(model_config)
+    shapes = [(k, v.shape) for k, v in tree_flatten(model.parameters())]
+    weights = random_parameters(shapes, seed, VLM_TEXT_DIMS["hidden_size"],
+                                len(VLM_SPECIAL_TOKENS), dtype)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out_dir
+
+
+def _write_tokenizer_config(out_dir: Path, special_tokens: list[str], chat_template: str,
+                            model_max_length: int) -> None:
     _write_json(
         out_dir / "tokenizer_config.json",
         {
@@ -245,8 +531,8 @@ def build_text_model(
             "add_bos_token": False,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": dims["max_position_embeddings"],
-            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": model_max_length,
+            "chat_template": chat_template,
         },
     )
     _write_json(
@@ -254,14 +540,9 @@ def build_text_model(
         {
             "eos_token": EOS_TOKEN,
             "pad_token": PAD_TOKEN,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
+            "additional_special_tokens": special_tokens[1:],
         },
     )
-
-    model_args = llama.ModelArgs.from_dict(config)
-    weights = init_weights(model_args, seed, dtype)
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return out_dir
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -274,8 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--vlm", nargs="?", const="qwen2_vl", choices=VLM_FAMILIES,
+                        help="build a vision-language model of this family instead "
+                             "(default family: qwen2_vl); --shape does not apply")
     ns = parser.parse_args(argv)
-    print(build_text_model(ns.out, seed=ns.seed, shape=ns.shape, dtype=ns.dtype))
+    if ns.vlm:
+        print(build_vlm_model(ns.out, family=ns.vlm, seed=ns.seed, dtype=ns.dtype))
+    else:
+        print(build_text_model(ns.out, seed=ns.seed, shape=ns.shape, dtype=ns.dtype))
     return 0
 
 

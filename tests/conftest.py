@@ -60,6 +60,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_test_models.build_text_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2-VL folder (absolute path: transformers needs one offline)."""
+    return make_test_models.build_vlm_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2-vl").resolve()
+
+
 @dataclass
 class EngineProcess:
     proc: subprocess.Popen
