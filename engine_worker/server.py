@@ -306,7 +306,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
         f = self.facts
         return pb.ModelInfo(
-            name=f.name, path=f.path, context_length=f.context_length, modalities=["text"],
+            name=f.name, path=f.path, context_length=f.context_length, modalities=f.modalities,
             has_chat_template=getattr(self.tokenizer, "chat_template", None) is not None,
             eos_token_ids=sorted(self.tokenizer.eos_token_ids), vocab_size=f.vocab_size,
             max_num_seqs=self.settings.max_num_seqs, max_queue=self.settings.max_queue,
@@ -329,7 +329,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 async def serve(settings: EngineSettings) -> None:
     """Listen at once (health NOT_SERVING), start the engine core, and report
     SERVING once it has loaded the weights and warmed up."""
-    facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len)
+    facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len,
+                       settings.mllm)
     tokenizer = await asyncio.to_thread(load_tokenizer, facts)
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
