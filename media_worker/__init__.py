@@ -1,0 +1,2 @@
+"""The media worker: fetches, decodes and preprocesses the images and videos of
+a request, in a process of its own (shared/DESIGN.md)."""

@@ -1,0 +1,6 @@
+"""The one exception the worker turns into a refusal."""
+
+
+class MediaError(ValueError):
+    """Input we refuse: the message is the reason, shown to the user as
+    "item N: <message>", so it names the problem and never holds a traceback."""
