@@ -37,6 +37,7 @@ log = logging.getLogger("engine")
 # Lets tests make one request fail inside the batch; never set in production.
 FAULT_INJECTION = os.environ.get("VLLM_MLX_FAULT_INJECTION") == "1"
 STATS_WINDOW_S = 5.0
+LOOP_PHASES = ("admit", "step", "handle", "publish", "idle")
 
 
 class QueueFull(Exception):
@@ -110,6 +111,8 @@ class Stats:
     cache_tokens_reused: int = 0
     cache_bytes: int = 0
     cache_evictions: int = 0
+    loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
+    steps: int = 0
 
 
 class Engine:
@@ -211,27 +214,40 @@ class Engine:
         self._on_ready(None)
         log.info("engine ready")
         last_memory_read = 0.0
+        spent = self.stats.loop_seconds
+        clock = time.perf_counter
         while not self._stopping:
+            t0 = clock()
             self._drain_inbox()
             self._admit()
+            t1 = clock()
+            spent["admit"] += t1 - t0
             if not self._running:
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
                 self._flush(always=True)
                 self._wake.wait(0.5)
                 self._wake.clear()
+                spent["idle"] += clock() - t1
                 continue
             try:
                 _, responses = self._gen.next()
+                t2 = clock()
                 self._handle(responses)
             except Exception as e:  # a failure we cannot pin on one request
                 log.exception("batch step failed; failing the running requests")
                 self._fail_all(f"engine step failed: {e}")
                 self._gen = self._new_generator()
+                t2 = clock()
+            t3 = clock()
             self._flush()
-            now = time.monotonic()
-            if now - last_memory_read > 1.0:
-                last_memory_read = now
+            t4 = clock()
+            spent["step"] += t2 - t1
+            spent["handle"] += t3 - t2
+            spent["publish"] += t4 - t3
+            self.stats.steps += 1
+            if t4 - last_memory_read > 1.0:
+                last_memory_read = t4
                 self.stats.active_memory_bytes = mx.get_active_memory()
                 self.stats.peak_memory_bytes = mx.get_peak_memory()
         self._fail_all("engine shutting down")

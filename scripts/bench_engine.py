@@ -130,6 +130,18 @@ async def engine_run(address: str, model: Path, concurrency: int, max_tokens: in
     return produced / elapsed
 
 
+def loop_seconds(address: str) -> dict[str, float]:
+    """The engine loop's time by phase since start, plus its step count."""
+    import grpc
+
+    from vllm_mlx.v1 import engine_pb2 as pb
+    from vllm_mlx.v1 import engine_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
+    return {**s.loop_seconds, "steps": float(s.steps)}
+
+
 def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
     from vllm_mlx.health import wait_for_serving
 
@@ -191,20 +203,28 @@ def main() -> None:
                 local_round("core", c)
                 asyncio.run(engine_run(address, model, c, a.max_tokens))
                 runs: dict[str, list[float]] = {"raw": [], "core": [], "engine": []}
+                loop: dict[str, float] = {}
                 for _ in range(a.rounds):
                     runs["raw"].append(local_round("raw", c))
                     runs["core"].append(local_round("core", c))
+                    before = loop_seconds(address)
                     runs["engine"].append(
                         asyncio.run(engine_run(address, model, c, a.max_tokens)))
+                    for k, v in loop_seconds(address).items():
+                        loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
                 row = dict(model=shape, concurrency=c,
                            **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
                            **{f"{k}_all": v for k, v in runs.items()})
                 row["ratio"] = row["engine_tps"] / row["raw_tps"]
                 row["core_ratio"] = row["core_tps"] / row["raw_tps"]
+                steps = loop.pop("steps", 0.0) or 1.0
+                row["engine_loop_us_per_step"] = {k: 1e6 * v / steps for k, v in loop.items()}
                 results.append(row)
                 print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
                       f"core {row['core_tps']:9.1f} ({row['core_ratio']:.3f})  "
-                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s",
+                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s"
+                      "\n    engine loop, us per step: " + "  ".join(
+                          f"{k} {v:.0f}" for k, v in row["engine_loop_us_per_step"].items()),
                       flush=True)
         finally:
             raw_proc.kill()
