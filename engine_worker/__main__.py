@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--max-memory", type=int,
                     help="bytes for weights + KV + prefix cache (default: 90%% of the "
                          "device's memory)")
+    ap.add_argument("--mllm", action="store_true",
+                    help="load the model as a vision-language model through mlx-vlm "
+                         "(detected from config.json's vision_config otherwise)")
+    ap.add_argument("--media-worker", dest="media_workers", action="append", default=[],
+                    metavar="HOST:PORT",
+                    help="a media worker that prepares images and videos (repeatable)")
     a = ap.parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
@@ -44,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,
-        max_memory=a.max_memory)
+        max_memory=a.max_memory, mllm=a.mllm, media_workers=tuple(a.media_workers))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Loading a text model, and the facts about it the engine serves.
+"""Loading a model (text through mlx-lm, vision-language through mlx-vlm), and
+the facts about it the engine serves.
 
 The gRPC front end needs only the tokenizer and the facts; the weights are
 loaded by the engine core alone.
@@ -14,6 +15,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model as load_weights
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
+from engine_worker.vision import is_vision_config, load_vision_model
+
 # Used when a config names no context length at all.
 FALLBACK_CONTEXT_LENGTH = 4096
 
@@ -25,6 +28,12 @@ class ModelFacts:
     context_length: int
     vocab_size: int
     eos_config: Any  # config.json's eos_token_id (int, list or None)
+    vision: bool = False  # a vision-language model, loaded through mlx-vlm
+    model_type: str = ""
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["text", "image", "video"] if self.vision else ["text"]
 
 
 def context_length_of(config: dict[str, Any]) -> int:
@@ -36,7 +45,9 @@ def context_length_of(config: dict[str, Any]) -> int:
 
 
 def read_facts(path: str, served_name: str | None = None,
-               max_model_len: int | None = None) -> ModelFacts:
+               max_model_len: int | None = None, mllm: bool = False) -> ModelFacts:
+    """`mllm` forces loading through mlx-vlm; otherwise a config with a
+    vision_config of a model type mlx-vlm knows is a vision model."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
@@ -47,7 +58,9 @@ def read_facts(path: str, served_name: str | None = None,
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return ModelFacts(name=served_name or Path(path.rstrip("/")).name, path=path,
                       context_length=context, vocab_size=int(vocab),
-                      eos_config=config.get("eos_token_id"))
+                      eos_config=config.get("eos_token_id"),
+                      vision=mllm or is_vision_config(config),
+                      model_type=str(config.get("model_type", "")))
 
 
 def load_tokenizer(facts: ModelFacts) -> TokenizerWrapper:
@@ -62,5 +75,8 @@ class LoadedModel:
 
 
 def load_model(facts: ModelFacts) -> LoadedModel:
+    if facts.vision:
+        model, _ = load_vision_model(facts.path)
+        return LoadedModel(model, load_tokenizer(facts), facts)
     model, _ = load_weights(Path(facts.path))
     return LoadedModel(model, load_tokenizer(facts), facts)

@@ -15,6 +15,7 @@ import logging
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from engine_worker.memory import device_memory
+from engine_worker.vision import MediaRows
 
 log = logging.getLogger("engine")
 
@@ -31,8 +32,10 @@ def default_budget() -> int:
 def can_reuse(model) -> bool:
     """Only plain KV caches can be trimmed back to any prefix. Rotating
     (sliding-window) and recurrent/hybrid caches cannot, and reusing them
-    would be silently wrong, so such models run without the prefix cache."""
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    would be silently wrong, so such models run without the prefix cache.
+    A vision model's MediaRows entry holds no tokens: text requests to it
+    still share prefixes (media requests never enter the cache)."""
+    return all(type(c) is KVCache or type(c) is MediaRows for c in make_prompt_cache(model))
 
 
 class PrefixCache:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker.memory import (
@@ -30,6 +31,7 @@ from engine_worker.memory import (
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
 from engine_worker.sampling import SamplingParams, make_processors, make_sampler
+from engine_worker.vision import BatchedVisionLM
 from vllm_mlx.settings import EngineSettings
 
 log = logging.getLogger("engine")
@@ -66,6 +68,10 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     include_stop: bool = False
+    # Vision-language models: each image or video of the prompt, in prompt
+    # order, as its processor's tensors by name (pixel_values, image_grid_thw,
+    # ...). The prompt already holds each item's placeholder tokens.
+    media: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 class Output(NamedTuple):
@@ -303,7 +309,7 @@ class Engine:
                 return
         for uid, state in self._running.items():
             if state.request.request_id == request_id:
-                keep_kv = keep_kv and self._prefix is not None
+                keep_kv = keep_kv and self._prefix is not None and not state.request.media
                 kept = self._gen.remove([uid], return_prompt_caches=keep_kv)
                 if keep_kv and uid in kept:
                     cache, tokens = kept[uid]
@@ -338,11 +344,22 @@ class Engine:
         if not batch:
             return
         # Each prompt prefills only what follows its longest cached prefix.
-        caches, cached = [], []
-        for r, _, _ in batch:
-            cache, n = self._prefix.fetch(r.prompt) if self._prefix is not None else (None, 0)
+        caches, cached, ok = [], [], []
+        for entry in batch:
+            r = entry[0]
+            try:
+                cache, n = self._initial_cache(r)
+            except Exception as e:  # bad media tensors: this request only
+                log.exception("request %s: encoding its media failed", r.request_id)
+                self._finish(r, Output(r.request_id, None, "error",
+                                       error=f"encoding the media failed: {e}"))
+                continue
+            ok.append(entry)
             caches.append(cache)
             cached.append(n)
+        batch = ok
+        if not batch:
+            return
         uids = self._gen.insert(
             [r.prompt[n:] for (r, _, _), n in zip(batch, cached)],
             max_tokens=[r.max_tokens for r, _, _ in batch],
@@ -357,6 +374,17 @@ class Engine:
         for uid, (r, state, _) in zip(uids, batch):
             self._running[uid] = state
             self.stats.prompt_tokens_total += len(r.prompt)
+
+    def _initial_cache(self, r: Request) -> tuple[list | None, int]:
+        """The cache a request starts from and how many prompt tokens it
+        holds. Media requests start empty: their token ids alone do not say
+        which image they hold, so they neither use nor feed the prefix cache."""
+        model = self.loaded.model
+        if r.media:
+            if not isinstance(model, BatchedVisionLM):
+                raise ValueError("this model takes text only")
+            return model.cache_for(r.prompt, r.media), 0
+        return self._prefix.fetch(r.prompt) if self._prefix is not None else (None, 0)
 
     def _reservation(self, r: Request) -> int:
         return self.memory.request_bytes(len(r.prompt) + r.max_tokens)
@@ -429,7 +457,8 @@ class Engine:
             if resp.finish_reason is None:
                 outbox.append((r.sink, Output(r.request_id, resp.token, None, logprob)))
             else:
-                self._keep_kv(resp.all_tokens, resp.prompt_cache)
+                if not r.media:  # token ids alone do not say which image it saw
+                    self._keep_kv(resp.all_tokens, resp.prompt_cache)
                 self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_worker.core import core_main
+from engine_worker.media_client import MediaClient, MediaRefused, MediaUnavailable, PreparedItem
 from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
@@ -23,6 +24,7 @@ from engine_worker.token_bytes import token_bytes
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
+from vllm_mlx.v1 import media_pb2 as mpb
 
 log = logging.getLogger("engine")
 
@@ -35,6 +37,37 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
 
 class InvalidRequest(ValueError):
     pass
+
+
+MEDIA_PART_TYPES = {mpb.MEDIA_KIND_IMAGE: "image", mpb.MEDIA_KIND_VIDEO: "video"}
+
+
+def media_parts(request: pb.GenerateRequest) -> list[tuple[int, int, mpb.MediaSource]]:
+    """(message index, part index, source) of each media part, in prompt order."""
+    if request.WhichOneof("input") != "chat":
+        return []
+    return [(i, j, part.media) for i, m in enumerate(request.chat.messages)
+            for j, part in enumerate(m.parts) if part.WhichOneof("part") == "media"]
+
+
+def expand_placeholders(ids: list[int], items: list[PreparedItem]) -> list[int]:
+    """Each item's single placeholder token, as the chat template renders it,
+    becomes the item's num_placeholder_tokens copies."""
+    placeholders = {it.placeholder_token_id for it in items}
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t not in placeholders:
+            out.append(t)
+            continue
+        if k >= len(items) or items[k].placeholder_token_id != t:
+            raise InvalidRequest("the prompt's image/video placeholders do not match its "
+                                 "media parts (is a placeholder token written in the text?)")
+        out += [t] * items[k].num_placeholder_tokens
+        k += 1
+    if k != len(items):
+        raise InvalidRequest(f"the chat template placed {k} of the {len(items)} media parts")
+    return out
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -133,6 +166,18 @@ class CoreClient:
             self.process.kill()
 
 
+def _content(m: pb.ChatMessage) -> list[dict]:
+    """A message's parts as the chat template's content list: text parts, and
+    an {"type": "image"} or {"type": "video"} entry where each medium goes."""
+    content = []
+    for part in m.parts:
+        if part.WhichOneof("part") == "text":
+            content.append({"type": "text", "text": part.text})
+        elif part.WhichOneof("part") == "media":
+            content.append({"type": MEDIA_PART_TYPES.get(part.media.kind, "image")})
+    return content
+
+
 def _resolve(future: asyncio.Future, value) -> None:
     if not future.done():
         future.set_result(value)
@@ -144,6 +189,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.facts = facts
         self.tokenizer = tokenizer
         self.core = CoreClient(settings, facts)
+        self.media = MediaClient(settings.media_workers) if facts.vision else None
 
     def _serving(self) -> bool:
         return (self.core.ready.done() and self.core.ready.result() is None
@@ -180,7 +226,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"chat.messages[{i}].role {m.role!r} is not one of "
                                      f"{sorted(CHAT_ROLES)}")
-            msg = {"role": m.role, "content": m.content}
+            msg = {"role": m.role, "content": _content(m) if m.parts else m.content}
             if m.name:
                 msg["name"] = m.name
             if m.tool_call_id:
@@ -200,9 +246,34 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         except Exception as e:  # the template itself refuses (roles order, ...)
             raise InvalidRequest(f"the chat template rejected the messages: {e}") from e
 
-    def _build(self, request: pb.GenerateRequest, request_id: str) -> Request:
+    async def _prepare_media(self, request: pb.GenerateRequest, request_id: str,
+                             timeout: float | None) -> list[PreparedItem]:
+        parts = media_parts(request)
+        if not parts:
+            return []
+        for i, j, source in parts:
+            where = f"messages[{i}].content[{j}]"
+            if not self.facts.vision:
+                raise InvalidRequest(f"{where}: this model takes text only; it cannot "
+                                     f"read images or videos")
+            if source.kind not in MEDIA_PART_TYPES:
+                raise InvalidRequest(f"{where}: the media kind (image or video) is required")
+            if source.WhichOneof("source") is None:
+                raise InvalidRequest(f"{where}: a url or a path is required")
+        try:
+            return await self.media.prepare(request_id, [s for _, _, s in parts], timeout)
+        except MediaRefused as e:
+            if e.index < 0:
+                raise InvalidRequest(f"media: {e.reason}") from None
+            i, j, _ = parts[e.index]
+            raise InvalidRequest(f"messages[{i}].content[{j}]: {e.reason}") from None
+
+    def _build(self, request: pb.GenerateRequest, request_id: str,
+               media: list[PreparedItem] = ()) -> Request:
         facts = self.facts
         prompt = self._prompt_ids(request)
+        if media:
+            prompt = expand_placeholders(prompt, list(media))
         context = facts.context_length
         if len(prompt) >= context:
             raise InvalidRequest(
@@ -242,7 +313,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
             sink=None, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-            include_stop=request.include_stop_in_output)
+            include_stop=request.include_stop_in_output,
+            media=[it.tensors for it in media])
 
     def _to_proto(self, r: Request, stream: TokenStream,
                   outs: list[Output]) -> pb.GenerateResponse:
@@ -281,11 +353,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         request_id = request.request_id or uuid.uuid4().hex
         sink: asyncio.Queue = asyncio.Queue()
         try:
+            media = await self._prepare_media(request, request_id, context.time_remaining())
             # Tokenizing and templating are plain CPU work; keep the loop free.
-            r = await asyncio.to_thread(self._build, request, request_id)
+            r = await asyncio.to_thread(self._build, request, request_id, media)
             self.core.submit(r, sink)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except MediaUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"media: {e}")
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the engine's queue is full ({e}); retry later")
@@ -322,7 +397,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
         f = self.facts
         return pb.ModelInfo(
-            name=f.name, path=f.path, context_length=f.context_length, modalities=["text"],
+            name=f.name, path=f.path, context_length=f.context_length, modalities=f.modalities,
             has_chat_template=getattr(self.tokenizer, "chat_template", None) is not None,
             eos_token_ids=sorted(self.tokenizer.eos_token_ids), vocab_size=f.vocab_size,
             max_num_seqs=self.settings.max_num_seqs, max_queue=self.settings.max_queue,
@@ -345,7 +420,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 async def serve(settings: EngineSettings) -> None:
     """Listen at once (health NOT_SERVING), start the engine core, and report
     SERVING once it has loaded the weights and warmed up."""
-    facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len)
+    facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len,
+                       settings.mllm)
     tokenizer = await asyncio.to_thread(load_tokenizer, facts)
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()

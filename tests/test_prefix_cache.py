@@ -127,9 +127,23 @@ def test_untrimmable_cache_types_turn_reuse_off(tiny_model, monkeypatch, caplog)
     assert "prefix cache off" in caplog.text
 
 
-@pytest.mark.skip(reason="media issue not landed")
-def test_images_key_the_cache_apart():
-    """Two prompts with the same tokens but different images must not share KV."""
+def test_images_key_the_cache_apart(tiny_vlm):
+    """Two prompts with the same tokens but different images must not share KV:
+    media requests neither feed nor read the prefix cache."""
+    from tests.test_vision_scheduler import Prompter, picture, start_engine, tokens_of
+
+    e = start_engine(tiny_vlm)
+    try:
+        p = Prompter(tiny_vlm)
+        outs = []
+        for i, image in enumerate((picture(80, 60, 1), picture(80, 60, 2), picture(80, 60, 1))):
+            r = p.request(f"img-{i}", "Describe.", images=[image])
+            e.submit(r)
+            outs.append(tokens_of(e.collector.wait(r.request_id)))
+        assert outs[0] != outs[1] and outs[0] == outs[2]
+        assert e.stats.cache_hits == 0 and e._prefix is not None and len(e._prefix) == 0
+    finally:
+        e.stop()
 
 
 # -- a real engine process: stats, the admin RPC, the gateway ----------------------------

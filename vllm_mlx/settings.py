@@ -36,6 +36,11 @@ class EngineSettings:
     # device's memory. Requests that do not fit yet wait; one that never can
     # is refused.
     max_memory: int | None = None
+    # Load through mlx-vlm as a vision-language model even when the config
+    # does not say so (auto-detected from vision_config otherwise).
+    mllm: bool = False
+    # Media workers (HOST:PORT) that prepare the images and videos of requests.
+    media_workers: tuple[str, ...] = ()
 
 
 DEFAULT_MEDIA_PORT = 50061  # media worker k listens on DEFAULT_MEDIA_PORT + k

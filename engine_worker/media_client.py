@@ -1,0 +1,166 @@
+"""The engine front end's side of the media workers: one Prepare call per
+request (all its items, in prompt order), a retry on another worker when one
+is down or hangs, and a memory-bounded LRU of prepared media so that a
+conversation that resends an image (a data: URL) is neither sent to a worker
+nor decoded again. http(s) URLs and paths go to a worker every time: what
+they point at can change.
+
+This process never touches MLX: tensors stay numpy arrays until the core.
+"""
+
+import asyncio
+import hashlib
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from vllm_mlx.v1 import media_pb2 as mpb
+from vllm_mlx.v1 import media_pb2_grpc
+
+log = logging.getLogger("engine")
+
+DEFAULT_CACHE_BYTES = 512 << 20
+# Used when the client set no deadline of its own.
+DEFAULT_PREPARE_TIMEOUT_S = 120.0
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class MediaRefused(ValueError):
+    """A worker refused item `index` (INVALID_ARGUMENT); the message is its reason."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+class MediaUnavailable(RuntimeError):
+    """No media worker could prepare the request in time."""
+
+
+@dataclass
+class PreparedItem:
+    tensors: dict[str, np.ndarray]
+    placeholder_token_id: int
+    num_placeholder_tokens: int
+    frames: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values())
+
+
+def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
+    tensors = {t.name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
+               for t in pm.tensors}
+    return PreparedItem(tensors, pm.placeholder_token_id, pm.num_placeholder_tokens, pm.frames)
+
+
+def cache_key(source: mpb.MediaSource) -> str | None:
+    """Content key of a source whose text fixes its content (a data: URL),
+    with the options that shape its tensors; None for the others."""
+    if source.WhichOneof("source") != "url" or not source.url.startswith("data:"):
+        return None
+    h = hashlib.sha256(source.url.encode())
+    h.update(f"|{source.kind}|{source.fps}|{source.max_frames}".encode())
+    return h.hexdigest()
+
+
+class PreparedCache:
+    """LRU of prepared items by content key, bounded by their tensors' bytes."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self._items: OrderedDict[str, PreparedItem] = OrderedDict()
+
+    def get(self, key: str | None) -> PreparedItem | None:
+        item = self._items.get(key) if key else None
+        if item is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return item
+
+    def put(self, key: str | None, item: PreparedItem) -> None:
+        if not key or key in self._items or item.nbytes > self.max_bytes:
+            return
+        self._items[key] = item
+        self.nbytes += item.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
+class MediaClient:
+    def __init__(self, addresses: tuple[str, ...], cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.addresses = addresses
+        # Prepared tensors of a 1080p image are ~13 MB: no receive limit.
+        self._channels = [grpc.aio.insecure_channel(
+            a, options=[("grpc.max_receive_message_length", -1),
+                        ("grpc.max_send_message_length", -1)]) for a in addresses]
+        self._stubs = [media_pb2_grpc.MediaWorkerStub(c) for c in self._channels]
+        self._next = itertools.count()
+        self.cache = PreparedCache(cache_bytes)
+
+    async def prepare(self, request_id: str, sources: list[mpb.MediaSource],
+                      timeout: float | None) -> list[PreparedItem]:
+        """Each source prepared, in order: from the cache, or from one Prepare
+        call for all the others."""
+        if not self._stubs:
+            raise MediaUnavailable("the engine was started without media workers "
+                                   "(--media-worker HOST:PORT)")
+        keys = [cache_key(s) for s in sources]
+        items: list[PreparedItem | None] = [self.cache.get(k) for k in keys]
+        missing = [i for i, it in enumerate(items) if it is None]
+        if missing:
+            response = await self._call(request_id, [sources[i] for i in missing], timeout,
+                                        missing)
+            if len(response.items) != len(missing):
+                raise MediaUnavailable(f"a media worker answered {len(response.items)} "
+                                       f"items for {len(missing)}")
+            for i, pm in zip(missing, response.items):
+                items[i] = from_proto(pm)
+                self.cache.put(keys[i], items[i])
+        return items
+
+    async def _call(self, request_id: str, sources: list[mpb.MediaSource],
+                    timeout: float | None, indices: list[int]) -> mpb.PrepareResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or DEFAULT_PREPARE_TIMEOUT_S)
+        first = next(self._next) % len(self._stubs)
+        attempts = [first] + ([(first + 1) % len(self._stubs)] if len(self._stubs) > 1 else [])
+        request = mpb.PrepareRequest(request_id=request_id, items=sources)
+        for n, k in enumerate(attempts):
+            left = deadline - loop.time()
+            # With a second worker to try, the first gets half the time left:
+            # a hung worker must not use up the whole deadline.
+            budget = left / 2 if n + 1 < len(attempts) else left
+            try:
+                return await self._stubs[k].Prepare(request, timeout=max(budget, 0.001))
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise _refusal(e.details() or "", indices) from None
+                if e.code() in RETRY_CODES and n + 1 < len(attempts):
+                    log.warning("media worker %s: %s; retrying on %s", self.addresses[k],
+                                e.code().name, self.addresses[attempts[n + 1]])
+                    continue
+                raise MediaUnavailable(f"the media worker at {self.addresses[k]} failed: "
+                                       f"{e.code().name}: {e.details()}") from None
+        raise MediaUnavailable("no media worker answered")  # not reached
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+def _refusal(details: str, indices: list[int]) -> MediaRefused:
+    """'item N: reason' (N counting the items sent) -> the request's item index."""
+    head, sep, reason = details.partition(": ")
+    if sep and head.startswith("item ") and head[5:].isdigit() and int(head[5:]) < len(indices):
+        return MediaRefused(indices[int(head[5:])], reason)
+    return MediaRefused(indices[0] if len(indices) == 1 else -1, details)

@@ -1,0 +1,237 @@
+"""Vision-language generation in the engine loop, in-process, with the tiny
+random-weight VLMs: media requests join the same batch as text requests, each
+keeps its own image, and batching changes nothing any request gets."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine_worker.model import load_model, read_facts
+from engine_worker.sampling import SamplingParams
+from engine_worker.scheduler import Engine, Request
+from tests.conftest import make_test_models
+from tests.test_scheduler import Collector, tokens_of
+from vllm_mlx.settings import EngineSettings
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+
+
+class Prompter:
+    """Builds engine requests the way the engine's front end will: the chat
+    template renders each media part as one placeholder, the media worker's
+    processor makes the tensors, and each placeholder is expanded to as many
+    tokens as the item takes."""
+
+    def __init__(self, path):
+        from mlx_vlm.utils import load_processor
+
+        self.processor = load_processor(Path(path))
+        self.tokenizer = self.processor.tokenizer
+
+    def request(self, rid, text, images=(), videos=(), max_tokens=12, **sampling) -> Request:
+        content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+        content.append({"type": "text", "text": text})
+        templated = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        media = [self._image(i) for i in images] + [self._video(v) for v in videos]
+        ids = self.tokenizer.encode(templated, add_special_tokens=False)
+        prompt, items = [], iter(media)
+        pads = {self.tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+                self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)}
+        for t in ids:
+            if t in pads:
+                tensors = next(items)
+                grid = next(v for k, v in tensors.items() if k.endswith("grid_thw"))
+                prompt += [t] * (int(np.prod(grid)) // 4)
+            else:
+                prompt.append(t)
+        return Request(rid, prompt, max_tokens, SamplingParams(**sampling), sink=None,
+                       media=media)
+
+    def _image(self, image) -> dict:
+        out = self.processor.image_processor(images=[image])
+        return {k: np.array(out[k]) for k in ("pixel_values", "image_grid_thw")}
+
+    def _video(self, frames) -> dict:
+        out = self.processor.video_processor(videos=[frames])
+        return {k: np.array(out[k]) for k in ("pixel_values_videos", "video_grid_thw")}
+
+
+def picture(w, h, seed) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def start_engine(path, **settings) -> Engine:
+    collector = Collector()
+    s = EngineSettings(model=str(path), max_num_seqs=8, max_queue=64, **settings)
+    e = Engine(s, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    assert e.ready.wait(60) and e.load_error is None, e.load_error
+    e.collector = collector
+    return e
+
+
+@pytest.fixture(scope="module")
+def vlm_engine(tiny_vlm):
+    e = start_engine(tiny_vlm)
+    e.prompter = Prompter(tiny_vlm)
+    yield e
+    e.stop()
+
+
+def run(engine, request) -> list[int]:
+    engine.submit(request)
+    return tokens_of(engine.collector.wait(request.request_id))
+
+
+def test_loads_as_vision_model(tiny_vlm):
+    facts = read_facts(str(tiny_vlm))
+    assert facts.vision and facts.modalities == ["text", "image", "video"]
+
+
+def test_image_requests_batch_with_text_requests(vlm_engine):
+    p = vlm_engine.prompter
+    small, large = picture(60, 40, 1), picture(200, 120, 2)
+
+    def requests(tag):
+        return [p.request(f"{tag}-img-small", "Describe it.", images=[small]),
+                p.request(f"{tag}-text-0", "Tell me a story."),
+                p.request(f"{tag}-img-large", "Describe it.", images=[large]),
+                p.request(f"{tag}-text-1", "Hello there, robot", temperature=0.8, seed=7),
+                p.request(f"{tag}-two", "Compare them.", images=[large, small])]
+
+    alone = {r.request_id.split("-", 1)[1]: run(vlm_engine, r) for r in requests("alone")}
+    batch = requests("batch")
+    for r in batch:
+        vlm_engine.submit(r)
+    together = {r.request_id.split("-", 1)[1]: tokens_of(vlm_engine.collector.wait(r.request_id))
+                for r in batch}
+    assert together == alone
+    # The image is what the answer depends on: other pictures, other tokens.
+    assert alone["img-small"] != alone["img-large"]
+    assert vlm_engine.stats.running == 0
+
+
+def test_image_request_matches_mlx_vlm_generate(vlm_engine, tiny_vlm):
+    """The batched path gives mlx-vlm's own single-request greedy output."""
+    import mlx_vlm
+
+    p = vlm_engine.prompter
+    image = picture(90, 70, 3)
+    ours = run(vlm_engine, p.request("ref", "What is in the picture?", images=[image],
+                                     max_tokens=10))
+    model, processor = mlx_vlm.load(str(tiny_vlm))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"},
+                                      {"type": "text", "text": "What is in the picture?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    ref = mlx_vlm.generate(model, processor, text, image=[image], max_tokens=10, verbose=False)
+    assert ours == ref.token_ids
+
+
+def test_image_request_joins_mid_decode(vlm_engine):
+    p = vlm_engine.prompter
+    image = picture(120, 90, 4)
+    alone = run(vlm_engine, p.request("solo", "Look.", images=[image], max_tokens=30))
+    text_alone = run(vlm_engine, p.request("solo-text", "Once upon a time", max_tokens=40))
+    seen = threading.Event()
+    first = vlm_engine.collector.publish
+
+    def publish(batch):
+        first(batch)
+        seen.set()
+
+    vlm_engine._publish = publish
+    try:
+        vlm_engine.submit(p.request("long-text", "Once upon a time", max_tokens=40))
+        seen.clear()
+        assert seen.wait(10)
+        vlm_engine.submit(p.request("joined", "Look.", images=[image], max_tokens=30))
+        joined = tokens_of(vlm_engine.collector.wait("joined"))
+        text_joined = tokens_of(vlm_engine.collector.wait("long-text"))
+    finally:
+        vlm_engine._publish = first
+    assert joined == alone
+    assert text_joined == text_alone
+
+
+def test_video_request(vlm_engine):
+    p = vlm_engine.prompter
+    frames = np.stack([np.asarray(picture(80, 60, 10 + i)) for i in range(4)])
+    alone = run(vlm_engine, p.request("video", "What happens?", videos=[frames]))
+    assert len(alone) == 12
+    vlm_engine.submit(p.request("video-b", "What happens?", videos=[frames]))
+    vlm_engine.submit(p.request("text-b", "What happens?"))
+    assert tokens_of(vlm_engine.collector.wait("video-b")) == alone
+
+
+def test_text_requests_still_share_prefixes(vlm_engine):
+    p = vlm_engine.prompter
+    r = p.request("pfx-a", "A long shared question about the little robot and the market.")
+    first = run(vlm_engine, r)
+    hits = vlm_engine.stats.cache_hits
+    again = run(vlm_engine, p.request("pfx-b", r_text := "A long shared question about the "
+                                      "little robot and the market."))
+    assert r_text and again == first
+    assert vlm_engine.stats.cache_hits == hits + 1
+
+
+def test_bad_media_fails_only_that_request(vlm_engine):
+    p = vlm_engine.prompter
+    bad = p.request("bad", "Look.", images=[picture(60, 40, 5)])
+    bad.media[0]["image_grid_thw"] = np.array([[1, 2, 2]])  # does not match pixel_values
+    good = p.request("good", "Look.", images=[picture(60, 40, 5)])
+    vlm_engine.submit(bad)
+    vlm_engine.submit(good)
+    out = vlm_engine.collector.wait("bad")
+    assert out[-1].finish_reason == "error"
+    assert vlm_engine.collector.wait("good")[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_families_batch(family, tmp_path):
+    import mlx_vlm
+
+    path = make_test_models.build_vlm_model(tmp_path / family, family=family).resolve()
+    e = start_engine(path)
+    try:
+        p = Prompter(path)
+        a, b = picture(70, 50, 6), picture(150, 100, 7)
+        alone = [run(e, p.request("a", "Describe.", images=[a])),
+                 run(e, p.request("b", "Describe.", images=[b]))]
+        for r in (p.request("a2", "Describe.", images=[a]), p.request("t2", "Hi"),
+                  p.request("b2", "Describe.", images=[b])):
+            e.submit(r)
+        together = [tokens_of(e.collector.wait(rid)) for rid in ("a2", "b2")]
+        assert together == alone and alone[0] != alone[1]
+        model, processor = mlx_vlm.load(str(path))
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "Describe."}]}],
+            add_generation_prompt=True, tokenize=False)
+        ref = mlx_vlm.generate(model, processor, text, image=[b], max_tokens=12, verbose=False)
+        assert alone[1] == ref.token_ids
+    finally:
+        e.stop()
+
+
+def test_chunked_prefill_keeps_image_rows_apart(vlm_engine, tiny_vlm):
+    """Prompts cut into small prefill chunks (an image spans several) give the
+    same tokens as whole prompts."""
+    p = vlm_engine.prompter
+    a, b = picture(100, 60, 8), picture(60, 100, 9)
+    whole = [run(vlm_engine, p.request(f"whole-{i}", "Describe.", images=[im]))
+             for i, im in enumerate((a, b))]
+    e = start_engine(tiny_vlm, prefill_step_size=7)
+    try:
+        for i, im in enumerate((a, b)):
+            e.submit(p.request(f"chunked-{i}", "Describe.", images=[im]))
+        e.submit(p.request("chunked-text", "Describe."))
+        assert [tokens_of(e.collector.wait(f"chunked-{i}")) for i in range(2)] == whole
+    finally:
+        e.stop()
