@@ -551,7 +551,9 @@ def test_health_answers_while_media_is_decoded(strict):
         health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         waits.append(time.monotonic() - start)
     assert len(call.result().items) == 6
-    assert len(waits) >= 3 and max(waits) < 0.5, waits
+    # A blocked loop would answer only once the whole call is done; the bound
+    # is loose because two shared cores stall any process now and then.
+    assert len(waits) >= 3 and max(waits) < 2.0, waits
 
 
 def test_killed_worker_fails_the_call_at_once(tiny_vlm, silent_port, tmp_path):
