@@ -106,6 +106,7 @@ RETRY_AFTER_S = 1
 # Engine INVALID_ARGUMENT details name what is wrong in the engine's own
 # words; these map them back to the OpenAI field the client sent.
 _ENGINE_PARAMS: list[tuple[str, str]] = [
+    (r"^(messages\[\d+\]\.content\[\d+\]):", r"\1"),  # a media part the engine refused
     (r"bytes of KV cache", "max_tokens"),
     (r"context length|prompt is empty|^token id|larger than max", "{prompt}"),
     (r"stop token id", "stop_token_ids"),

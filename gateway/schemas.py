@@ -51,14 +51,32 @@ class TextPart(_Request):
     text: str
 
 
+class MediaURL(_Request):
+    url: str = Field(min_length=1)
+    # OpenAI's fidelity hint. Here the model's processor sets the resolution,
+    # so only "auto" can be honoured; "low"/"high" are refused, not ignored.
+    detail: Literal["auto"] | None = None
+
+
 class ImageURLPart(_Request):
     type: Literal["image_url"]
-    image_url: dict[str, Any]
+    image_url: MediaURL
 
 
 class VideoURLPart(_Request):
     type: Literal["video_url"]
-    video_url: dict[str, Any]
+    video_url: MediaURL
+
+
+class ImagePathPart(_Request):
+    """A local file, read only under the server's --allowed-local-media-path."""
+    type: Literal["image"]
+    image: str = Field(min_length=1)
+
+
+class VideoPathPart(_Request):
+    type: Literal["video"]
+    video: str = Field(min_length=1)
 
 
 class InputAudioPart(_Request):
@@ -76,8 +94,8 @@ class RefusalPart(_Request):
     refusal: str
 
 
-ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart | InputAudioPart | FilePart,
-                        Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart | ImagePathPart | VideoPathPart
+                        | InputAudioPart | FilePart, Field(discriminator="type")]
 AssistantPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
@@ -242,6 +260,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool = False
     parallel_tool_calls: bool | None = None  # meaningless without tools
+    # Frames sampled from each video: per second, and at most this many
+    # (the server's defaults when unset; its caps always apply).
+    video_fps: float | None = Field(None, gt=0)
+    video_max_frames: int | None = Field(None, ge=1)
 
     tools: Unsupported = None
     tool_choice: Unsupported = None

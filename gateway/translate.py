@@ -16,6 +16,7 @@ from gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FilePart,
+    ImagePathPart,
     ImageURLPart,
     InputAudioPart,
     Message,
@@ -23,13 +24,16 @@ from gateway.schemas import (
     SamplingFields,
     TextPart,
     ToolMessage,
+    VideoPathPart,
     VideoURLPart,
 )
 from vllm_mlx.v1 import engine_pb2 as pb
+from vllm_mlx.v1 import media_pb2
 
 U64 = 2**64
 # Part types that need a modality, by the word the engine's ModelInfo uses.
 _MEDIA = {ImageURLPart: ("image", "images"), VideoURLPart: ("video", "videos"),
+          ImagePathPart: ("image", "images"), VideoPathPart: ("video", "videos"),
           InputAudioPart: ("audio", "audio"), FilePart: ("file", "files")}
 # OpenAI's default when temperature is left out is sampling at 1.0, not
 # greedy decoding (the engine's default for an unset field).
@@ -75,34 +79,65 @@ def _check_size(req: SamplingFields, prompts: int, max_choices: int) -> None:
 
 # -- chat --------------------------------------------------------------------------
 
-def _content(message: Message, index: int, modalities: list[str]) -> str:
+def _media_source(part, req: ChatCompletionRequest) -> media_pb2.MediaSource | None:
+    """The engine's MediaSource for an image or video part; None for other kinds."""
+    if isinstance(part, ImageURLPart):
+        return media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_IMAGE, url=part.image_url.url)
+    if isinstance(part, ImagePathPart):
+        return media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_IMAGE, path=part.image)
+    if isinstance(part, (VideoURLPart, VideoPathPart)):
+        src = media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_VIDEO, fps=req.video_fps or 0,
+                                    max_frames=req.video_max_frames or 0)
+        if isinstance(part, VideoURLPart):
+            src.url = part.video_url.url
+        else:
+            src.path = part.video
+        return src
+    return None
+
+
+def _fill_content(msg: pb.ChatMessage, message: Message, index: int,
+                  req: ChatCompletionRequest, modalities: list[str]) -> None:
+    """Plain text goes in `content`; a message with images or videos goes in
+    `parts`, text and media in their order, for the engine's media workers."""
     content = message.content
     if content is None:
-        return ""
+        return
     if isinstance(content, str):
-        return content
-    texts = []
+        msg.content = content
+        return
+    texts, parts = [], []
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(part.text)
-        elif isinstance(part, RefusalPart):
+            parts.append(pb.ContentPart(text=part.text))
+            continue
+        if isinstance(part, RefusalPart):
             texts.append(part.refusal)
-        else:
-            modality, plural = _MEDIA[type(part)]
-            where = f"messages[{index}].content[{j}]"
-            if modality not in modalities:
-                raise InvalidRequest(f"this model does not accept {plural}", param=where,
-                                     code="unsupported_content")
-            raise InvalidRequest(f"{plural} are not supported by this server yet", param=where,
+            parts.append(pb.ContentPart(text=part.refusal))
+            continue
+        modality, plural = _MEDIA[type(part)]
+        where = f"messages[{index}].content[{j}]"
+        if modality not in modalities:
+            raise InvalidRequest(f"this model does not accept {plural}", param=where,
                                  code="unsupported_content")
-    # Several text parts read as separate paragraphs, as vLLM joins them.
-    return "\n".join(texts)
+        source = _media_source(part, req)
+        if source is None:
+            raise InvalidRequest(f"{plural} are not supported by this server yet",
+                                 param=where, code="unsupported_content")
+        parts.append(pb.ContentPart(media=source))
+    if any(p.HasField("media") for p in parts):
+        msg.parts.extend(parts)
+    else:
+        # Several text parts read as separate paragraphs, as vLLM joins them.
+        msg.content = "\n".join(texts)
 
 
 def chat_input(req: ChatCompletionRequest, modalities: list[str]) -> pb.ChatInput:
     messages = []
     for i, m in enumerate(req.messages):
-        msg = pb.ChatMessage(role=m.role, content=_content(m, i, modalities))
+        msg = pb.ChatMessage(role=m.role)
+        _fill_content(msg, m, i, req, modalities)
         if getattr(m, "name", None):
             msg.name = m.name
         if isinstance(m, ToolMessage):

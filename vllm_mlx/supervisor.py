@@ -7,6 +7,7 @@ its name.
 """
 
 import argparse
+import json
 import os
 import platform
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from vllm_mlx import lifeline
 from vllm_mlx.health import wait_for_serving
+from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
 from vllm_mlx.settings import DEFAULT_HOST
 
 DEFAULT_PORT = 8000
@@ -52,6 +54,7 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    address: str = ""  # where a gRPC child listens
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     backoff_s: float = BACKOFF_START_S
@@ -107,8 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host", default=DEFAULT_HOST, help="HTTP address (default loopback)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--gateway-workers", type=int, default=1)
-    ap.add_argument("--media-workers", type=int, default=0)
-    ap.add_argument("--mllm", action="store_true", help="force vision-language mode")
+    ap.add_argument("--media-workers", type=int,
+                    help="media worker processes (default: 2 for a vision-language model, "
+                         "else 0)")
+    ap.add_argument("--mllm", action="store_true",
+                    help="serve the model as vision-language (detected from its config "
+                         "otherwise)")
     ap.add_argument("--api-key", default=os.environ.get("VLLM_MLX_API_KEY"))
     ap.add_argument("--served-model-name")
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -123,13 +130,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
+    add_media_arguments(ap)
     a = ap.parse_args(argv)
-    if a.mllm or a.media_workers:
-        ap.error("vision-language models and media workers are not available yet; "
-                 "drop --mllm / --media-workers")
+    check_media_arguments(ap, a)
+    if a.media_workers is not None and a.media_workers < 0:
+        ap.error("--media-workers must be at least 0")
     if a.gateway_workers < 1:
         ap.error("--gateway-workers must be at least 1")
     return a
+
+
+def is_vision_model(folder: Path) -> bool:
+    """What the engine will decide from the same config (it also checks that
+    mlx-vlm knows the model type, and refuses the model if not)."""
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("vision_config"))
+    except (OSError, ValueError):
+        return False
 
 
 class Supervisor:
@@ -139,6 +156,15 @@ class Supervisor:
         self.engine_address = f"127.0.0.1:{args.engine_port or free_port()}"
         env, self.engine_config = fast_cpu_env()
         py = sys.executable
+        vision = args.mllm or is_vision_model(model_path)
+        n_media = args.media_workers if args.media_workers is not None else 2 * vision
+        self.media = []
+        for k in range(n_media):
+            address = f"127.0.0.1:{free_port()}"
+            self.media.append(Child(f"media-{k}", [
+                py, "-m", "media_worker", "--model", str(model_path), "--host", "127.0.0.1",
+                "--port", address.rsplit(":", 1)[1], *media_worker_argv(args)],
+                address=address))
         engine = [py, "-m", "engine_worker", "--model", str(model_path),
                   "--served-model-name", served_name, "--host", "127.0.0.1",
                   "--port", self.engine_address.rsplit(":", 1)[1],
@@ -151,12 +177,16 @@ class Supervisor:
             engine += ["--max-memory", str(args.max_memory)]
         if args.prefix_cache_bytes is not None:
             engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
+        if args.mllm:
+            engine += ["--mllm"]
+        for m in self.media:
+            engine += ["--media-worker", m.address]
         gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,
                    "--port", str(args.port), "--workers", str(args.gateway_workers)]
         gateway_env = {"VLLM_MLX_API_KEY": args.api_key} if args.api_key else {}
         self.engine = Child("engine", engine, env)
         self.gateway = Child("gateway", gateway, gateway_env)
-        self.children = [self.engine, self.gateway]
+        self.children = [*self.media, self.engine, self.gateway]
         self.stopping = threading.Event()
 
     def url(self) -> str:
@@ -165,6 +195,10 @@ class Supervisor:
 
     def start(self) -> None:
         say(f"engine configuration: {self.engine_config}")
+        # Media workers load only a processor: they start first and are
+        # ready long before the engine has loaded its weights.
+        for m in self.media:
+            m.start(self.lifeline_read)
         self.engine.start(self.lifeline_read)
         self._wait_engine()
         self.gateway.start(self.lifeline_read)
@@ -185,6 +219,10 @@ class Supervisor:
         finally:
             done.set()
         say(f"engine serving after {time.monotonic() - tic:.1f}s")
+        for m in self.media:
+            wait_for_serving(m.address, 60, is_alive=m.alive)
+        if self.media:
+            say(f"{len(self.media)} media workers serving")
 
     def _wait_gateway(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -222,7 +260,7 @@ class Supervisor:
         """Gateways first, so no new request arrives and in-flight streams finish;
         then the engine; SIGKILL for whatever outlives the grace period."""
         self.stopping.set()
-        for child in (self.gateway, self.engine):
+        for child in (self.gateway, self.engine, *self.media):
             if child.alive():
                 say(f"stopping {child.name}")
                 child.proc.terminate()
@@ -243,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         say(f"resolving model {args.model or '(embedded default: SmolLM2-135M-Instruct)'}")
         path = resolve_model(args.model)
         dense = preferred_float_dtype()
-        if dense and weights_bytes(path) < DENSE_COPY_MAX_BYTES:
+        vision = args.mllm or is_vision_model(path)  # mlx-vlm loads these as they are
+        if dense and not vision and weights_bytes(path) < DENSE_COPY_MAX_BYTES:
             # Dense float32 with OpenBLAS measured several times faster than
             # quantized weights on Linux CPUs (docs/benchmarks.md); bounded so a
             # large 4-bit model is not blown up 8x on disk and in memory.
