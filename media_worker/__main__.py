@@ -3,12 +3,15 @@
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 from media_worker.server import serve
 from vllm_mlx import lifeline
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_settings
 from vllm_mlx.settings import DEFAULT_HOST, DEFAULT_MEDIA_PORT, MediaSettings
+
+MEDIA_NICENESS = 10
 
 
 def parse_args(argv: list[str] | None = None) -> MediaSettings:
@@ -26,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> MediaSettings:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     lifeline.watch()  # end with vllm-mlx-up, however it ends
+    # Decoding is throughput work; the engine and gateway are latency work.
+    # Where they share too few cores, the scheduler should favour them
+    # (docs/benchmarks.md: text latency while images are decoded).
+    os.nice(MEDIA_NICENESS)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

@@ -1,0 +1,196 @@
+"""Text latency while images are being prepared (not a timed test).
+
+    .venv/bin/python scripts/bench_media_load.py --out docs/bench/cpu-media-load.json
+
+The whole stack (`vllm-mlx-up`: gateway, engine, 2 media workers) serves the
+tiny Qwen2-VL test model. Text requests (chat, max_tokens=1, so latency is
+time to first token) go one after another, in rounds that alternate between
+three states: quiet; "decoding", where 4 Prepare calls, each with a fresh
+1920x1080 JPEG by data URL, are kept in flight on the media workers directly
+(the fetch, decode and preprocessing a request's images cost, and nothing
+else); and "image requests", where 4 chat requests with such an image are kept
+in flight through the gateway (decoding, then the engine's vision encoder and
+the image tokens' prefill, which share the engine with the text requests).
+Fresh images, so no cache answers for them. Reported: text p50/p99 in each
+state and the ratios to quiet.
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def jpeg_data_url(seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    # Smooth colour fields plus noise: photo-like work for the JPEG decoder.
+    base = rng.integers(0, 255, (9, 16, 3), np.uint8)
+    img = Image.fromarray(base).resize((1920, 1080), Image.BILINEAR)
+    noise = rng.integers(-12, 12, (1080, 1920, 3))
+    img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def text_round(client: httpx.AsyncClient, n: int, gap_s: float) -> list[float]:
+    out = []
+    for i in range(n):
+        tic = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json={
+            "model": "default", "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Say something about the number {i}."}]})
+        r.raise_for_status()
+        out.append(time.perf_counter() - tic)
+        await asyncio.sleep(gap_s)
+    return out
+
+
+async def image_load(client: httpx.AsyncClient, urls: asyncio.Queue, stop: asyncio.Event,
+                     done: list[float]) -> None:
+    while not stop.is_set():
+        url = await urls.get()
+        tic = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json={
+            "model": "default", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Describe the picture."},
+                {"type": "image_url", "image_url": {"url": url}}]}]}, timeout=120)
+        r.raise_for_status()
+        done.append(time.perf_counter() - tic)
+
+
+async def prepare_load(stub, urls: asyncio.Queue, stop: asyncio.Event,
+                       done: list[float]) -> None:
+    from vllm_mlx.v1 import media_pb2 as mpb
+
+    while not stop.is_set():
+        url = await urls.get()
+        tic = time.perf_counter()
+        await stub.Prepare(mpb.PrepareRequest(items=[mpb.MediaSource(
+            kind=mpb.MEDIA_KIND_IMAGE, url=url)]), timeout=120)
+        done.append(time.perf_counter() - tic)
+
+
+async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
+              images: list[str], media_addresses: list[str]) -> dict:
+    import grpc
+
+    from vllm_mlx.v1 import media_pb2_grpc
+
+    quiet, decoding, loaded, image_latency, prepare_latency = [], [], [], [], []
+    channels = [grpc.aio.insecure_channel(a, options=[("grpc.max_receive_message_length", -1)])
+                for a in media_addresses]
+    stubs = [media_pb2_grpc.MediaWorkerStub(c) for c in channels]
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+        await text_round(client, 5, 0)  # warm-up
+        await client.post("/v1/chat/completions", json={  # and the vision path
+            "model": "default", "max_tokens": 1, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": jpeg_data_url(10**6)}}]}]})
+        urls: asyncio.Queue = asyncio.Queue()
+        for u in images:
+            urls.put_nowait(u)
+        for _ in range(rounds):
+            quiet += await text_round(client, per_round, gap_s)
+            for samples, make in (
+                    (decoding, lambda k, stop: prepare_load(stubs[k % len(stubs)], urls, stop,
+                                                            prepare_latency)),
+                    (loaded, lambda k, stop: image_load(client, urls, stop, image_latency))):
+                stop = asyncio.Event()
+                load = [asyncio.create_task(make(k, stop)) for k in range(4)]
+                await asyncio.sleep(0.5)  # all four in flight before the first text request
+                samples += await text_round(client, per_round, gap_s)
+                stop.set()
+                await asyncio.gather(*load)
+    for c in channels:
+        await c.close()
+    return dict(
+        decoding_p50_ms=1e3 * statistics.median(decoding),
+        decoding_p99_ms=1e3 * percentile(decoding, 0.99),
+        prepare_calls=len(prepare_latency),
+        prepare_latency_p50_ms=1e3 * statistics.median(prepare_latency),
+        quiet_p50_ms=1e3 * statistics.median(quiet), quiet_p99_ms=1e3 * percentile(quiet, 0.99),
+        loaded_p50_ms=1e3 * statistics.median(loaded),
+        loaded_p99_ms=1e3 * percentile(loaded, 0.99),
+        image_requests=len(image_latency),
+        image_latency_p50_ms=1e3 * statistics.median(image_latency) if image_latency else None,
+        samples_per_state=len(quiet), quiet_all=quiet, decoding_all=decoding,
+        loaded_all=loaded)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-round", type=int, default=40)
+    ap.add_argument("--gap-ms", type=float, default=20)
+    ap.add_argument("--port", type=int, default=18731)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    import make_test_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "tiny-vlm"
+        make_test_models.build_vlm_model(model)
+        print("encoding images...", flush=True)
+        images = [jpeg_data_url(s) for s in range(a.rounds * 120)]
+        log = open(Path(tmp) / "up.log", "w+")
+        up = subprocess.Popen([sys.executable, "-m", "vllm_mlx.supervisor", "--model", str(model),
+                               "--port", str(a.port)], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 300
+            while "ready:" not in Path(log.name).read_text():
+                if up.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("the stack did not start:\n" + Path(log.name).read_text())
+                time.sleep(0.2)
+            media = re.findall(r"\[media-\d\] .* listening on (\S+),",
+                               Path(log.name).read_text())
+            result = asyncio.run(run(f"http://127.0.0.1:{a.port}", a.rounds, a.per_round,
+                                     a.gap_ms / 1e3, images, media))
+        finally:
+            up.terminate()
+            up.wait(60)
+    r = result
+    for state in ("decoding", "loaded"):
+        for q in ("p50", "p99"):
+            r[f"{state}_{q}_ratio"] = r[f"{state}_{q}_ms"] / r[f"quiet_{q}_ms"]
+    print(f"text time to first token, ms (p50 / p99):\n"
+          f"  quiet                          {r['quiet_p50_ms']:7.1f} / {r['quiet_p99_ms']:7.1f}\n"
+          f"  4 images being decoded         {r['decoding_p50_ms']:7.1f} / "
+          f"{r['decoding_p99_ms']:7.1f}  (x{r['decoding_p50_ratio']:.2f} / "
+          f"x{r['decoding_p99_ratio']:.2f}; {r['prepare_calls']} Prepare calls, p50 "
+          f"{r['prepare_latency_p50_ms']:.0f} ms)\n"
+          f"  4 image requests in flight     {r['loaded_p50_ms']:7.1f} / {r['loaded_p99_ms']:7.1f}"
+          f"  (x{r['loaded_p50_ratio']:.2f} / x{r['loaded_p99_ratio']:.2f}; "
+          f"{r['image_requests']} requests, p50 {r['image_latency_p50_ms']:.0f} ms)")
+    if a.out:
+        a.out.write_text(json.dumps(dict(machine=platform.platform(), cpus=os.cpu_count(),
+                                         **result), indent=2))
+
+
+if __name__ == "__main__":
+    main()
