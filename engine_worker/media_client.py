@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
@@ -27,6 +28,18 @@ DEFAULT_CACHE_BYTES = 512 << 20
 # Used when the client set no deadline of its own.
 DEFAULT_PREPARE_TIMEOUT_S = 120.0
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A worker's health service answers from its event loop while its threads
+# decode, so a long Prepare is told from a hung worker (stopped, deadlocked,
+# swapped out) by asking it: every HEALTH_INTERVAL_S during a call, and a
+# call whose worker misses HEALTH_MISSES answers in a row (each waited for up
+# to HEALTH_TIMEOUT_S) moves to another worker. Without this a hung worker
+# held each request sent to it for half the engine call's deadline (minutes).
+HEALTH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 2.0
+HEALTH_MISSES = 2
+# A worker that failed a call is tried last for this long, so the requests
+# after it do not each wait to find it out again.
+COOLDOWN_S = 10.0
 
 
 class MediaRefused(ValueError):
@@ -40,6 +53,10 @@ class MediaRefused(ValueError):
 
 class MediaUnavailable(RuntimeError):
     """No media worker could prepare the request in time."""
+
+
+class _WorkerHung(Exception):
+    """The worker stopped answering health checks during a call."""
 
 
 @dataclass
@@ -104,7 +121,10 @@ class MediaClient:
             a, options=[("grpc.max_receive_message_length", -1),
                         ("grpc.max_send_message_length", -1)]) for a in addresses]
         self._stubs = [media_pb2_grpc.MediaWorkerStub(c) for c in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
         self._next = itertools.count()
+        # loop.time() until which worker k is tried last (it just failed a call).
+        self._cooldown = [0.0] * len(addresses)
         self.cache = PreparedCache(cache_bytes)
 
     async def prepare(self, request_id: str, sources: list[mpb.MediaSource],
@@ -128,23 +148,40 @@ class MediaClient:
                 self.cache.put(keys[i], items[i])
         return items
 
+    def _order(self, now: float) -> list[int]:
+        """Workers to try, at most two: round robin, the ones that failed a
+        call lately last."""
+        n = len(self._stubs)
+        first = next(self._next) % n
+        ring = [(first + i) % n for i in range(n)]
+        ring.sort(key=lambda k: self._cooldown[k] > now)  # stable: keeps the rotation
+        return ring[:2]
+
     async def _call(self, request_id: str, sources: list[mpb.MediaSource],
                     timeout: float | None, indices: list[int]) -> mpb.PrepareResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or DEFAULT_PREPARE_TIMEOUT_S)
-        first = next(self._next) % len(self._stubs)
-        attempts = [first] + ([(first + 1) % len(self._stubs)] if len(self._stubs) > 1 else [])
+        attempts = self._order(loop.time())
         request = mpb.PrepareRequest(request_id=request_id, items=sources)
         for n, k in enumerate(attempts):
             left = deadline - loop.time()
-            # With a second worker to try, the first gets half the time left:
-            # a hung worker must not use up the whole deadline.
+            # With a second worker to try, the first gets half the time left
+            # (the health watch usually moves on long before).
             budget = left / 2 if n + 1 < len(attempts) else left
             try:
-                return await self._stubs[k].Prepare(request, timeout=max(budget, 0.001))
+                return await self._watched(k, request, max(budget, 0.001))
+            except _WorkerHung as e:
+                self._cooldown[k] = loop.time() + COOLDOWN_S
+                if n + 1 < len(attempts):
+                    log.warning("media worker %s: %s; retrying on %s", self.addresses[k], e,
+                                self.addresses[attempts[n + 1]])
+                    continue
+                raise MediaUnavailable(f"the media worker at {self.addresses[k]} {e}") from None
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise _refusal(e.details() or "", indices) from None
+                if e.code() in RETRY_CODES:
+                    self._cooldown[k] = loop.time() + COOLDOWN_S
                 if e.code() in RETRY_CODES and n + 1 < len(attempts):
                     log.warning("media worker %s: %s; retrying on %s", self.addresses[k],
                                 e.code().name, self.addresses[attempts[n + 1]])
@@ -152,6 +189,48 @@ class MediaClient:
                 raise MediaUnavailable(f"the media worker at {self.addresses[k]} failed: "
                                        f"{e.code().name}: {e.details()}") from None
         raise MediaUnavailable("no media worker answered")  # not reached
+
+    async def _watched(self, k: int, request: mpb.PrepareRequest,
+                       timeout: float) -> mpb.PrepareResponse:
+        """Prepare on worker k, given up (_WorkerHung) when the worker stops
+        answering its health checks meanwhile."""
+        call = self._stubs[k].Prepare(request, timeout=timeout)
+
+        async def result() -> mpb.PrepareResponse:
+            return await call
+
+        prepare = asyncio.ensure_future(result())
+        watch = asyncio.ensure_future(self._watch(k))
+        try:
+            await asyncio.wait((prepare, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.cancel()
+            prepare.cancel()
+            raise
+        finally:
+            watch.cancel()
+        if prepare.done():
+            return prepare.result()
+        call.cancel()
+        prepare.cancel()
+        raise _WorkerHung(watch.result())
+
+    async def _watch(self, k: int) -> str:
+        """Returns (why) once worker k misses HEALTH_MISSES health checks in a
+        row; runs until cancelled while it answers."""
+        misses = 0
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                reply = await self._health[k].Check(health_pb2.HealthCheckRequest(),
+                                                    timeout=HEALTH_TIMEOUT_S)
+                ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+                why = f"reports {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            except grpc.aio.AioRpcError as e:
+                ok, why = False, f"health check {e.code().name}"
+            misses = 0 if ok else misses + 1
+            if misses >= HEALTH_MISSES:
+                return f"stopped answering its health checks ({why}, {misses} in a row)"
 
     async def close(self) -> None:
         for channel in self._channels:
