@@ -38,6 +38,10 @@ class SamplingParams:
     penalty_context_size: int | None = None
 
     def validate(self, vocab_size: int) -> None:
+        """Refuse what cannot be honoured; a top_k of the vocabulary or more
+        keeps every token, so it becomes 0 (off) rather than an error."""
+        if self.top_k >= vocab_size:
+            self.top_k = 0
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),

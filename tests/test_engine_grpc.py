@@ -214,6 +214,18 @@ def test_seeded_sampling_is_reproducible_over_grpc(engine):
     assert a == b and a != greedy
 
 
+def test_top_k_past_the_vocabulary_keeps_every_token(engine):
+    """top_k >= vocab size filters nothing: the same draws as no top_k at all
+    (found by the gateway fuzz run: mlx-lm's top-k refused it mid-batch)."""
+    def draw(**extra):
+        sampling = pb.SamplingParams(temperature=1.0, seed=7, **extra)
+        out = generate(engine.stub, text="k", max_tokens=8, ignore_eos=True, sampling=sampling)
+        assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH, out[-1]
+        return joined(out)
+
+    assert draw(top_k=10**6) == draw()
+
+
 def test_failure_in_one_request_leaves_the_batch_running(engine):
     with ThreadPoolExecutor(4) as pool:
         healthy = [pool.submit(generate, engine.stub, text=f"ok {i}", max_tokens=30,
