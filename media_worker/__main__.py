@@ -11,7 +11,7 @@ from vllm_mlx import lifeline
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_settings
 from vllm_mlx.settings import DEFAULT_HOST, DEFAULT_MEDIA_PORT, MediaSettings
 
-MEDIA_NICENESS = 10
+MEDIA_NICENESS = 19
 
 
 def parse_args(argv: list[str] | None = None) -> MediaSettings:

@@ -68,10 +68,10 @@ async def text_round(client: httpx.AsyncClient, n: int, gap_s: float) -> list[fl
     return out
 
 
-async def image_load(client: httpx.AsyncClient, urls: asyncio.Queue, stop: asyncio.Event,
+async def image_load(client: httpx.AsyncClient, urls: list[str], stop: asyncio.Event,
                      done: list[float]) -> None:
-    while not stop.is_set():
-        url = await urls.get()
+    while not stop.is_set() and urls:
+        url = urls.pop()
         tic = time.perf_counter()
         r = await client.post("/v1/chat/completions", json={
             "model": "default", "max_tokens": 4, "temperature": 0,
@@ -82,51 +82,75 @@ async def image_load(client: httpx.AsyncClient, urls: asyncio.Queue, stop: async
         done.append(time.perf_counter() - tic)
 
 
-async def prepare_load(stub, urls: asyncio.Queue, stop: asyncio.Event,
+async def prepare_load(address: str, urls: list[str], stop: asyncio.Event,
                        done: list[float]) -> None:
-    from vllm_mlx.v1 import media_pb2 as mpb
+    import grpc
 
-    while not stop.is_set():
-        url = await urls.get()
-        tic = time.perf_counter()
-        await stub.Prepare(mpb.PrepareRequest(items=[mpb.MediaSource(
-            kind=mpb.MEDIA_KIND_IMAGE, url=url)]), timeout=120)
-        done.append(time.perf_counter() - tic)
+    from vllm_mlx.v1 import media_pb2 as mpb
+    from vllm_mlx.v1 import media_pb2_grpc
+
+    async with grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        stub = media_pb2_grpc.MediaWorkerStub(channel)
+        while not stop.is_set() and urls:
+            url = urls.pop()
+            tic = time.perf_counter()
+            await stub.Prepare(mpb.PrepareRequest(items=[mpb.MediaSource(
+                kind=mpb.MEDIA_KIND_IMAGE, url=url)]), timeout=120)
+            done.append(time.perf_counter() - tic)
+
+
+def load_process(mode: str, base_url: str, media: list[str], seeds: range, conn) -> None:
+    """Keeps 4 image jobs in flight until told to stop. A process of its own,
+    so that building and parsing 18 MB messages never stalls the timing
+    client's event loop."""
+    urls = [jpeg_data_url(s) for s in seeds]
+
+    async def run() -> list[float]:
+        stop, done = asyncio.Event(), []
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            if mode == "prepare":
+                jobs = [prepare_load(media[k % len(media)], urls, stop, done) for k in range(4)]
+            else:
+                jobs = [image_load(client, urls, stop, done) for _ in range(4)]
+            tasks = [asyncio.create_task(j) for j in jobs]
+            await asyncio.sleep(0.5)  # all four in flight before the first text request
+            conn.send("started")
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            stop.set()
+            await asyncio.gather(*tasks)
+        return done
+
+    conn.send(asyncio.run(run()))
 
 
 async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
-              images: list[str], media_addresses: list[str]) -> dict:
-    import grpc
+              media_addresses: list[str]) -> dict:
+    import multiprocessing as mp
 
-    from vllm_mlx.v1 import media_pb2_grpc
-
+    ctx = mp.get_context("spawn")
     quiet, decoding, loaded, image_latency, prepare_latency = [], [], [], [], []
-    channels = [grpc.aio.insecure_channel(a, options=[("grpc.max_receive_message_length", -1)])
-                for a in media_addresses]
-    stubs = [media_pb2_grpc.MediaWorkerStub(c) for c in channels]
     limits = httpx.Limits(max_connections=16)
+    seeds = iter(range(0, 10**6, 100))
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         await text_round(client, 5, 0)  # warm-up
         await client.post("/v1/chat/completions", json={  # and the vision path
             "model": "default", "max_tokens": 1, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": jpeg_data_url(10**6)}}]}]})
-        urls: asyncio.Queue = asyncio.Queue()
-        for u in images:
-            urls.put_nowait(u)
+                {"type": "image_url", "image_url": {"url": jpeg_data_url(10**7)}}]}]})
         for _ in range(rounds):
             quiet += await text_round(client, per_round, gap_s)
-            for samples, make in (
-                    (decoding, lambda k, stop: prepare_load(stubs[k % len(stubs)], urls, stop,
-                                                            prepare_latency)),
-                    (loaded, lambda k, stop: image_load(client, urls, stop, image_latency))):
-                stop = asyncio.Event()
-                load = [asyncio.create_task(make(k, stop)) for k in range(4)]
-                await asyncio.sleep(0.5)  # all four in flight before the first text request
+            for samples, latencies, mode in ((decoding, prepare_latency, "prepare"),
+                                             (loaded, image_latency, "chat")):
+                here, there = ctx.Pipe()
+                start = next(seeds)
+                proc = ctx.Process(target=load_process, args=(
+                    mode, base_url, media_addresses, range(start, start + 100), there))
+                proc.start()
+                await asyncio.to_thread(here.recv)  # "started"
                 samples += await text_round(client, per_round, gap_s)
-                stop.set()
-                await asyncio.gather(*load)
-    for c in channels:
-        await c.close()
+                here.send("stop")
+                latencies += await asyncio.to_thread(here.recv)
+                proc.join()
     return dict(
         decoding_p50_ms=1e3 * statistics.median(decoding),
         decoding_p99_ms=1e3 * percentile(decoding, 0.99),
@@ -155,8 +179,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "tiny-vlm"
         make_test_models.build_vlm_model(model)
-        print("encoding images...", flush=True)
-        images = [jpeg_data_url(s) for s in range(a.rounds * 120)]
         log = open(Path(tmp) / "up.log", "w+")
         up = subprocess.Popen([sys.executable, "-m", "vllm_mlx.supervisor", "--model", str(model),
                                "--port", str(a.port)], stdout=log, stderr=subprocess.STDOUT,
@@ -170,7 +192,7 @@ def main() -> None:
             media = re.findall(r"\[media-\d\] .* listening on (\S+),",
                                Path(log.name).read_text())
             result = asyncio.run(run(f"http://127.0.0.1:{a.port}", a.rounds, a.per_round,
-                                     a.gap_ms / 1e3, images, media))
+                                     a.gap_ms / 1e3, media))
         finally:
             up.terminate()
             up.wait(60)
