@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
                     help="requests allowed to wait before Generate is refused")
     ap.add_argument("--prefill-batch-size", type=int, default=8)
     ap.add_argument("--prefill-step-size", type=int, default=2048)
+    ap.add_argument("--admit-window-ms", type=float, default=20.0,
+                    help="while a batch decodes, requests still arriving wait up to this "
+                         "long to be prefilled together, a whole prefill batch at a time "
+                         "(0: no waiting)")
     ap.add_argument("--max-model-len", type=int, help="cap the context length")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--stream-interval-ms", type=float, default=0.0,
@@ -47,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
         max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,
         prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
+        admit_window_s=a.admit_window_ms / 1000,
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,

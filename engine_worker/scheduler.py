@@ -130,6 +130,12 @@ class Engine:
         self._in_flight: set[str] = set()  # guarded by _lock
         self._queued = 0  # submitted, not yet admitted; guarded by _lock
         self._waiting: deque[Request] = deque()
+        self._arrived = 0  # requests the last inbox drain brought in
+        self._held_since: float | None = None  # when _admit began holding arrivals
+        # From the last step: prompts still in the generator's prefill batch,
+        # and whether some of them move to decoding on the next step.
+        self._prefilling = 0
+        self._prefill_turning = False
         self._running: dict[int, _Running] = {}  # BatchGenerator uid -> state
         self._outbox: list[tuple[object, Output]] = []
         self._step_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
@@ -230,13 +236,15 @@ class Engine:
                 spent["idle"] += clock() - t1
                 continue
             try:
-                _, responses = self._gen.next()
+                prompt_responses, responses = self._gen.next()
                 t2 = clock()
+                self._note_prefill(prompt_responses)
                 self._handle(responses)
             except Exception as e:  # a failure we cannot pin on one request
                 log.exception("batch step failed; failing the running requests")
                 self._fail_all(f"engine step failed: {e}")
                 self._gen = self._new_generator()
+                self._note_prefill([])
                 t2 = clock()
             t3 = clock()
             self._flush()
@@ -285,6 +293,7 @@ class Engine:
         log.info("warm-up took %.2fs", time.perf_counter() - tic)
 
     def _drain_inbox(self) -> None:
+        self._arrived = 0
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
@@ -292,6 +301,7 @@ class Engine:
                 return
             if kind == "add":
                 self._waiting.append(item)
+                self._arrived += 1
             elif kind == "clear":
                 if self._prefix is not None:
                     self._prefix.clear()
@@ -317,12 +327,72 @@ class Engine:
                 self._finish_uid(uid, "abort")
                 return
 
+    # -- admission: whole prefill batches ------------------------------------
+    #
+    # mlx-lm's BatchGenerator prefills up to prefill_batch_size prompts in one
+    # pass, and a pass costs about as much whatever its size: on an H200 each
+    # extra pass cost 4 to 9 decode steps of the whole batch (not broken down;
+    # mlx-lm syncs and frees its allocator cache after each, and merges the
+    # new KV into the batch; docs/benchmarks.md). Raw mlx-lm, given 64 prompts
+    # in one insert, makes 8 passes of 8. Over gRPC they arrive spread over a
+    # few milliseconds, and two patterns multiplied the passes:
+    # - prompts inserted while the previous group is about to move from
+    #   prefill to decoding: the generator tops its prefill batch up to
+    #   prefill_batch_size counting that group, so it takes 8 - k now, k next
+    #   time, and stays out of step: 1, 7, 1, 7, ... (16 passes for 64). So
+    #   such a burst joins one step later, unless it fits beside the group.
+    # - a few arrivals per step, a pass each. So while a batch decodes and
+    #   requests keep arriving, they join in whole prefill batches, waiting
+    #   at most admit_window_s.
+
+    def _note_prefill(self, prompt_responses) -> None:
+        # The engine inserts plain prompts, which mlx-lm splits into two
+        # segments (all but the last token, then the last token): one whose
+        # first segment has just ended moves to decoding on the next step.
+        staying = [p for p in prompt_responses if not p.end_of_prompt]
+        self._prefilling = len(staying)
+        self._prefill_turning = any(p.end_of_segment for p in staying)
+
+    def _admission_cap(self) -> int | None:
+        """How many waiting requests may join the batch now (None: all).
+
+        While a batch is decoding and requests are still arriving (some came
+        in during the last step), only whole prefill batches join; the rest
+        wait, at most admit_window_s, or until a step passes with no new
+        arrival. An idle engine admits at once: nothing is decoding, so
+        waiting would gain nothing.
+        """
+        s = self.settings
+        if not self._running or not self._arrived or s.admit_window_s <= 0:
+            self._held_since = None
+            return None
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        elif now - self._held_since >= s.admit_window_s:
+            self._held_since = None
+            return None
+        group = max(1, min(s.prefill_batch_size, s.max_num_seqs - len(self._running)))
+        return len(self._waiting) // group * group
+
     def _admit(self) -> None:
         if not self._waiting:
             return
+        cap = self._admission_cap()
+        if cap == 0:
+            return
+        if cap is None:
+            cap = self.settings.max_num_seqs
+        if (self._running and self._prefill_turning and min(cap, len(self._waiting))
+                > self.settings.prefill_batch_size - self._prefilling):
+            # The prefill batch moves to decoding on the next step, and what
+            # waits would not all fit beside it: join on the step after, in
+            # step with the generator.
+            return
         batch: list[tuple[Request, object, list]] = []
         reserved = sum(self._reservation(st.request) for st in self._running.values())
-        while self._waiting and len(self._running) + len(batch) < self.settings.max_num_seqs:
+        while (self._waiting and len(batch) < cap
+               and len(self._running) + len(batch) < self.settings.max_num_seqs):
             r = self._waiting[0]
             need = self._reservation(r)
             if not self._make_room(reserved + need):

@@ -1,6 +1,7 @@
 """The engine loop in-process with the tiny model: batching must not change
 what each request would get alone."""
 
+import importlib
 import queue
 import threading
 
@@ -118,3 +119,74 @@ def test_abort_waiting_and_running(engine):
     outs = engine.collector.wait("long")
     assert outs[-1].finish_reason == "abort"
     assert not engine.abort("long"), "a finished request is no longer in flight"
+
+
+def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
+    """Run a fresh engine; `feed(engine, prompt_responses, responses)` is
+    called after every batch step (on the engine thread, so what it submits
+    is seen at a known point). Returns the sizes of the prefill passes."""
+    gen_module = importlib.import_module("mlx_lm.generate")
+    sizes: list[int] = []
+    prompt = gen_module.PromptProcessingBatch.prompt
+
+    def counted(self, tokens):
+        if tokens:
+            sizes.append(len(tokens))
+        return prompt(self, tokens)
+
+    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", counted)
+    collector = Collector()
+    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, **engine_settings),
+               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        step = e._gen.next
+
+        def next_step():
+            prompt_responses, responses = step()
+            feed(e, prompt_responses, responses)
+            return prompt_responses, responses
+
+        e._gen.next = next_step
+        e.submit(Request("first", [5, 17, 33, 40], 48, SamplingParams(), sink=None))
+        collector.wait("first")
+        for rid in list(collector.done):
+            collector.wait(rid)
+    finally:
+        e.stop()
+    return sizes
+
+
+def test_burst_prefills_in_whole_batches(tiny_model, monkeypatch):
+    """A burst landing just as a prompt moves from prefill to decoding joins
+    a step later, in step with the generator: 8 + 8, not 7, 1, 7, 1, 1
+    (each pass costs about as much whatever its size)."""
+    burst = [Request(f"burst-{i}", p + [7, 8], 8, SamplingParams(), sink=None)
+             for i, p in enumerate(PROMPTS * 2)]
+
+    def feed(e, prompt_responses, responses):
+        if burst and any(p.end_of_segment and not p.end_of_prompt for p in prompt_responses):
+            for r in burst:
+                e.submit(r)
+            burst.clear()
+
+    sizes = _prefill_sizes(dict(max_num_seqs=32, max_queue=64), tiny_model, monkeypatch, feed)
+    assert sizes == [1, 8, 8]
+
+
+@pytest.mark.parametrize("window,expected", [(0.0, [1, 2, 2, 2, 2]), (60.0, [1, 8])])
+def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window, expected):
+    """Requests arriving two per step while a batch decodes are held, within
+    admit_window_s, until a whole prefill batch has gathered."""
+    trickle = [Request(f"trickle-{i}", p, 8, SamplingParams(), sink=None)
+               for i, p in enumerate(PROMPTS)]
+
+    def feed(e, prompt_responses, responses):
+        if trickle and responses:  # "first" is decoding
+            for _ in range(2):
+                e.submit(trickle.pop(0))
+
+    sizes = _prefill_sizes(dict(max_num_seqs=32, max_queue=64, admit_window_s=window),
+                           tiny_model, monkeypatch, feed)
+    assert sizes == expected

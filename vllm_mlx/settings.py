@@ -22,6 +22,11 @@ class EngineSettings:
     # Prompts prefilled together, and the chunk size a long prompt is cut into.
     prefill_batch_size: int = 8
     prefill_step_size: int = 2048
+    # While a batch decodes, requests still arriving wait up to this long to
+    # join in whole prefill batches: each prefill pass costs several decode
+    # steps whatever its size (docs/benchmarks.md). It adds at most this much
+    # to those requests' time to first token. 0: no waiting.
+    admit_window_s: float = 0.02
     # Overrides the model's own context length (max_position_embeddings).
     max_model_len: int | None = None
     warmup: bool = True
