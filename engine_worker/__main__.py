@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
                     help="requests allowed to wait before Generate is refused")
     ap.add_argument("--prefill-batch-size", type=int, default=8)
     ap.add_argument("--prefill-step-size", type=int, default=2048)
-    ap.add_argument("--admit-window-ms", type=float, default=20.0,
+    ap.add_argument("--admit-window-ms", type=float, default=0.0,
                     help="while a batch decodes, requests still arriving wait up to this "
                          "long to be prefilled together, a whole prefill batch at a time "
                          "(0: no waiting)")

@@ -25,8 +25,10 @@ class EngineSettings:
     # While a batch decodes, requests still arriving wait up to this long to
     # join in whole prefill batches: each prefill pass costs several decode
     # steps whatever its size (docs/benchmarks.md). It adds at most this much
-    # to those requests' time to first token. 0: no waiting.
-    admit_window_s: float = 0.02
+    # to those requests' time to first token. 0 (the default): no waiting;
+    # over gRPC bursts the window measured no gain beyond keeping admission
+    # in step with the generator, and time to first token comes first.
+    admit_window_s: float = 0.0
     # Overrides the model's own context length (max_position_embeddings).
     max_model_len: int | None = None
     warmup: bool = True
