@@ -12,6 +12,7 @@ Everything here runs on the engine thread.
 
 import logging
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from engine_worker.memory import device_memory
@@ -77,6 +78,13 @@ class PrefixCache:
     def insert(self, tokens: list[int], cache: list) -> None:
         """Keep `cache`, the KV of exactly `tokens`, evicting the least
         recently inserted entries past the byte budget."""
+        # A finished request's KV comes out of the batch as a lazy copy of
+        # its rows; until evaluated, it holds the whole batch's KV buffers
+        # alive, many times its own size. Evaluate it (asynchronously, so the
+        # next decode step is not waited for) before keeping it.
+        mx.async_eval([a for c in cache for a in (getattr(c, "keys", None),
+                                                  getattr(c, "values", None))
+                       if a is not None])
         self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
         before = len(self._lru)
         self._lru.trim_to(n_bytes=self.max_bytes)

@@ -239,3 +239,33 @@ def test_gateway_metrics_and_admin_route(engine_proc, tmp_path):
         settled(engine_proc.stub, cache_bytes=0)
     finally:
         g.stop()
+
+
+def test_kept_kv_holds_only_its_own_bytes(tiny_model):
+    """A finished request's KV leaves the batch as a lazy copy of its rows;
+    kept unevaluated, it held the whole batch's buffers alive (12x the bytes
+    the cache counted), out of reach of the memory budget."""
+    import mlx.core as mx
+
+    engine = make_engine(tiny_model)
+    try:
+        rng = random.Random(3)
+
+        def one_round(tag: str) -> None:
+            for i in range(8):
+                engine.submit(Request(f"{tag}-{i}", [rng.randrange(10, 500) for _ in range(24)],
+                                      32, SamplingParams(), sink=None))
+            for i in range(8):
+                engine.collector.wait(f"{tag}-{i}")
+
+        one_round("warm")
+        mx.synchronize()
+        active, kept = mx.get_active_memory(), engine._prefix.nbytes
+        for r in range(4):
+            one_round(f"r{r}")
+        mx.synchronize()
+        grown, kept_more = mx.get_active_memory() - active, engine._prefix.nbytes - kept
+        assert kept_more > 0
+        assert grown < 2 * kept_more + (1 << 20), (grown, kept_more)
+    finally:
+        engine.stop()
