@@ -75,17 +75,18 @@ class PrefixCache:
         self.tokens_reused += reused
         return cache, reused
 
-    def insert(self, tokens: list[int], cache: list) -> None:
-        """Keep `cache`, the KV of exactly `tokens`, evicting the least
-        recently inserted entries past the byte budget."""
+    def insert(self, entries: list[tuple[list[int], list]]) -> None:
+        """Keep each (tokens, cache): the KV of exactly those tokens,
+        evicting the least recently inserted entries past the byte budget."""
         # A finished request's KV comes out of the batch as a lazy copy of
         # its rows; until evaluated, it holds the whole batch's KV buffers
-        # alive, many times its own size. Evaluate it (asynchronously, so the
-        # next decode step is not waited for) before keeping it.
-        mx.async_eval([a for c in cache for a in (getattr(c, "keys", None),
-                                                  getattr(c, "values", None))
+        # alive, many times its own size. Evaluate them, all of one step's in
+        # one go and asynchronously, so no decode step waits for it.
+        mx.async_eval([a for _, cache in entries for c in cache
+                       for a in (getattr(c, "keys", None), getattr(c, "values", None))
                        if a is not None])
-        self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
+        for tokens, cache in entries:
+            self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
         before = len(self._lru)
         self._lru.trim_to(n_bytes=self.max_bytes)
         self.evictions += before - len(self._lru)

@@ -323,7 +323,7 @@ class Engine:
                 kept = self._gen.remove([uid], return_prompt_caches=keep_kv)
                 if keep_kv and uid in kept:
                     cache, tokens = kept[uid]
-                    self._keep_kv(tokens, cache)
+                    self._keep_kv([(tokens, cache)])
                 self._finish_uid(uid, "abort")
                 return
 
@@ -504,6 +504,7 @@ class Engine:
     def _handle(self, responses) -> None:
         running, outbox = self._running, self._outbox
         produced = 0
+        finished_kv = []
         for resp in responses:
             state = running.get(resp.uid)
             if state is None:
@@ -528,17 +529,19 @@ class Engine:
                 outbox.append((r.sink, Output(r.request_id, resp.token, None, logprob)))
             else:
                 if not r.media:  # token ids alone do not say which image it saw
-                    self._keep_kv(resp.all_tokens, resp.prompt_cache)
+                    finished_kv.append((resp.all_tokens, resp.prompt_cache))
                 self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
+        self._keep_kv(finished_kv)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced
         self.stats.generation_tokens_total += produced
         self._update_stats()
 
-    def _keep_kv(self, tokens: list[int] | None, cache: list | None) -> None:
-        """Offer a finished request's KV (of prompt + completion) to later ones."""
-        if self._prefix is not None and tokens and cache:
-            self._prefix.insert(tokens, cache)
+    def _keep_kv(self, entries: list[tuple[list[int] | None, list | None]]) -> None:
+        """Offer finished requests' KV (of prompt + completion) to later ones."""
+        entries = [(t, c) for t, c in entries if t and c]
+        if self._prefix is not None and entries:
+            self._prefix.insert(entries)
 
     def _logprob(self, logprobs: mx.array, token: int, k: int) -> TokenLogprob:
         top: list[tuple[int, float]] = []
