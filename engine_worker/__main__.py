@@ -1,9 +1,7 @@
 """`python -m engine_worker --model PATH --port N`: one engine process."""
 
 import argparse
-import asyncio
 import logging
-import signal
 
 from engine_worker.server import serve
 from vllm_mlx import lifeline
@@ -63,17 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     lifeline.watch()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    async def run() -> None:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await serve(settings)
-        except asyncio.CancelledError:
-            logging.getLogger("engine").info("stopped by signal")
-
-    asyncio.run(run())
+    lifeline.run_until_signal(lambda: serve(settings), "engine")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """`python -m media_worker --model PATH --port N`: one media worker process."""
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 
 from media_worker.server import serve
 from vllm_mlx import lifeline
@@ -36,17 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    async def run() -> None:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await serve(settings)
-        except asyncio.CancelledError:
-            logging.getLogger("media").info("stopped by signal")
-
-    asyncio.run(run())
+    lifeline.run_until_signal(lambda: serve(settings), "media")
 
 
 if __name__ == "__main__":

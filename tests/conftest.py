@@ -160,3 +160,12 @@ def start_gateway(engine_address: str, log_dir: Path, *flags: str, env: dict | N
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"gateway did not start within {timeout:.0f}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def silent_port():
+    """Accepts connections (the kernel does, from the backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]

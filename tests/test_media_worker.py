@@ -219,15 +219,6 @@ def http_port():
 
 
 @pytest.fixture(scope="module")
-def silent_port():
-    """Accepts connections (the kernel does, from the backlog) and never answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        yield s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
 def media_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("media")
     root, outside = base / "root", base / "outside"

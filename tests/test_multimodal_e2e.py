@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,15 +174,6 @@ def http_port():
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def silent_port():
-    """Accepts connections (the kernel does, from the backlog) and never answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

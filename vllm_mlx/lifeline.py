@@ -6,9 +6,12 @@ the kernel closes its end and each child's read returns EOF. This works on
 macOS and Linux alike (PR_SET_PDEATHSIG is Linux-only).
 """
 
+import asyncio
+import logging
 import os
 import signal
 import threading
+from collections.abc import Awaitable, Callable
 
 ENV = "VLLM_MLX_LIFELINE_FD"
 GRACE_S = 15.0
@@ -42,3 +45,20 @@ def watch() -> None:
         os._exit(1)
 
     threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+
+def run_until_signal(serve: Callable[[], Awaitable[None]], log_name: str) -> None:
+    """Run a worker's asyncio server until SIGTERM or SIGINT cancels it: the
+    shared `main` loop of the gRPC workers (engine, media)."""
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve()
+        except asyncio.CancelledError:
+            logging.getLogger(log_name).info("stopped by signal")
+
+    asyncio.run(run())
