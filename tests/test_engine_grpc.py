@@ -103,10 +103,11 @@ def test_client_cancel_aborts(engine):
 
 def test_queue_full_is_resource_exhausted(engine):
     """8 running + 16 waiting fit; the rest are refused at once."""
-    streams = [engine.stub.Generate(pb.GenerateRequest(
-        request_id=f"fill-{i}", text="fill", max_tokens=1000, ignore_eos=True), timeout=60)
-        for i in range(30)]
-    codes = []
+    def open_stream(i):
+        # max_tokens 0: up to the context length, so the running ones hold
+        # their slots however slowly the other streams get going.
+        return engine.stub.Generate(pb.GenerateRequest(
+            request_id=f"fill-{i}", text="fill", max_tokens=0, ignore_eos=True), timeout=60)
 
     def first_message(s):
         try:
@@ -115,15 +116,19 @@ def test_queue_full_is_resource_exhausted(engine):
         except grpc.RpcError as e:
             return e.code()
 
+    running = [open_stream(i) for i in range(8)]
     with ThreadPoolExecutor(30) as pool:
-        codes = list(pool.map(first_message, streams))
-    # Waiting requests send nothing until admitted, so abort them all.
-    refused = [c for c in codes if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert len(refused) >= 30 - 8 - 16, codes
-    assert stats(engine.stub).requests_rejected >= len(refused)
-    for i in range(30):
-        engine.stub.Abort(pb.AbortRequest(request_id=f"fill-{i}"), timeout=5)
-    for s in streams:
+        assert list(pool.map(first_message, running)) == ["ok"] * 8
+        rest = [open_stream(i) for i in range(8, 30)]
+        answers = [pool.submit(first_message, s) for s in rest]
+        # Waiting requests send nothing until admitted; refusals answer at once.
+        assert wait_until(lambda: sum(a.done() for a in answers) >= 30 - 8 - 16)
+        refused = [a.result() for a in answers if a.done()]
+        assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused), refused
+        assert stats(engine.stub).requests_rejected >= len(refused)
+        for i in range(30):
+            engine.stub.Abort(pb.AbortRequest(request_id=f"fill-{i}"), timeout=5)
+    for s in running + rest:
         s.cancel()
     assert wait_until(lambda: stats(engine.stub).running == 0 and stats(engine.stub).waiting == 0)
 
