@@ -19,6 +19,7 @@ from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
+from engine_worker.shared_tensors import SharedTensors, discard, share
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from vllm_mlx.settings import EngineSettings
@@ -123,15 +124,20 @@ class CoreClient:
                 sink.put_nowait(out)
 
     def submit(self, request: Request, sink: asyncio.Queue) -> None:
-        if request.request_id in self.sinks:
-            raise DuplicateRequest(request.request_id)
-        # Running plus waiting: so at most max_queue wait once the batch is full.
-        s = self.settings
-        if len(self.sinks) >= s.max_num_seqs + s.max_queue:
-            self.requests_rejected += 1
-            raise QueueFull(f"{len(self.sinks)} requests are in flight")
+        try:
+            if request.request_id in self.sinks:
+                raise DuplicateRequest(request.request_id)
+            # Running plus waiting: so at most max_queue wait once the batch is full.
+            s = self.settings
+            if len(self.sinks) >= s.max_num_seqs + s.max_queue:
+                self.requests_rejected += 1
+                raise QueueFull(f"{len(self.sinks)} requests are in flight")
+            self._conn.send(("add", request))
+        except BaseException:
+            if isinstance(request.media, SharedTensors):
+                discard(request.media)
+            raise
         self.sinks[request.request_id] = sink
-        self._conn.send(("add", request))
 
     def abort(self, request_id: str) -> bool:
         """End a request; its stream still gets the core's "abort" finish."""
@@ -314,7 +320,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             sink=None, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output,
-            media=[it.tensors for it in media])
+            media=share([it.tensors for it in media]) if media else [])
 
     def _to_proto(self, r: Request, stream: TokenStream,
                   outs: list[Output]) -> pb.GenerateResponse:
