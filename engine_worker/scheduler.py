@@ -292,6 +292,14 @@ class Engine:
         self._gen.insert([[1, 2, 3], [4, 5, 6, 7, 8]], max_tokens=[4, 4])
         while self._gen.next_generated():
             pass
+        model = self.loaded.model
+        if isinstance(model, BatchedVisionLM):
+            # And the vision encoder, so the first image request does not
+            # wait for its kernels to compile.
+            prompt, media = model.warm_up_request()
+            self._gen.insert([prompt], max_tokens=[2], caches=[model.cache_for(prompt, media)])
+            while self._gen.next_generated():
+                pass
         log.info("warm-up took %.2fs", time.perf_counter() - tic)
 
     def _drain_inbox(self) -> None:

@@ -190,6 +190,18 @@ class BatchedVisionLM(nn.Module):
         mx.eval(seq.embeds, seq.positions, *(seq.deepstack or []))
         return seq
 
+    def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]]:
+        """The smallest image request the model takes (one merged patch), so
+        that warm-up compiles the vision encoder's kernels too."""
+        cfg, vc = self.vlm.config, self.vlm.config.vision_config
+        merge = vc.spatial_merge_size
+        channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", None) or 3
+        patch = channels * vc.temporal_patch_size * vc.patch_size ** 2
+        media = [{"pixel_values": np.zeros((merge * merge, patch), np.float32),
+                  "image_grid_thw": np.array([[1, merge, merge]], np.int64)}]
+        start = cfg.vision_start_token_id
+        return [start, cfg.image_token_id, start], media
+
     def cache_for(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> list:
         """A fresh cache for one request, its media encoded into it."""
         return [KVCache() for _ in self.layers] + [MediaRows([self.encode(prompt, media)])]
