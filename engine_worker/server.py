@@ -22,6 +22,7 @@ from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
 from engine_worker.shared_tensors import SharedTensors, discard, share
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
+from engine_worker.vision import ONE_MEDIA_KIND
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -266,6 +267,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 raise InvalidRequest(f"{where}: the media kind (image or video) is required")
             if source.WhichOneof("source") is None:
                 raise InvalidRequest(f"{where}: a url or a path is required")
+            if (self.facts.model_type in ONE_MEDIA_KIND and source.kind != parts[0][2].kind):
+                raise InvalidRequest(f"{where}: this model takes images or videos in one "
+                                     f"request, not both")
         try:
             return await self.media.prepare(request_id, [s for _, _, s in parts], timeout)
         except MediaRefused as e:

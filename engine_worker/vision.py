@@ -36,6 +36,11 @@ from mlx_lm.models.cache import KVCache
 BATCHED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
+# Families whose embedding step (mlx-vlm's get_input_embeddings) takes the
+# images or the videos of a request, not both.
+ONE_MEDIA_KIND = ("qwen2_vl", "qwen2_5_vl")
+
+
 def is_vision_config(config: dict[str, Any]) -> bool:
     """Whether a model folder's config.json describes a vision-language model
     that mlx-vlm can load."""

@@ -379,6 +379,15 @@ def test_corrupt_and_truncated_videos_are_refused(client):
     assert "cannot read the video" in message, message
 
 
+def test_images_and_videos_together_are_refused_on_qwen2_vl(client):
+    """Qwen2-VL's embedding step takes a request's images or its videos, not
+    both: a 400 naming the first part of the second kind, not a failed
+    generation."""
+    message = refusal(client, text("Compare:"), image_url(png_url(png((64, 48)))),
+                      video_url(data_url(CLIP, "video/mp4")), param="messages[0].content[2]")
+    assert "images or videos" in message, message
+
+
 # -- concurrency -------------------------------------------------------------------
 
 
