@@ -235,3 +235,42 @@ def test_chunked_prefill_keeps_image_rows_apart(vlm_engine, tiny_vlm):
         assert [tokens_of(e.collector.wait(f"chunked-{i}")) for i in range(2)] == whole
     finally:
         e.stop()
+
+
+def test_one_media_request_joins_per_step(tiny_vlm):
+    """Image requests waiting together are encoded one per step, so decode
+    steps run between encodes; a text request behind them joins at once."""
+    e = start_engine(tiny_vlm)
+    p = Prompter(tiny_vlm)
+    try:
+        groups: list[list[str]] = [[]]
+        initial, insert, step = e._initial_cache, e._gen.insert, e._gen.next
+
+        def recording_initial(r):
+            groups[-1].append(r.request_id)
+            return initial(r)
+
+        def recording_insert(*args, **kwargs):
+            groups.append([])
+            return insert(*args, **kwargs)
+
+        burst = [p.request(f"img-{i}", "Describe.", images=[picture(40 + 10 * i, 30, i)])
+                 for i in range(3)] + [p.request("text", "Hello there")]
+
+        def next_step():
+            out = step()
+            while burst:  # on the engine thread: all four wait together
+                e.submit(burst.pop(0))
+            return out
+
+        e._initial_cache, e._gen.insert, e._gen.next = (recording_initial, recording_insert,
+                                                        next_step)
+        e.submit(p.request("first", "Hi", max_tokens=16))
+        for rid in ("first", "img-0", "img-1", "img-2", "text"):
+            e.collector.wait(rid)
+    finally:
+        e.stop()
+    admitted = [g for g in groups if g]
+    assert admitted[0] == ["first"]
+    assert admitted[1] == ["img-0", "text"], admitted
+    assert admitted[2:] == [["img-1"], ["img-2"]], admitted
