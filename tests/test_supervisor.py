@@ -177,6 +177,23 @@ def test_sigterm_lets_streams_finish_then_leaves_no_process(tiny_model, tmp_path
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 30), u.text()
 
 
+def test_a_second_signal_while_stopping_does_not_cut_the_shutdown_short(tiny_model, tmp_path):
+    """Ctrl-C pressed twice (or SIGTERM sent by two supervisors of ours) must
+    still stop every child in order, without a traceback."""
+    u = Up("--model", str(tiny_model), cache=tmp_path)
+    u.wait_for("ready:")
+    pids = [u.pid("engine"), u.pid("gateway")]
+    pids += [c for p in pids for c in children_of(p)]
+    u.proc.send_signal(signal.SIGTERM)
+    u.wait_for("stopping gateway")
+    u.proc.send_signal(signal.SIGINT)
+    u.proc.send_signal(signal.SIGTERM)
+    assert u.proc.wait(60) == 0, u.text()
+    u.wait_for("stopped", timeout=10)
+    assert "Traceback" not in u.text(), u.text()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 30), u.text()
+
+
 def test_sigkill_of_the_supervisor_leaves_no_orphan(tiny_model, tmp_path):
     u = Up("--model", str(tiny_model), cache=tmp_path)
     u.wait_for("ready:")

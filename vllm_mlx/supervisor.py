@@ -260,6 +260,11 @@ class Supervisor:
         """Gateways first, so no new request arrives and in-flight streams finish;
         then the engine; SIGKILL for whatever outlives the grace period."""
         self.stopping.set()
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C or SIGTERM must not cut the shutdown short and
+            # leave children stopping on their own.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: say("already stopping"))
         for child in (self.gateway, self.engine, *self.media):
             if child.alive():
                 say(f"stopping {child.name}")
