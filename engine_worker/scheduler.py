@@ -407,10 +407,11 @@ class Engine:
         # Later media requests keep their order; text requests behind them
         # need no encoder and go ahead.
         later_media: list[Request] = []
+        media_in_batch = False
         while (self._waiting and len(batch) < cap
                and len(self._running) + len(batch) < self.settings.max_num_seqs):
             r = self._waiting[0]
-            if r.media and any(b[0].media for b in batch):
+            if r.media and media_in_batch:
                 later_media.append(self._waiting.popleft())
                 continue
             need = self._reservation(r)
@@ -430,6 +431,7 @@ class Engine:
                 self._queued -= 1
             state = _Running(r)
             batch.append((r, state, self._guarded(state)))
+            media_in_batch = media_in_batch or bool(r.media)
         self._waiting.extendleft(reversed(later_media))
         if not batch:
             return

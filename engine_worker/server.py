@@ -10,8 +10,6 @@ import threading
 import uuid
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine_worker.core import core_main
 from engine_worker.media_client import MediaClient, MediaRefused, MediaUnavailable, PreparedItem
@@ -23,6 +21,7 @@ from engine_worker.shared_tensors import SharedTensors, discard, share
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND
+from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -434,23 +433,10 @@ async def serve(settings: EngineSettings) -> None:
                        settings.mllm)
     tokenizer = await asyncio.to_thread(load_tokenizer, facts)
     server = grpc.aio.server()
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service = EngineService(settings, facts, tokenizer)
     engine_pb2_grpc.add_EngineServicer_to_server(service, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
-    await server.start()
-
-    async def set_health(status) -> None:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
-
-    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    listening = await listen(server, SERVICE_NAME, settings.host, settings.port)
+    port = listening.port
     log.info("listening on %s:%d, loading %s", settings.host, port, settings.model)
     core = service.core
     core.start()
@@ -459,7 +445,7 @@ async def serve(settings: EngineSettings) -> None:
         error = core.ready.result() if core.ready.done() else core.dead.result()
         if error is not None:
             raise SystemExit(f"could not load {settings.model}: {error}")
-        await set_health(health_pb2.HealthCheckResponse.SERVING)
+        await listening.set_serving(True)
         log.info("serving %s (context %d) on %s:%d", facts.name, facts.context_length,
                  settings.host, port)
         # Serve until stopped; a dead core ends this process so that its
@@ -469,7 +455,5 @@ async def serve(settings: EngineSettings) -> None:
         core.fail_all("the engine core exited")
         raise SystemExit(1)
     finally:
-        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5)
+        await listening.stop(grace=5)
         core.stop()

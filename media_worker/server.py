@@ -7,12 +7,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from media_worker.errors import MediaError
 from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
+from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import MediaSettings
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
@@ -80,33 +79,18 @@ async def serve(settings: MediaSettings) -> None:
         # must accept them too (grpc.max_receive_message_length = -1).
         ("grpc.max_send_message_length", -1),
     ])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service = MediaService(settings, pool)
     media_pb2_grpc.add_MediaWorkerServicer_to_server(service, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
-    await server.start()
-
-    async def set_health(status) -> None:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
-
-    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    listening = await listen(server, SERVICE_NAME, settings.host, settings.port)
+    port = listening.port
     log.info("listening on %s:%d, loading the processor of %s", settings.host, port,
              settings.model)
     try:
         service.pre = await asyncio.to_thread(Preprocessor, settings.model)
-        await set_health(health_pb2.HealthCheckResponse.SERVING)
+        await listening.set_serving(True)
         log.info("serving media for %s (%s) on %s:%d", settings.model, service.pre.model_type,
                  settings.host, port)
         await server.wait_for_termination()
     finally:
-        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2)
+        await listening.stop(grace=2)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny models, and real engine processes on loopback ports."""
 
+import http.server
 import importlib.util
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,3 +172,14 @@ def silent_port():
         s.bind(("127.0.0.1", 0))
         s.listen(16)
         yield s.getsockname()[1]
+
+
+def serve_http(handler: type) -> Iterator[int]:
+    """A threaded HTTP server on a loopback port with `handler`, for a
+    fixture to `yield from`: yields the port, then shuts the server down."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()

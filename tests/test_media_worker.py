@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, free_port, terminate
+from tests.conftest import ROOT, free_port, serve_http, terminate
 from vllm_mlx.health import wait_for_serving
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
@@ -208,14 +207,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_port():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
     Handler.files = {"/img.png": png((64, 64), (10, 200, 10)),
                      "/clip.mp4": video_bytes(2, 10)}
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    yield from serve_http(Handler)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from tests.conftest import wait_until
+from tests.conftest import serve_http, wait_until
 from tests.test_media_worker import data_url, image_bytes, png, video_bytes
 from tests.test_supervisor import Up, pid_alive
 
@@ -166,14 +165,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_port():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
     Handler.files = {"/img.png": noise_png(80, 60, 7)}
     Handler.hits = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    yield from serve_http(Handler)
 
 
 @pytest.fixture(scope="module")
