@@ -108,36 +108,63 @@ async def start(gens: list[Generation]) -> None:
         raise
 
 
+def combine(msgs: list[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """Consecutive messages of one stream as one: their tokens, text and
+    logprobs in order, the last one's counts and finish."""
+    if len(msgs) == 1:
+        return msgs[0]
+    last = msgs[-1]
+    out = pb.GenerateResponse(
+        request_id=last.request_id, text="".join(m.text for m in msgs),
+        finished=last.finished, finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+        error=last.error, stop_reason=last.stop_reason)
+    for m in msgs:
+        out.token_ids.extend(m.token_ids)
+        out.logprobs.extend(m.logprobs)
+    return out
+
+
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
     """(choice index, message) from every stream as they arrive; leaving
-    early (error, disconnect) cancels every stream in the engine."""
-    try:
-        if len(gens) == 1:
-            async for msg in gens[0]:
-                yield 0, msg
-            return
-        queue: asyncio.Queue = asyncio.Queue()
+    early (error, disconnect) cancels every stream in the engine.
 
-        async def pump(i: int, g: Generation) -> None:
-            try:
-                async for msg in g:
-                    queue.put_nowait((i, msg, None))
-            except APIError as e:
-                queue.put_nowait((i, None, e))
+    Whatever arrived while the caller handled the previous message comes as
+    one message per choice. Each SSE event costs this process far more than
+    a gRPC read (starlette's send path, h11, a socket write), so once the
+    engine outpaces the gateway, events grow instead of queueing, and an idle
+    gateway still sends every token as it comes."""
+    queue: asyncio.Queue = asyncio.Queue()
 
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    async def pump(i: int, g: Generation) -> None:
         try:
-            live = len(gens)
-            while live:
-                i, msg, error = await queue.get()
+            async for msg in g:
+                queue.put_nowait((i, msg, None))
+        except APIError as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        live = len(gens)
+        while live:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            by_choice: dict[int, list[pb.GenerateResponse]] = {}
+            error = None
+            for i, msg, error in items:
                 if error is not None:
-                    raise error
+                    break
+                by_choice.setdefault(i, []).append(msg)
+            for i, msgs in by_choice.items():
+                msg = combine(msgs)
                 yield i, msg
                 live -= msg.finished
-        finally:
-            for t in tasks:
-                t.cancel()
+            if error is not None:
+                raise error
     finally:
+        for t in tasks:
+            t.cancel()
         cancel_all(gens)
 
 
@@ -282,27 +309,32 @@ async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
         id=ctx.id, created=ctx.created, model=ctx.model,
         choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=_HOLE))]))
         for i in range(len(gens))]
+    # Events due together leave in one write (one trip through starlette's
+    # send path and one syscall each, the gateway's main cost per event).
+    events = [chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+              for i in range(len(gens))]
     try:
-        for i in range(len(gens)):
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
         async for i, msg in merged(gens):
             ctx.timer.tokens(i, len(msg.token_ids))
             choices[i].add(msg)
             if logprobs and msg.logprobs:
-                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=msg.text),
-                                             logprobs=chat_logprobs(msg.logprobs))])
+                events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=msg.text),
+                                                     logprobs=chat_logprobs(msg.logprobs))]))
             elif msg.text:
-                yield text_chunks[i](msg.text)
+                events.append(text_chunks[i](msg.text))
             if msg.finished:
-                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(),
-                                             finish_reason=choices[i].finish_reason)])
+                events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(),
+                                                     finish_reason=choices[i].finish_reason)]))
+            if events:
+                yield b"".join(events)
+                events = []
         usage = _usage(choices[0].prompt_tokens, choices)
         ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
         if ctx.include_usage:
-            yield chunk([], usage)
+            events.append(chunk([], usage))
     except APIError as e:
-        yield sse_error(e)
-    yield DONE
+        events.append(sse_error(e))
+    yield b"".join(events) + DONE
 
 
 # -- completions -----------------------------------------------------------------------
@@ -344,28 +376,32 @@ async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: lis
         id=ctx.id, created=ctx.created, model=ctx.model,
         choices=[CompletionChoice(index=i, text=_HOLE, finish_reason=None)]))
         for i in range(len(gens))]
+    events = []  # due together: one write (see chat_stream)
+    if echo:
+        for i in range(len(gens)):
+            offsets[i] = len(echo[prompt_of[i]])
+            events.append(chunk([CompletionChoice(index=i, text=echo[prompt_of[i]],
+                                                  finish_reason=None)]))
     try:
-        if echo:
-            for i in range(len(gens)):
-                offsets[i] = len(echo[prompt_of[i]])
-                yield chunk([CompletionChoice(index=i, text=echo[prompt_of[i]],
-                                              finish_reason=None)])
         async for i, msg in merged(gens):
             ctx.timer.tokens(i, len(msg.token_ids))
             choices[i].add(msg)
             if logprobs and msg.logprobs:
                 lps, offsets[i] = completion_logprobs(msg.logprobs, offsets[i])
-                yield chunk([CompletionChoice(index=i, text=msg.text, logprobs=lps,
-                                              finish_reason=None)])
+                events.append(chunk([CompletionChoice(index=i, text=msg.text, logprobs=lps,
+                                                      finish_reason=None)]))
             elif msg.text:
-                yield text_chunks[i](msg.text)
+                events.append(text_chunks[i](msg.text))
             if msg.finished:
-                yield chunk([CompletionChoice(index=i, text="",
-                                              finish_reason=choices[i].finish_reason)])
+                events.append(chunk([CompletionChoice(index=i, text="",
+                                                      finish_reason=choices[i].finish_reason)]))
+            if events:
+                yield b"".join(events)
+                events = []
         usage = _completion_usage(choices, prompt_of)
         ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
         if ctx.include_usage:
-            yield chunk([], usage)
+            events.append(chunk([], usage))
     except APIError as e:
-        yield sse_error(e)
-    yield DONE
+        events.append(sse_error(e))
+    yield b"".join(events) + DONE

@@ -90,6 +90,7 @@ class Run:
         self.ttft: list[float] = []
         self.tokens = 0
         self.elapsed = 0.0
+        self.started = self.ended = 0.0  # time.monotonic(), comparable across processes
         self.cpu_ms_per_1k: dict[str, float] = {}
 
     @property
@@ -131,9 +132,10 @@ async def grpc_run(address: str, prompts: list, form: str, max_tokens: int) -> R
                 n += len(r.token_ids)
             return n
 
-        tic = time.perf_counter()
+        run.started = time.monotonic()
         run.tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
-        run.elapsed = time.perf_counter() - tic
+        run.ended = time.monotonic()
+        run.elapsed = run.ended - run.started
     assert run.tokens == len(prompts) * max_tokens, run.tokens
     return run
 
@@ -201,9 +203,10 @@ async def http_run(url: str, prompts: list, form: str, max_tokens: int, client: 
             sdk = AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0,
                               timeout=3600)
         one = one_openai if client == "openai" else one_httpx
-        tic = time.perf_counter()
+        run.started = time.monotonic()
         run.tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
-        run.elapsed = time.perf_counter() - tic
+        run.ended = time.monotonic()
+        run.elapsed = run.ended - run.started
     assert run.tokens == len(prompts) * max_tokens, run.tokens
     return run
 
@@ -248,14 +251,48 @@ def _median_cpu(runs: list[Run]) -> dict[str, float]:
     return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
 
 
-def measured(run_coro, pids: dict[str, int]) -> Run:
+def _client_run(kind: str, target: str, prompts: list, form: str, max_tokens: int,
+                client: str, start_at: float, model: str | None) -> tuple:
+    """One client process's share of a run (see --client-procs)."""
+    global TEMPLATER
+    if model and TEMPLATER is None:
+        TEMPLATER = Templater(Path(model))
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    cpu = time.process_time()
+    if kind == "grpc":
+        run = asyncio.run(grpc_run(target, prompts, form, max_tokens))
+    else:
+        run = asyncio.run(http_run(target, prompts, form, max_tokens, client))
+    return run.tokens, run.ttft, run.started, run.ended, time.process_time() - cpu
+
+
+def measured(kind: str, target: str, prompts: list, a, pids: dict[str, int], pool) -> Run:
+    """One timed run, in this process or split evenly over the pool's client
+    processes (started together; tokens/s over the span from the first
+    start to the last end)."""
     has_proc = Path("/proc/self/stat").exists()
     before = {k: cpu_seconds(p) for k, p in pids.items()} if has_proc else {}
-    client_before = time.process_time()
-    run = asyncio.run(run_coro)
+    if pool is None:
+        client_before = time.process_time()
+        run = asyncio.run(grpc_run(target, prompts, a.prompt_form, a.max_tokens)
+                          if kind == "grpc" else
+                          http_run(target, prompts, a.prompt_form, a.max_tokens, a.client))
+        client_cpu = time.process_time() - client_before
+    else:
+        n, start_at = a.client_procs, time.monotonic() + 0.2
+        model = str(a.model_path) if a.prompt_form == "chat-ids" else None
+        parts = pool.starmap(_client_run, [
+            (kind, target, prompts[k::n], a.prompt_form, a.max_tokens, a.client, start_at,
+             model) for k in range(n) if prompts[k::n]])
+        run = Run()
+        run.tokens = sum(p[0] for p in parts)
+        run.ttft = [t for p in parts for t in p[1]]
+        run.started, run.ended = min(p[2] for p in parts), max(p[3] for p in parts)
+        run.elapsed = run.ended - run.started
+        client_cpu = sum(p[4] for p in parts)
     if has_proc:
         spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
-        spent["client"] = time.process_time() - client_before
+        spent["client"] = client_cpu
         run.cpu_ms_per_1k = {k: 1e6 * v / run.tokens for k, v in spent.items()}
     return run
 
@@ -271,6 +308,9 @@ def main() -> None:
                     default="ids")
     ap.add_argument("--client", choices=["httpx", "openai"], default="httpx")
     ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes sharing each run's streams (both paths), so "
+                         "that one Python client's CPU does not limit what is measured")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--engine-port", type=int, default=50927)
     ap.add_argument("--port", type=int, default=50928)
@@ -278,13 +318,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
 
-    model = build_model(a.model, a.cache)
+    model = a.model_path = build_model(a.model, a.cache)
     global TEMPLATER
     if a.prompt_form == "chat-ids":
         TEMPLATER = Templater(model)
     engine = start_engine(model, a.engine_port, a.engine_flags.split())
     gateway = None
     results = []
+    pool = None
+    if a.client_procs > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(a.client_procs)
     try:
         gateway = start_gateway(a.engine_port, a.port, a.workers)
         address, url = f"127.0.0.1:{a.engine_port}", f"http://127.0.0.1:{a.port}"
@@ -295,9 +340,8 @@ def main() -> None:
             prompts = make_prompts(c, vocab_of(model), a.prompt_form)
             grpc_runs, http_runs = [], []
             for i in range(a.rounds + 1):  # the first of each is an untimed warm-up
-                g = measured(grpc_run(address, prompts, a.prompt_form, a.max_tokens), pids)
-                h = measured(http_run(url, prompts, a.prompt_form, a.max_tokens, a.client),
-                             pids)
+                g = measured("grpc", address, prompts, a, pids, pool)
+                h = measured("http", url, prompts, a, pids, pool)
                 if i:
                     grpc_runs.append(g)
                     http_runs.append(h)
@@ -321,6 +365,8 @@ def main() -> None:
                   f"CPU ms/1k tok grpc {row['grpc_cpu_ms_per_1k_tokens']} "
                   f"http {row['http_cpu_ms_per_1k_tokens']}", flush=True)
     finally:
+        if pool is not None:
+            pool.terminate()
         for proc in (gateway, engine):
             if proc is not None:
                 proc.terminate()
@@ -332,7 +378,8 @@ def main() -> None:
             machine=platform.platform(), processor=platform.machine(), cpus=os.cpu_count(),
             device=str(mx.default_device()), model=a.model, max_tokens=a.max_tokens,
             prompt_form=a.prompt_form, prompt_len=PROMPT_LEN, client=a.client,
-            gateway_workers=a.workers, rounds=a.rounds, engine_flags=a.engine_flags,
+            gateway_workers=a.workers, client_procs=a.client_procs, rounds=a.rounds,
+            engine_flags=a.engine_flags,
             results=results), indent=2))
 
 

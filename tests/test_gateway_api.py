@@ -735,3 +735,37 @@ def test_gateway_logs_are_clean(gateway, keyed):
     for g in (gateway, keyed):
         log = g.log()
         assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def test_a_slow_reader_gets_tokens_coalesced_not_lost(engine):
+    """Real engine streams read through the gateway's merge: messages that
+    arrive while the consumer is busy come as one per choice, with every
+    token, in order, equal to each stream read one message at a time."""
+    from gateway.engine_client import EngineClient
+    from gateway.serving import merged
+
+    def request(seed: int) -> pb.GenerateRequest:
+        return pb.GenerateRequest(text="Tell me about café culture.", max_tokens=40,
+                                  sampling=pb.SamplingParams(temperature=0.8, seed=seed))
+
+    async def read(seeds: list[int], pause: float) -> tuple[list[list[int]], list[str], int]:
+        client = EngineClient(engine.address, 60, 5)
+        await client.start()
+        try:
+            gens = [client.generate(request(s)) for s in seeds]
+            ids, texts, messages = [[] for _ in seeds], ["" for _ in seeds], 0
+            async for i, msg in merged(gens):
+                ids[i] += msg.token_ids
+                texts[i] += msg.text
+                messages += 1
+                await asyncio.sleep(pause)
+            return ids, texts, messages
+        finally:
+            await client.close()
+
+    fast_ids, fast_texts, _ = asyncio.run(read([1, 2], 0))
+    slow_ids, slow_texts, messages = asyncio.run(read([1, 2], 0.05))
+    assert [len(x) for x in slow_ids] == [40, 40]
+    assert slow_ids == fast_ids and slow_texts == fast_texts
+    assert fast_ids[0] != fast_ids[1]  # two different streams, not one twice
+    assert messages < 40, f"{messages} messages for 2 x 40 tokens: nothing coalesced"
