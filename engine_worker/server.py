@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
-import threading
 import uuid
 
 import grpc
@@ -99,19 +98,25 @@ class CoreClient:
 
     def start(self) -> None:
         self.process.start()
-        threading.Thread(target=self._read, name="core-reader", daemon=True).start()
+        # The event loop reads the pipe itself whenever it is readable. A
+        # reader thread would need the GIL for every message, and a busy
+        # loop holds it for up to the switch interval (5 ms): the thread then
+        # lagged behind a core that sends every 1-2 ms, the pipe filled, and
+        # the core blocked in send (docs/benchmarks.md).
+        self._loop.add_reader(self._conn.fileno(), self._read)
 
     def _read(self) -> None:
         try:
-            while True:
+            while self._conn.poll():
                 kind, *rest = self._conn.recv()
                 if kind == "ready":
                     error, self.memory = rest
-                    self._loop.call_soon_threadsafe(_resolve, self.ready, error)
+                    _resolve(self.ready, error)
                 else:
-                    self._loop.call_soon_threadsafe(self._deliver, *rest)
+                    self._deliver(*rest)
         except (EOFError, OSError):
-            self._loop.call_soon_threadsafe(_resolve, self.dead, "the engine core exited")
+            self._loop.remove_reader(self._conn.fileno())
+            _resolve(self.dead, "the engine core exited")
 
     def _deliver(self, outputs: list[tuple], stats: dict | None) -> None:
         if stats is not None:
