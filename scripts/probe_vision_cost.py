@@ -1,0 +1,103 @@
+"""Where an image request's engine time goes: the vision encoder, the
+prefill of its image tokens, and a decode step of the text requests beside
+it, each timed alone on the tiny random-weight VLM (`--family`).
+
+    python scripts/probe_vision_cost.py --sizes 448x448 1280x720 1920x1080
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def timed(fn, repeat: int) -> float:
+    """Median milliseconds of `fn` after one untimed call (kernels compile on first use)."""
+    import mlx.core as mx
+
+    fn()
+    mx.synchronize()
+    times = []
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        fn()
+        mx.synchronize()
+        times.append((time.perf_counter() - tic) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="qwen2_vl")
+    ap.add_argument("--sizes", nargs="+", default=["448x448", "1280x720", "1920x1080"])
+    ap.add_argument("--text-batch", type=int, default=4, help="text requests decoding")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+
+    import make_test_models
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import BatchGenerator
+    from PIL import Image
+
+    from engine_worker.vision import load_vision_model
+    from media_worker.processor import Preprocessor
+
+    path = a.cache / f"tiny-{a.family}"
+    if not (path / "config.json").exists():
+        make_test_models.build_vlm_model(path, family=a.family)
+    model, _ = load_vision_model(str(path.resolve()))
+    pre = Preprocessor(str(path.resolve()))
+    cfg = model.vlm.config
+    rng = np.random.default_rng(0)
+
+    def decode_step() -> None:
+        gen = BatchGenerator(model, completion_batch_size=64, prefill_batch_size=8)
+        gen.insert([[5, 6, 7, 8]] * a.text_batch, max_tokens=[1 << 20] * a.text_batch)
+        for _ in range(3):
+            gen.next()
+        return gen
+
+    gen = decode_step()
+    step_ms = timed(gen.next, a.repeat * 4)
+    rows = []
+    for size in a.sizes:
+        w, h = map(int, size.split("x"))
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        item = pre.image(img)
+        start = cfg.vision_start_token_id
+        prompt = [start] + [item.placeholder_token_id] * item.num_placeholder_tokens \
+            + [cfg.vision_end_token_id if hasattr(cfg, "vision_end_token_id") else start, 9, 10]
+        media = [item.tensors]
+        encode_ms = timed(lambda prompt=prompt, media=media: model.encode(prompt, media),
+                          a.repeat)
+
+        def encode_and_prefill(prompt=prompt, media=media) -> None:
+            g = BatchGenerator(model, completion_batch_size=64, prefill_batch_size=8)
+            g.insert([prompt], max_tokens=[1], caches=[model.cache_for(prompt, media)])
+            while g.next_generated():
+                pass
+
+        total_ms = timed(encode_and_prefill, a.repeat)
+        rows.append(dict(size=size, image_tokens=item.num_placeholder_tokens,
+                         patches=int(item.tensors["pixel_values"].shape[0]),
+                         encode_ms=round(encode_ms, 1),
+                         prefill_ms=round(total_ms - encode_ms, 1),
+                         decode_step_ms=round(step_ms, 2)))
+        print(rows[-1], flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(dict(family=a.family, device=str(mx.default_device()),
+                                         text_batch=a.text_batch, results=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
