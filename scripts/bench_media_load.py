@@ -124,12 +124,45 @@ def load_process(mode: str, base_url: str, media: list[str], seeds: range, conn)
     conn.send(asyncio.run(run()))
 
 
+def loop_seconds(engine_address: str) -> dict[str, float]:
+    """The engine loop's time by phase so far, and its step count."""
+    import grpc
+
+    from vllm_mlx.v1 import engine_pb2 as pb
+    from vllm_mlx.v1 import engine_pb2_grpc
+
+    with grpc.insecure_channel(engine_address) as channel:
+        s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
+    return {**s.loop_seconds, "steps": float(s.steps)}
+
+
+class LoopTime:
+    """Where the engine loop's time went during one state's text rounds:
+    milliseconds per phase (the vision encoder runs in `admit`) and steps."""
+
+    def __init__(self, engine_address: str):
+        self.address = engine_address
+        self.total: dict[str, float] = {}
+
+    async def around(self, coro):
+        before = await asyncio.to_thread(loop_seconds, self.address)
+        result = await coro
+        after = await asyncio.to_thread(loop_seconds, self.address)
+        for k in after:
+            self.total[k] = self.total.get(k, 0.0) + after[k] - before[k]
+        return result
+
+    def summary(self) -> dict[str, float]:
+        return {k: round(v if k == "steps" else v * 1e3, 1) for k, v in self.total.items()}
+
+
 async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
-              media_addresses: list[str]) -> dict:
+              media_addresses: list[str], engine_address: str) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     quiet, decoding, loaded, image_latency, prepare_latency = [], [], [], [], []
+    loop = {state: LoopTime(engine_address) for state in ("quiet", "decoding", "loaded")}
     limits = httpx.Limits(max_connections=16)
     seeds = iter(range(0, 10**6, 100))
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
@@ -138,16 +171,17 @@ async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
             "model": "default", "max_tokens": 1, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": jpeg_data_url(10**7)}}]}]})
         for _ in range(rounds):
-            quiet += await text_round(client, per_round, gap_s)
-            for samples, latencies, mode in ((decoding, prepare_latency, "prepare"),
-                                             (loaded, image_latency, "chat")):
+            quiet += await loop["quiet"].around(text_round(client, per_round, gap_s))
+            for samples, latencies, mode, state in (
+                    (decoding, prepare_latency, "prepare", "decoding"),
+                    (loaded, image_latency, "chat", "loaded")):
                 here, there = ctx.Pipe()
                 start = next(seeds)
                 proc = ctx.Process(target=load_process, args=(
                     mode, base_url, media_addresses, range(start, start + 100), there))
                 proc.start()
                 await asyncio.to_thread(here.recv)  # "started"
-                samples += await text_round(client, per_round, gap_s)
+                samples += await loop[state].around(text_round(client, per_round, gap_s))
                 here.send("stop")
                 latencies += await asyncio.to_thread(here.recv)
                 proc.join()
@@ -161,6 +195,7 @@ async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
         loaded_p99_ms=1e3 * percentile(loaded, 0.99),
         image_requests=len(image_latency),
         image_latency_p50_ms=1e3 * statistics.median(image_latency) if image_latency else None,
+        engine_loop_ms={state: t.summary() for state, t in loop.items()},
         samples_per_state=len(quiet), quiet_all=quiet, decoding_all=decoding,
         loaded_all=loaded)
 
@@ -172,6 +207,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=40)
     ap.add_argument("--gap-ms", type=float, default=20)
     ap.add_argument("--port", type=int, default=18731)
+    ap.add_argument("--engine-port", type=int, default=18732)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     import make_test_models
@@ -181,7 +217,8 @@ def main() -> None:
         make_test_models.build_vlm_model(model)
         log = open(Path(tmp) / "up.log", "w+")
         up = subprocess.Popen([sys.executable, "-m", "vllm_mlx.supervisor", "--model", str(model),
-                               "--port", str(a.port)], stdout=log, stderr=subprocess.STDOUT,
+                               "--port", str(a.port), "--engine-port", str(a.engine_port)],
+                              stdout=log, stderr=subprocess.STDOUT,
                               cwd=ROOT)
         try:
             deadline = time.monotonic() + 300
@@ -192,7 +229,7 @@ def main() -> None:
             media = re.findall(r"\[media-\d\] .* listening on (\S+),",
                                Path(log.name).read_text())
             result = asyncio.run(run(f"http://127.0.0.1:{a.port}", a.rounds, a.per_round,
-                                     a.gap_ms / 1e3, media))
+                                     a.gap_ms / 1e3, media, f"127.0.0.1:{a.engine_port}"))
         finally:
             up.terminate()
             up.wait(60)
@@ -209,6 +246,9 @@ def main() -> None:
           f"  4 image requests in flight     {r['loaded_p50_ms']:7.1f} / {r['loaded_p99_ms']:7.1f}"
           f"  (x{r['loaded_p50_ratio']:.2f} / x{r['loaded_p99_ratio']:.2f}; "
           f"{r['image_requests']} requests, p50 {r['image_latency_p50_ms']:.0f} ms)")
+    print("engine loop, ms per state (admit holds the vision encoder):")
+    for state, t in r["engine_loop_ms"].items():
+        print(f"  {state:9s} {t}")
     if a.out:
         a.out.write_text(json.dumps(dict(machine=platform.platform(), cpus=os.cpu_count(),
                                          **result), indent=2))
