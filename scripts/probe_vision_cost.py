@@ -3,6 +3,12 @@ prefill of its image tokens, and a decode step of the text requests beside
 it, each timed alone on the tiny random-weight VLM (`--family`).
 
     python scripts/probe_vision_cost.py --sizes 448x448 1280x720 1920x1080
+
+`--mixed N` then runs the engine loop itself (in-process, no gRPC): text
+requests keep decoding while N image requests of the last size pass through
+one after another, and reports the loop's time per image request by phase
+(the encoder runs in `admit`). `--keep-allocator-cache` stops mlx-lm from
+freeing MLX's buffer cache after every prefill, to see what that costs.
 """
 
 import argparse
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["448x448", "1280x720", "1920x1080"])
     ap.add_argument("--text-batch", type=int, default=4, help="text requests decoding")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--mixed", type=int, default=0, help="image requests through the engine loop")
+    ap.add_argument("--keep-allocator-cache", action="store_true")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -94,9 +102,78 @@ def main() -> None:
                          prefill_ms=round(total_ms - encode_ms, 1),
                          decode_step_ms=round(step_ms, 2)))
         print(rows[-1], flush=True)
+    mixed = mixed_run(path, prompt, media, a) if a.mixed else None
     if a.out:
         a.out.write_text(json.dumps(dict(family=a.family, device=str(mx.default_device()),
-                                         text_batch=a.text_batch, results=rows), indent=2))
+                                         text_batch=a.text_batch, results=rows, mixed=mixed,
+                                         keep_allocator_cache=a.keep_allocator_cache),
+                                    indent=2))
+
+
+def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
+    """The engine loop with text requests decoding and image requests passing
+    through one at a time: loop milliseconds per image request, by phase."""
+    import threading
+
+    import mlx.core as mx
+
+    from engine_worker.model import load_model, read_facts
+    from engine_worker.sampling import SamplingParams
+    from engine_worker.scheduler import Engine, Request
+    from vllm_mlx.settings import EngineSettings
+
+    if a.keep_allocator_cache:
+        import mlx_lm.generate
+
+        class KeepCache:
+            def __getattr__(self, name):
+                return (lambda: None) if name == "clear_cache" else getattr(mx, name)
+
+        mlx_lm.generate.mx = KeepCache()
+    finished: dict[str, threading.Event] = {}
+
+    def publish(batch) -> None:
+        for _, out in batch:
+            if out.finish_reason and out.request_id in finished:
+                finished[out.request_id].set()
+
+    engine = Engine(EngineSettings(model=str(path), max_num_seqs=64, prefix_cache=False),
+                    lambda s: load_model(read_facts(s.model)), publish)
+    engine.start()
+    engine.ready.wait()
+
+    def run_image(rid: str) -> None:
+        finished[rid] = threading.Event()
+        engine.submit(Request(rid, list(prompt), 4, SamplingParams(), sink=None,
+                              media=[dict(m) for m in media]))
+        finished[rid].wait()
+
+    for i in range(a.text_batch):
+        engine.submit(Request(f"text-{i}", [5, 6, 7, 8], 1 << 16, SamplingParams(), sink=None))
+    run_image("warm-up")
+
+    def snapshot() -> dict[str, float]:
+        return {**engine.stats.loop_seconds, "steps": engine.stats.steps}
+
+    def phases(before: dict, after: dict, n: int) -> dict[str, float]:
+        return {k: round((after[k] - before[k]) * (1 if k == "steps" else 1e3) / n, 2)
+                for k in after if k != "idle"}
+
+    time.sleep(0.5)
+    t0 = snapshot()
+    time.sleep(1.0)
+    t1 = snapshot()
+    text_only = phases(t0, t1, max(1, t1["steps"] - t0["steps"]))
+    tic = time.perf_counter()
+    for i in range(a.mixed):
+        run_image(f"image-{i}")
+    wall = (time.perf_counter() - tic) * 1e3 / a.mixed
+    t2 = snapshot()
+    engine.stop()
+    out = dict(per_text_step_ms=text_only, per_image_request_ms=phases(t1, t2, a.mixed),
+               wall_ms_per_image_request=round(wall, 1))
+    print(out, flush=True)
+    return out
 
 
 if __name__ == "__main__":
