@@ -13,6 +13,7 @@ freeing MLX's buffer cache after every prefill, to see what that costs.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -178,3 +179,7 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
 
 if __name__ == "__main__":
     main()
+    # MLX on Linux aborts at interpreter exit after a BatchGenerator ran on
+    # another thread (the engine loop of --mixed); everything is written.
+    sys.stdout.flush()
+    os._exit(0)
