@@ -23,6 +23,13 @@ log = logging.getLogger("engine")
 # One engine serves one model; LRUPromptCache keys its trie by model too.
 _MODEL_KEY = "model"
 _MAX_DEFAULT_BYTES = 8 << 30
+# A cached prefix is used only if it saves at least this many tokens of
+# prefill. Using one deep-copies the whole entry; random prompts share a
+# first token or two with some entry all the time, and those copies cost
+# far more than prefilling two tokens: 360 µs per step of admission at 64
+# streams on an H200 (docs/benchmarks.md). vLLM reuses whole 16-token
+# blocks only, for the same reason.
+MIN_REUSE_TOKENS = 16
 
 
 def default_budget() -> int:
@@ -61,6 +68,9 @@ class PrefixCache:
         """A private copy of the KV for the longest cached prefix of
         `prompt`, and that prefix's length (0 and None on a miss). The
         prefix is always shorter than the prompt."""
+        if _reusable(self._lru, prompt) < MIN_REUSE_TOKENS:
+            self.misses += 1
+            return None, 0
         cache, rest = self._lru.fetch_nearest_cache(_MODEL_KEY, prompt)
         if cache is not None and not rest:
             # A full hit: give back the last token so that it is prefilled
@@ -100,3 +110,16 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._lru.trim_to(n_sequences=0)
+
+
+def _reusable(lru: LRUPromptCache, prompt: list[int]) -> int:
+    """How many prompt tokens `fetch_nearest_cache` would reuse, without the
+    copy it makes. Reads the trie of mlx-lm's LRUPromptCache (it has no
+    public way to ask) and mirrors that method's choice."""
+    found = lru._trie.search(_MODEL_KEY, prompt)
+    if found.exact is not None:
+        return len(prompt)
+    shorter = len(found.shorter) if found.shorter is not None else 0
+    if found.longer is not None and found.common_prefix > shorter:
+        return min(len(prompt) - 1, found.common_prefix)
+    return shorter

@@ -269,3 +269,19 @@ def test_kept_kv_holds_only_its_own_bytes(tiny_model):
         assert grown < 2 * kept_more + (1 << 20), (grown, kept_more)
     finally:
         engine.stop()
+
+
+def test_a_few_shared_tokens_are_not_worth_a_copy(cached, plain):
+    """Using a cached prefix copies the whole entry: a prompt that shares
+    fewer than MIN_REUSE_TOKENS with one prefills from scratch (a miss)."""
+    from engine_worker.prefix_cache import MIN_REUSE_TOKENS
+
+    base = ids(60, seed=40)
+    greedy(cached, "few-a", base)
+    for shared in (MIN_REUSE_TOKENS - 1, MIN_REUSE_TOKENS):
+        prompt = base[:shared] + ids(30, seed=41 + shared)
+        hits, reused = cached.stats.cache_hits, cached.stats.cache_tokens_reused
+        assert greedy(cached, f"few-{shared}", prompt) == greedy(plain, f"few-ref-{shared}",
+                                                                  prompt)
+        got = (cached.stats.cache_hits - hits, cached.stats.cache_tokens_reused - reused)
+        assert got == ((0, 0) if shared < MIN_REUSE_TOKENS else (1, shared)), shared
