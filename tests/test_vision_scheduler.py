@@ -3,6 +3,7 @@ random-weight VLMs: media requests join the same batch as text requests, each
 keeps its own image, and batching changes nothing any request gets."""
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,17 +238,21 @@ def test_chunked_prefill_keeps_image_rows_apart(vlm_engine, tiny_vlm):
         e.stop()
 
 
-def test_one_media_request_joins_per_step(tiny_vlm):
+def test_media_requests_join_one_per_step_after_text_first_tokens(tiny_vlm):
     """Image requests waiting together are encoded one per step, so decode
-    steps run between encodes; a text request behind them joins at once."""
+    steps run between encodes; a text request behind them joins first, and
+    no encoder runs while a text request waits for its first token."""
     e = start_engine(tiny_vlm)
     p = Prompter(tiny_vlm)
     try:
         groups: list[list[str]] = [[]]
+        awaiting_at_encode: dict[str, set] = {}
         initial, insert, step = e._initial_cache, e._gen.insert, e._gen.next
 
         def recording_initial(r):
             groups[-1].append(r.request_id)
+            if r.media:
+                awaiting_at_encode[r.request_id] = set(e._awaiting_first)
             return initial(r)
 
         def recording_insert(*args, **kwargs):
@@ -271,6 +276,43 @@ def test_one_media_request_joins_per_step(tiny_vlm):
     finally:
         e.stop()
     admitted = [g for g in groups if g]
-    assert admitted[0] == ["first"]
-    assert admitted[1] == ["img-0", "text"], admitted
-    assert admitted[2:] == [["img-1"], ["img-2"]], admitted
+    assert admitted == [["first"], ["text"], ["img-0"], ["img-1"], ["img-2"]], admitted
+    assert awaiting_at_encode == {f"img-{i}": set() for i in range(3)}
+
+
+def test_steady_text_traffic_does_not_starve_a_media_request(tiny_vlm):
+    """A text request arriving at every step keeps one waiting for its first
+    token all the time; the image request still joins, once it has been held
+    back for MEDIA_HOLD_MAX_S."""
+    from engine_worker.scheduler import MEDIA_HOLD_MAX_S
+
+    e = start_engine(tiny_vlm)
+    p = Prompter(tiny_vlm)
+    limit = 3000
+    try:
+        sent, admitted_after = [0], []
+        initial, step = e._initial_cache, e._gen.next
+
+        def recording_initial(r):
+            if r.media:
+                admitted_after.append(sent[0])
+            return initial(r)
+
+        def next_step():
+            out = step()
+            if sent[0] < limit and not admitted_after:
+                e.submit(p.request(f"t-{sent[0]}", "Hi", max_tokens=2))
+                sent[0] += 1
+            return out
+
+        e._initial_cache, e._gen.next = recording_initial, next_step
+        e.submit(p.request("warm", "Hi", max_tokens=2))
+        e.collector.wait("warm")
+        tic = time.monotonic()
+        e.submit(p.request("img", "Describe.", images=[picture(40, 30, 0)]))
+        e.collector.wait("img")
+        waited = time.monotonic() - tic
+    finally:
+        e.stop()
+    assert admitted_after and admitted_after[0] < limit, "text traffic starved the image"
+    assert admitted_after[0] > 0 and waited >= MEDIA_HOLD_MAX_S * 0.9
