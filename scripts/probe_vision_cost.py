@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--mixed", type=int, default=0, help="image requests through the engine loop")
     ap.add_argument("--keep-allocator-cache", action="store_true")
+    ap.add_argument("--load-seconds", type=float, default=0,
+                    help="text requests one after another (20 ms apart) while 4 image "
+                         "requests stay in flight, in the engine loop itself")
+    ap.add_argument("--prefix-cache", action="store_true", help="(--load-seconds) as served")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -104,11 +108,106 @@ def main() -> None:
                          decode_step_ms=round(step_ms, 2)))
         print(rows[-1], flush=True)
     mixed = mixed_run(path, prompt, media, a) if a.mixed else None
+    if a.load_seconds:
+        mixed = load_run(path, prompt, media, a)
     if a.out:
         a.out.write_text(json.dumps(dict(family=a.family, device=str(mx.default_device()),
                                          text_batch=a.text_batch, results=rows, mixed=mixed,
                                          keep_allocator_cache=a.keep_allocator_cache),
                                     indent=2))
+
+
+def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
+    """bench_media_load's "image requests in flight" state without the
+    gateway, the front end or the media workers: text time to first token
+    and the loop's time per step, in-process."""
+    import threading
+
+    from engine_worker.model import load_model, read_facts
+    from engine_worker.sampling import SamplingParams
+    from engine_worker.scheduler import Engine, Request
+    from vllm_mlx.settings import EngineSettings
+
+    first: dict[str, threading.Event] = {}
+    done: dict[str, threading.Event] = {}
+
+    def publish(batch) -> None:
+        for _, out in batch:
+            rid = out.request_id
+            if rid in first:
+                first[rid].set()
+            if out.finish_reason and rid in done:
+                done[rid].set()
+
+    engine = Engine(EngineSettings(model=str(path), max_num_seqs=64,
+                                   prefix_cache=a.prefix_cache),
+                    lambda s: load_model(read_facts(s.model)), publish)
+    engine.start()
+    engine.ready.wait()
+    stop = threading.Event()
+    image_ms: list[float] = []
+
+    def image_slot(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            rid = f"img-{k}-{n}"
+            n += 1
+            done[rid] = threading.Event()
+            tic = time.perf_counter()
+            engine.submit(Request(rid, list(prompt), 4, SamplingParams(), sink=None,
+                                  media=[dict(m) for m in media]))
+            done[rid].wait()
+            image_ms.append((time.perf_counter() - tic) * 1e3)
+
+    def text_round(seconds: float, tag: str) -> list[float]:
+        out, end, i = [], time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            rid = f"{tag}-{i}"
+            i += 1
+            first[rid] = threading.Event()
+            tic = time.perf_counter()
+            engine.submit(Request(rid, [5, 6, 7, 8, 9, 10 + i % 50], 1, SamplingParams(),
+                                  sink=None))
+            first[rid].wait()
+            out.append((time.perf_counter() - tic) * 1e3)
+            time.sleep(0.02)
+        return out
+
+    def snapshot() -> dict[str, float]:
+        return {**engine.stats.loop_seconds, "steps": engine.stats.steps}
+
+    def per_step(before: dict, after: dict) -> dict[str, float]:
+        n = max(1, after["steps"] - before["steps"])
+        return {k: round((after[k] - before[k]) * 1e3 / n, 2) for k in after
+                if k not in ("idle", "steps")} | {"steps": after["steps"] - before["steps"]}
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 1)
+
+    text_round(1.0, "warm")
+    t0 = snapshot()
+    quiet = text_round(a.load_seconds, "quiet")
+    t1 = snapshot()
+    slots = [threading.Thread(target=image_slot, args=(k,)) for k in range(4)]
+    for t in slots:
+        t.start()
+    time.sleep(0.5)
+    t2 = snapshot()
+    loaded = text_round(a.load_seconds, "loaded")
+    t3 = snapshot()
+    stop.set()
+    for t in slots:
+        t.join()
+    engine.stop()
+    out = dict(prefix_cache=a.prefix_cache,
+               quiet_ms=dict(p50=pct(quiet, 0.5), p99=pct(quiet, 0.99), n=len(quiet)),
+               loaded_ms=dict(p50=pct(loaded, 0.5), p99=pct(loaded, 0.99), n=len(loaded)),
+               image_request_ms_p50=pct(image_ms, 0.5),
+               quiet_loop_ms_per_step=per_step(t0, t1),
+               loaded_loop_ms_per_step=per_step(t2, t3))
+    print(out, flush=True)
+    return out
 
 
 def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
