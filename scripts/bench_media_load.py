@@ -171,6 +171,7 @@ async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
             "model": "default", "max_tokens": 1, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": jpeg_data_url(10**7)}}]}]})
         for _ in range(rounds):
+            print("state quiet", flush=True)  # markers for profilers attached from outside
             quiet += await loop["quiet"].around(text_round(client, per_round, gap_s))
             for samples, latencies, mode, state in (
                     (decoding, prepare_latency, "prepare", "decoding"),
@@ -181,6 +182,7 @@ async def run(base_url: str, rounds: int, per_round: int, gap_s: float,
                     mode, base_url, media_addresses, range(start, start + 100), there))
                 proc.start()
                 await asyncio.to_thread(here.recv)  # "started"
+                print(f"state {state}", flush=True)
                 samples += await loop[state].around(text_round(client, per_round, gap_s))
                 here.send("stop")
                 latencies += await asyncio.to_thread(here.recv)
