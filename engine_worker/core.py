@@ -16,8 +16,8 @@ from multiprocessing.connection import Connection
 
 from engine_worker.model import ModelFacts, load_model
 from engine_worker.scheduler import DuplicateRequest, Engine, Output, QueueFull, Request
-from engine_worker.shared_tensors import SharedTensors, take
 from vllm_mlx.settings import EngineSettings
+from vllm_mlx.shared_tensors import SharedTensors, take
 
 log = logging.getLogger("engine")
 
@@ -61,8 +61,12 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
             while True:
                 kind, item = conn.recv()
                 if kind == "add":
-                    if isinstance(item.media, SharedTensors):
-                        item.media = take(item.media)
+                    try:
+                        if isinstance(item.media, SharedTensors):
+                            item.media = take(item.media)
+                    except FileNotFoundError as e:  # cancelled before it got here
+                        send(("outputs", [_refused(item, e)], None))
+                        continue
                     try:
                         engine.submit(item)
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first

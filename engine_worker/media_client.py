@@ -5,7 +5,10 @@ conversation that resends an image (a data: URL) is neither sent to a worker
 nor decoded again. http(s) URLs and paths go to a worker every time: what
 they point at can change.
 
-This process never touches MLX: tensors stay numpy arrays until the core.
+The tensors never pass through this process: each item arrives as a
+shared-memory segment that the media worker wrote (vllm_mlx.shared_tensors)
+and that this process then owns, counting its users (the requests in flight
+that carry it, and the cache) and unlinking it when the last one lets go.
 """
 
 import asyncio
@@ -19,6 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vllm_mlx.shared_tensors import Layout, unlink, write_segment
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -59,22 +63,39 @@ class _WorkerHung(Exception):
     """The worker stopped answering health checks during a call."""
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedItem:
-    tensors: dict[str, np.ndarray]
+    """One prepared image or video: its tensors' segment and layout, and the
+    placeholder tokens it takes in the prompt."""
+    segment: str
+    layout: Layout
+    nbytes: int
     placeholder_token_id: int
     num_placeholder_tokens: int
     frames: int
+    users: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.tensors.values())
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            unlink(self.segment)
 
 
 def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
-    tensors = {t.name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
-               for t in pm.tensors}
-    return PreparedItem(tensors, pm.placeholder_token_id, pm.num_placeholder_tokens, pm.frames)
+    if pm.shm_name:
+        layout = [(t.name, np.dtype(t.dtype).str, tuple(t.shape), t.offset) for t in pm.tensors]
+        segment = pm.shm_name
+    else:  # a worker that sent the bytes inline (it was asked to)
+        segment, layout = write_segment({
+            t.name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
+            for t in pm.tensors})
+    nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                 for _, dtype, shape, _ in layout)
+    return PreparedItem(segment, layout, nbytes, pm.placeholder_token_id,
+                        pm.num_placeholder_tokens, pm.frames)
 
 
 def cache_key(source: mpb.MediaSource) -> str | None:
@@ -106,11 +127,19 @@ class PreparedCache:
     def put(self, key: str | None, item: PreparedItem) -> None:
         if not key or key in self._items or item.nbytes > self.max_bytes:
             return
+        item.acquire()
         self._items[key] = item
         self.nbytes += item.nbytes
         while self.nbytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
             self.nbytes -= old.nbytes
+            old.release()
+
+
+    def clear(self) -> None:
+        """Let go of every entry (their segments go once no request holds them)."""
+        items, self._items, self.nbytes = list(self._items.values()), OrderedDict(), 0
+        release(items)
 
 
 class MediaClient:
@@ -130,22 +159,34 @@ class MediaClient:
     async def prepare(self, request_id: str, sources: list[mpb.MediaSource],
                       timeout: float | None) -> list[PreparedItem]:
         """Each source prepared, in order: from the cache, or from one Prepare
-        call for all the others."""
+        call for all the others. Each item comes acquired for the caller,
+        who must `release` it once the core has read it."""
         if not self._stubs:
             raise MediaUnavailable("the engine was started without media workers "
                                    "(--media-worker HOST:PORT)")
         keys = [cache_key(s) for s in sources]
         items: list[PreparedItem | None] = [self.cache.get(k) for k in keys]
+        for it in items:
+            if it is not None:
+                it.acquire()
         missing = [i for i, it in enumerate(items) if it is None]
-        if missing:
-            response = await self._call(request_id, [sources[i] for i in missing], timeout,
-                                        missing)
-            if len(response.items) != len(missing):
-                raise MediaUnavailable(f"a media worker answered {len(response.items)} "
-                                       f"items for {len(missing)}")
-            for i, pm in zip(missing, response.items):
-                items[i] = from_proto(pm)
-                self.cache.put(keys[i], items[i])
+        try:
+            if missing:
+                response = await self._call(request_id, [sources[i] for i in missing],
+                                            timeout, missing)
+                fresh = [from_proto(pm) for pm in response.items]
+                for it in fresh:
+                    it.acquire()
+                if len(fresh) != len(missing):
+                    release(fresh)
+                    raise MediaUnavailable(f"a media worker answered {len(fresh)} items "
+                                           f"for {len(missing)}")
+                for i, it in zip(missing, fresh):
+                    items[i] = it
+                    self.cache.put(keys[i], it)
+        except BaseException:
+            release([it for it in items if it is not None])
+            raise
         return items
 
     def _order(self, now: float) -> list[int]:
@@ -162,7 +203,7 @@ class MediaClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or DEFAULT_PREPARE_TIMEOUT_S)
         attempts = self._order(loop.time())
-        request = mpb.PrepareRequest(request_id=request_id, items=sources)
+        request = mpb.PrepareRequest(request_id=request_id, items=sources, shared_memory=True)
         for n, k in enumerate(attempts):
             left = deadline - loop.time()
             # With a second worker to try, the first gets half the time left
@@ -233,8 +274,14 @@ class MediaClient:
                 return f"stopped answering its health checks ({why}, {misses} in a row)"
 
     async def close(self) -> None:
+        self.cache.clear()
         for channel in self._channels:
             await channel.close()
+
+
+def release(items: list[PreparedItem]) -> None:
+    for it in items:
+        it.release()
 
 
 def _refusal(details: str, indices: list[int]) -> MediaRefused:

@@ -73,7 +73,7 @@ class Request:
     # order, as its processor's tensors by name (pixel_values, image_grid_thw,
     # ...). The prompt already holds each item's placeholder tokens.
     # Each media item's tensors, in prompt order (from the front end they
-    # cross the pipe as shared_tensors.SharedTensors).
+    # cross the pipe as vllm_mlx.shared_tensors.SharedTensors).
     media: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 

@@ -11,17 +11,23 @@ import uuid
 import grpc
 
 from engine_worker.core import core_main
-from engine_worker.media_client import MediaClient, MediaRefused, MediaUnavailable, PreparedItem
+from engine_worker.media_client import (
+    MediaClient,
+    MediaRefused,
+    MediaUnavailable,
+    PreparedItem,
+    release,
+)
 from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
-from engine_worker.shared_tensors import SharedTensors, discard, share
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND
 from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import EngineSettings
+from vllm_mlx.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
 from vllm_mlx.v1 import media_pb2 as mpb
@@ -129,19 +135,14 @@ class CoreClient:
                 sink.put_nowait(out)
 
     def submit(self, request: Request, sink: asyncio.Queue) -> None:
-        try:
-            if request.request_id in self.sinks:
-                raise DuplicateRequest(request.request_id)
-            # Running plus waiting: so at most max_queue wait once the batch is full.
-            s = self.settings
-            if len(self.sinks) >= s.max_num_seqs + s.max_queue:
-                self.requests_rejected += 1
-                raise QueueFull(f"{len(self.sinks)} requests are in flight")
-            self._conn.send(("add", request))
-        except BaseException:
-            if isinstance(request.media, SharedTensors):
-                discard(request.media)
-            raise
+        if request.request_id in self.sinks:
+            raise DuplicateRequest(request.request_id)
+        # Running plus waiting: so at most max_queue wait once the batch is full.
+        s = self.settings
+        if len(self.sinks) >= s.max_num_seqs + s.max_queue:
+            self.requests_rejected += 1
+            raise QueueFull(f"{len(self.sinks)} requests are in flight")
+        self._conn.send(("add", request))
         self.sinks[request.request_id] = sink
 
     def abort(self, request_id: str) -> bool:
@@ -328,7 +329,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             sink=None, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output,
-            media=share([it.tensors for it in media]) if media else [])
+            media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [])
 
     def _to_proto(self, r: Request, stream: TokenStream,
                   outs: list[Output]) -> pb.GenerateResponse:
@@ -365,9 +366,21 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if not self._serving():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading")
         request_id = request.request_id or uuid.uuid4().hex
+        media: list[PreparedItem] = []
+        try:
+            async for msg in self._generate(request, request_id, media, context):
+                yield msg
+        finally:
+            # The core copied the tensors when the request reached it, and
+            # the request is over (or never got there): this request's hold
+            # on its media segments ends.
+            release(media)
+
+    async def _generate(self, request: pb.GenerateRequest, request_id: str,
+                        media: list[PreparedItem], context: grpc.aio.ServicerContext):
         sink: asyncio.Queue = asyncio.Queue()
         try:
-            media = await self._prepare_media(request, request_id, context.time_remaining())
+            media += await self._prepare_media(request, request_id, context.time_remaining())
             # Tokenizing and templating are plain CPU work; keep the loop free.
             r = await asyncio.to_thread(self._build, request, request_id, media)
             self.core.submit(r, sink)
@@ -462,3 +475,5 @@ async def serve(settings: EngineSettings) -> None:
     finally:
         await listening.stop(grace=5)
         core.stop()
+        if service.media is not None:
+            await service.media.close()  # unlinks the cached media segments

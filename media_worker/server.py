@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from media_worker.errors import MediaError
-from media_worker.prepare import PreparedCache, pack, prepare_item
+from media_worker.prepare import PreparedCache, free_segments, pack, prepare_item
 from media_worker.processor import Preprocessor
 from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import MediaSettings
@@ -57,7 +57,18 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
         results = [t.result() for t in tasks]
         log.info("request %s: %d item(s) in %.3f s", request.request_id, len(results),
                  max(r.prepare_seconds for r in results))
-        return await loop.run_in_executor(self.pool, pack, results)
+        packing = loop.run_in_executor(self.pool, pack, results, request.shared_memory)
+        try:
+            return await asyncio.shield(packing)
+        except asyncio.CancelledError:
+            # The caller gave up: nobody will unlink the segments of this reply.
+            packing.add_done_callback(_free_reply)
+            raise
+
+
+def _free_reply(packing: asyncio.Future) -> None:
+    if not packing.cancelled() and packing.exception() is None:
+        free_segments(packing.result())
 
 
 def _drop_result(task: asyncio.Future) -> None:

@@ -489,6 +489,34 @@ def test_two_items_in_one_call(strict, clip):
     assert reason.startswith("item 1: ")
 
 
+def test_items_in_shared_memory_equal_the_inline_ones(strict, clip):
+    """Asked for shared memory, the worker puts each item's tensors in a
+    segment of its own, whose owner is the caller: the same arrays as an
+    inline reply, and gone once the caller unlinks them."""
+    from tests.test_shared_tensors import segment_exists
+    from vllm_mlx.shared_tensors import SharedTensors, take, unlink
+
+    items = [image_url(data_url(png((320, 240)), "image/png")),
+             video_item(1, 0, url=data_url(clip, "video/mp4"))]
+    inline = strict.prepare(*items).items
+    shared = strict.stub.Prepare(pb.PrepareRequest(request_id="s", items=items,
+                                                   shared_memory=True), timeout=30).items
+    names = [it.shm_name for it in shared]
+    assert all(names) and len(set(names)) == 2 and not any(it.shm_name for it in inline)
+    assert all(not t.data for it in shared for t in it.tensors)
+    got = take(SharedTensors([(it.shm_name, [(t.name, np.dtype(t.dtype).str, tuple(t.shape),
+                                              t.offset) for t in it.tensors])
+                              for it in shared]))
+    for want, have in zip(inline, got):
+        expected = tensors(want)
+        assert sorted(have) == sorted(expected)
+        for k, a in expected.items():
+            assert have[k].dtype == a.dtype and np.array_equal(have[k], a)
+    for name in names:
+        unlink(name)
+        assert not segment_exists(name)
+
+
 def test_content_hash_covers_bytes_and_options(strict, clip):
     a, b = strict.prepare(image_url(data_url(png(), "image/png")),
                           image_url(data_url(png(), "image/png"))).items

@@ -1,5 +1,6 @@
-"""Media tensors cross from the engine's front end to its core through shared
-memory: what arrives is what was sent, and no segment outlives the hand-over."""
+"""Media tensors in shared-memory segments: what a reader in another process
+gets is what was written, reading leaves the segment to its owner, and the
+owner's unlink frees it."""
 
 import multiprocessing as mp
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from engine_worker.shared_tensors import discard, share, take
+from vllm_mlx.shared_tensors import SharedTensors, take, unlink, write_segment
 
 MEDIA = [{"pixel_values": np.arange(3 * 1176, dtype=np.float32).reshape(3, 1176),
           "image_grid_thw": np.array([[1, 2, 6]], dtype=np.int64)},
@@ -29,9 +30,8 @@ def segment_exists(name: str) -> bool:
         return False
 
 
-def test_tensors_arrive_whole_in_another_process_and_the_segment_is_gone():
-    shared = share(MEDIA)
-    assert segment_exists(shared.name)
+def test_tensors_arrive_whole_in_another_process_and_stay_until_unlinked():
+    shared = SharedTensors([write_segment(item) for item in MEDIA])
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
     child = ctx.Process(target=_take_in_child, args=(shared, there))
@@ -43,18 +43,20 @@ def test_tensors_arrive_whole_in_another_process_and_the_segment_is_gone():
     for sent, received in zip(MEDIA, got):
         for key, a in sent.items():
             assert received[key].dtype == a.dtype and np.array_equal(received[key], a)
-    assert not segment_exists(shared.name)
-
-
-def test_a_refused_request_frees_its_segment():
-    shared = share(MEDIA)
-    discard(shared)
-    assert not segment_exists(shared.name)
-    discard(shared)  # twice is harmless
+    # The reader copied; the owner decides when the segments go.
+    assert all(segment_exists(name) for name, _ in shared.items)
+    for name, _ in shared.items:
+        unlink(name)
+        assert not segment_exists(name)
+        unlink(name)  # twice is harmless
+    with pytest.raises(FileNotFoundError):
+        take(shared)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux lists segments in /dev/shm")
 def test_no_segment_left_behind():
     before = set(os.listdir("/dev/shm"))
-    take(share(MEDIA))
+    name, layout = write_segment(MEDIA[0])
+    take(SharedTensors([(name, layout)]))
+    unlink(name)
     assert set(os.listdir("/dev/shm")) - before == set()

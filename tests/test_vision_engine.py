@@ -128,3 +128,33 @@ def test_media_to_a_text_model_is_refused(engine):
                                        image_part(data_url(20, 20, 1))), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("messages[0].content[1]: this model takes text only")
+
+
+def _segments() -> set[str]:
+    import os
+
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"),
+                    reason="Linux lists shared-memory segments in /dev/shm")
+def test_media_segments_live_as_long_as_their_users(tiny_vlm, tmp_path):
+    """Each prepared image is one shared-memory segment: the cache keeps one
+    per distinct data URL, a finished or cancelled request keeps none, and
+    the engine unlinks what its cache held when it stops."""
+    before = _segments()
+    worker, address = start_media_worker(tiny_vlm, tmp_path)
+    engine = start_engine(tiny_vlm, tmp_path, "--media-worker", address)
+    try:
+        a, b = data_url(64, 48, 1), data_url(56, 40, 2)
+        generate(engine.stub, chat(image_part(a), pb.ContentPart(text="Describe.")))
+        generate(engine.stub, chat(image_part(a), pb.ContentPart(text="Again.")))  # cached
+        call = engine.stub.Generate(chat(image_part(b), max_tokens=4000), timeout=60)
+        next(iter(call))
+        call.cancel()  # mid-stream: the request lets go of its item, the cache keeps it
+        held = _segments() - before
+        assert len(held) == 2, held
+    finally:
+        engine.stop()
+        terminate(worker)
+    assert _segments() - before == set()

@@ -31,27 +31,31 @@ class MediaSource(_message.Message):
     def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., url: _Optional[str] = ..., path: _Optional[str] = ..., fps: _Optional[float] = ..., max_frames: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("request_id", "items")
+    __slots__ = ("request_id", "items", "shared_memory")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[MediaSource]
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaSource, _Mapping]]] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaSource, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data")
+    __slots__ = ("name", "dtype", "shape", "data", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PreparedMedia(_message.Message):
-    __slots__ = ("kind", "content_hash", "tensors", "placeholder_token_id", "num_placeholder_tokens", "frames", "width", "height", "prepare_seconds")
+    __slots__ = ("kind", "content_hash", "tensors", "placeholder_token_id", "num_placeholder_tokens", "frames", "width", "height", "prepare_seconds", "shm_name")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +65,7 @@ class PreparedMedia(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     kind: MediaKind
     content_hash: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -70,7 +75,8 @@ class PreparedMedia(_message.Message):
     width: int
     height: int
     prepare_seconds: float
-    def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., content_hash: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., placeholder_token_id: _Optional[int] = ..., num_placeholder_tokens: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prepare_seconds: _Optional[float] = ...) -> None: ...
+    shm_name: str
+    def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., content_hash: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., placeholder_token_id: _Optional[int] = ..., num_placeholder_tokens: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prepare_seconds: _Optional[float] = ..., shm_name: _Optional[str] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
     __slots__ = ("items",)
