@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vllm_mlx.shared_tensors import Layout, unlink, write_segment
+from vllm_mlx.shared_tensors import Layout, exists, unlink, write_segment
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -86,6 +86,10 @@ class PreparedItem:
 
 def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
     if pm.shm_name:
+        if not exists(pm.shm_name):
+            raise MediaUnavailable("a media worker replied with shared memory this machine "
+                                   "cannot see: media workers must run on the engine's "
+                                   "machine")
         layout = [(t.name, np.dtype(t.dtype).str, tuple(t.shape), t.offset) for t in pm.tensors]
         segment = pm.shm_name
     else:  # a worker that sent the bytes inline (it was asked to)
@@ -174,7 +178,12 @@ class MediaClient:
             if missing:
                 response = await self._call(request_id, [sources[i] for i in missing],
                                             timeout, missing)
-                fresh = [from_proto(pm) for pm in response.items]
+                try:
+                    fresh = [from_proto(pm) for pm in response.items]
+                except BaseException:
+                    for pm in response.items:
+                        unlink(pm.shm_name) if pm.shm_name else None
+                    raise
                 for it in fresh:
                     it.acquire()
                 if len(fresh) != len(missing):

@@ -35,7 +35,6 @@ def write_segment(tensors: dict[str, np.ndarray]) -> tuple[str, Layout]:
     arrays = {k: np.ascontiguousarray(a) for k, a in tensors.items()}
     shm = shared_memory.SharedMemory(create=True, size=max(1, sum(a.nbytes for a in
                                                                    arrays.values())))
-    _untrack(shm)
     layout, offset = [], 0
     try:
         for key, a in arrays.items():
@@ -46,6 +45,7 @@ def write_segment(tensors: dict[str, np.ndarray]) -> tuple[str, Layout]:
         shm.close()
         shm.unlink()
         raise
+    _untrack(shm)
     shm.close()
     return shm.name, layout
 
@@ -67,15 +67,24 @@ def take(shared: SharedTensors) -> list[dict[str, np.ndarray]]:
     return [read_segment(name, layout) for name, layout in shared.items]
 
 
+def exists(name: str) -> bool:
+    try:
+        shm = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return False
+    _untrack(shm)
+    shm.close()
+    return True
+
+
 def unlink(name: str) -> None:
     """Free a segment; one already gone is fine."""
     try:
         shm = shared_memory.SharedMemory(name=name)
     except FileNotFoundError:
         return
-    _untrack(shm)
     shm.close()
-    shm.unlink()
+    shm.unlink()  # also drops the registration that opening it made
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
