@@ -251,6 +251,15 @@ def _median_cpu(runs: list[Run]) -> dict[str, float]:
     return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
 
 
+def _client_imports() -> None:
+    """Pool initializer: what a client run imports, loaded before any timing
+    (which process gets which task varies between rounds)."""
+    import grpc  # noqa: F401
+    import httpx  # noqa: F401
+
+    from vllm_mlx.v1 import engine_pb2, engine_pb2_grpc  # noqa: F401
+
+
 def _client_run(kind: str, target: str, prompts: list, form: str, max_tokens: int,
                 client: str, start_at: float, model: str | None) -> tuple:
     """One client process's share of a run (see --client-procs)."""
@@ -297,6 +306,42 @@ def measured(kind: str, target: str, prompts: list, a, pids: dict[str, int], poo
     return run
 
 
+def side_by_side(address: str, url: str, prompts: list, a, pids: dict[str, int],
+                 pool) -> tuple[Run, Run]:
+    """Both paths in the same round at the same time, half the streams each
+    (at least one): the engine batches them together, so drift of the
+    machine between rounds cancels, and what differs is what each path adds
+    to delivering the same engine's tokens. tok/s of a path: its tokens over
+    the span from the common start to its own last token."""
+    half = len(prompts) // 2
+    per_path = max(1, a.client_procs // 2)
+    start_at = time.monotonic() + 0.2
+    model = str(a.model_path) if a.prompt_form == "chat-ids" else None
+    jobs = [(kind, target, ps[k::per_path], a.prompt_form, a.max_tokens, a.client, start_at,
+             model)
+            for kind, target, ps in (("grpc", address, prompts[:half]),
+                                     ("http", url, prompts[half:]))
+            for k in range(per_path) if ps[k::per_path]]
+    has_proc = Path("/proc/self/stat").exists()
+    before = {k: cpu_seconds(p) for k, p in pids.items()} if has_proc else {}
+    parts = pool.starmap(_client_run, jobs)
+    spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()} if has_proc else {}
+    start = min(p[2] for p in parts)
+    runs = []
+    for kind in ("grpc", "http"):
+        mine = [p for job, p in zip(jobs, parts) if job[0] == kind]
+        run = Run()
+        run.tokens = sum(p[0] for p in mine)
+        run.ttft = [t for p in mine for t in p[1]]
+        run.started, run.ended = start, max(p[3] for p in mine)
+        run.elapsed = run.ended - run.started
+        # Shared processes: the engine's and gateway's CPU over both paths' tokens.
+        run.cpu_ms_per_1k = {**{k: 1e6 * v / sum(p[0] for p in parts) for k, v in spent.items()},
+                             "client": 1e6 * sum(p[4] for p in mine) / run.tokens}
+        runs.append(run)
+    return runs[0], runs[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,6 +356,9 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes sharing each run's streams (both paths), so "
                          "that one Python client's CPU does not limit what is measured")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run both paths at once in every round, half the streams each "
+                         "(at least one each), on fresh prompts per round")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--engine-port", type=int, default=50927)
     ap.add_argument("--port", type=int, default=50928)
@@ -326,10 +374,12 @@ def main() -> None:
     gateway = None
     results = []
     pool = None
+    if a.side_by_side:
+        a.client_procs = max(2, a.client_procs)
     if a.client_procs > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(a.client_procs)
+        pool = mp.get_context("spawn").Pool(a.client_procs, initializer=_client_imports)
     try:
         gateway = start_gateway(a.engine_port, a.port, a.workers)
         address, url = f"127.0.0.1:{a.engine_port}", f"http://127.0.0.1:{a.port}"
@@ -340,8 +390,13 @@ def main() -> None:
             prompts = make_prompts(c, vocab_of(model), a.prompt_form)
             grpc_runs, http_runs = [], []
             for i in range(a.rounds + 1):  # the first of each is an untimed warm-up
-                g = measured("grpc", address, prompts, a, pids, pool)
-                h = measured("http", url, prompts, a, pids, pool)
+                if a.side_by_side:
+                    fresh = make_prompts(2 * max(1, c // 2), vocab_of(model), a.prompt_form,
+                                         seed=1000 * c + i)
+                    g, h = side_by_side(address, url, fresh, a, pids, pool)
+                else:
+                    g = measured("grpc", address, prompts, a, pids, pool)
+                    h = measured("http", url, prompts, a, pids, pool)
                 if i:
                     grpc_runs.append(g)
                     http_runs.append(h)
@@ -378,7 +433,8 @@ def main() -> None:
             machine=platform.platform(), processor=platform.machine(), cpus=os.cpu_count(),
             device=str(mx.default_device()), model=a.model, max_tokens=a.max_tokens,
             prompt_form=a.prompt_form, prompt_len=PROMPT_LEN, client=a.client,
-            gateway_workers=a.workers, client_procs=a.client_procs, rounds=a.rounds,
+            gateway_workers=a.workers, client_procs=a.client_procs,
+            side_by_side=a.side_by_side, rounds=a.rounds,
             engine_flags=a.engine_flags,
             results=results), indent=2))
 
