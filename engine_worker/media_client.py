@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vllm_mlx.shared_tensors import Layout, exists, unlink, write_segment
+from vllm_mlx.shared_tensors import Layout, exists, free_segments, unlink
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -85,20 +85,13 @@ class PreparedItem:
 
 
 def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
-    if pm.shm_name:
-        if not exists(pm.shm_name):
-            raise MediaUnavailable("a media worker replied with shared memory this machine "
-                                   "cannot see: media workers must run on the engine's "
-                                   "machine")
-        layout = [(t.name, np.dtype(t.dtype).str, tuple(t.shape), t.offset) for t in pm.tensors]
-        segment = pm.shm_name
-    else:  # a worker that sent the bytes inline (it was asked to)
-        segment, layout = write_segment({
-            t.name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
-            for t in pm.tensors})
+    if not pm.shm_name or not exists(pm.shm_name):
+        raise MediaUnavailable("a media worker replied without shared memory this machine "
+                               "can see: media workers must run on the engine's machine")
+    layout = [(t.name, np.dtype(t.dtype).str, tuple(t.shape), t.offset) for t in pm.tensors]
     nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                  for _, dtype, shape, _ in layout)
-    return PreparedItem(segment, layout, nbytes, pm.placeholder_token_id,
+    return PreparedItem(pm.shm_name, layout, nbytes, pm.placeholder_token_id,
                         pm.num_placeholder_tokens, pm.frames)
 
 
@@ -138,7 +131,6 @@ class PreparedCache:
             _, old = self._items.popitem(last=False)
             self.nbytes -= old.nbytes
             old.release()
-
 
     def clear(self) -> None:
         """Let go of every entry (their segments go once no request holds them)."""
@@ -181,8 +173,7 @@ class MediaClient:
                 try:
                     fresh = [from_proto(pm) for pm in response.items]
                 except BaseException:
-                    for pm in response.items:
-                        unlink(pm.shm_name) if pm.shm_name else None
+                    free_segments(response)
                     raise
                 for it in fresh:
                     it.acquire()

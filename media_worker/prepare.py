@@ -18,7 +18,7 @@ from media_worker.processor import Prepared, Preprocessor
 from media_worker.sources import read_source
 from media_worker.video import decode_video
 from vllm_mlx.settings import MediaSettings
-from vllm_mlx.shared_tensors import unlink, write_segment
+from vllm_mlx.shared_tensors import free_segments, write_segment
 from vllm_mlx.v1 import media_pb2 as pb
 
 _KINDS = {pb.MEDIA_KIND_IMAGE: "image", pb.MEDIA_KIND_VIDEO: "video"}
@@ -126,13 +126,6 @@ def pack(results: list[Result], shared_memory: bool = False) -> pb.PrepareRespon
         free_segments(reply)
         raise
     return reply
-
-
-def free_segments(reply: pb.PrepareResponse) -> None:
-    """Unlink the segments of a reply that will never reach its caller."""
-    for item in reply.items:
-        if item.shm_name:
-            unlink(item.shm_name)
 
 
 def _preprocess(fn, *args) -> Prepared:

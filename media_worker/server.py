@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from media_worker.errors import MediaError
-from media_worker.prepare import PreparedCache, free_segments, pack, prepare_item
+from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
 from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import MediaSettings
+from vllm_mlx.shared_tensors import free_segments
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 

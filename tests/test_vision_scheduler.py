@@ -85,6 +85,19 @@ def vlm_engine(tiny_vlm):
     e.stop()
 
 
+def mlx_vlm_tokens(path, text: str, image, max_tokens: int) -> list[int]:
+    """mlx-vlm's own greedy output for one image and a question: the reference."""
+    import mlx_vlm
+
+    model, processor = mlx_vlm.load(str(path))
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False)
+    out = mlx_vlm.generate(model, processor, prompt, image=[image], max_tokens=max_tokens,
+                           verbose=False)
+    return out.token_ids
+
+
 def run(engine, request) -> list[int]:
     engine.submit(request)
     return tokens_of(engine.collector.wait(request.request_id))
@@ -120,19 +133,11 @@ def test_image_requests_batch_with_text_requests(vlm_engine):
 
 def test_image_request_matches_mlx_vlm_generate(vlm_engine, tiny_vlm):
     """The batched path gives mlx-vlm's own single-request greedy output."""
-    import mlx_vlm
-
     p = vlm_engine.prompter
     image = picture(90, 70, 3)
     ours = run(vlm_engine, p.request("ref", "What is in the picture?", images=[image],
                                      max_tokens=10))
-    model, processor = mlx_vlm.load(str(tiny_vlm))
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"},
-                                      {"type": "text", "text": "What is in the picture?"}]}],
-        add_generation_prompt=True, tokenize=False)
-    ref = mlx_vlm.generate(model, processor, text, image=[image], max_tokens=10, verbose=False)
-    assert ours == ref.token_ids
+    assert ours == mlx_vlm_tokens(tiny_vlm, "What is in the picture?", image, 10)
 
 
 def test_image_request_joins_mid_decode(vlm_engine):
@@ -196,8 +201,6 @@ def test_bad_media_fails_only_that_request(vlm_engine):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_other_families_batch(family, tmp_path):
-    import mlx_vlm
-
     path = make_test_models.build_vlm_model(tmp_path / family, family=family).resolve()
     e = start_engine(path)
     try:
@@ -210,13 +213,7 @@ def test_other_families_batch(family, tmp_path):
             e.submit(r)
         together = [tokens_of(e.collector.wait(rid)) for rid in ("a2", "b2")]
         assert together == alone and alone[0] != alone[1]
-        model, processor = mlx_vlm.load(str(path))
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"},
-                                          {"type": "text", "text": "Describe."}]}],
-            add_generation_prompt=True, tokenize=False)
-        ref = mlx_vlm.generate(model, processor, text, image=[b], max_tokens=12, verbose=False)
-        assert alone[1] == ref.token_ids
+        assert alone[1] == mlx_vlm_tokens(path, "Describe.", b, 12)
     finally:
         e.stop()
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vllm_mlx.v1 import media_pb2
+
 # (name, dtype, shape, byte offset) of each tensor of one item
 Layout = list[tuple[str, str, tuple[int, ...], int]]
 
@@ -85,6 +87,13 @@ def unlink(name: str) -> None:
         return
     shm.close()
     shm.unlink()  # also drops the registration that opening it made
+
+
+def free_segments(reply: media_pb2.PrepareResponse) -> None:
+    """Unlink the segments of a Prepare reply that its caller will not use."""
+    for item in reply.items:
+        if item.shm_name:
+            unlink(item.shm_name)
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
