@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import platform
 import random
 import statistics
@@ -62,77 +63,89 @@ def raw_worker(model: Path, max_tokens: int) -> None:
 
     m, _ = load(str(model))
     generators: dict[int, BatchGenerator] = {}
-    done, left = threading.Event(), [0]
+    done = threading.Event()
+    queued: list[list[int]] = []  # prompts not yet sent, for later waves
+    left = [0]
+
+    def core_request(p: list[int]) -> Request:
+        return Request(f"{next(ids)}", p, max_tokens, SamplingParams(), sink=None)
 
     def publish(batch) -> None:
         for _, out in batch:
             if out.finish_reason:
                 left[0] -= 1
-                if left[0] == 0:
+                if queued:  # this stream's next request, as a client would send it
+                    core.submit(core_request(queued.pop()))
+                elif left[0] == 0:
                     done.set()
 
+    ids = itertools.count()
     core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False),
                   lambda s: load_model(read_facts(s.model)), publish)
     core.start()
     core.ready.wait()
-    rounds = 0
     for line in sys.stdin:
-        kind, c, seed = line.split()
-        c = int(c)
-        ps = prompts(c, vocab_of(model), int(seed))
+        kind, c, waves, seed = line.split()
+        c, waves = int(c), int(waves)
+        ps = prompts(c * waves, vocab_of(model), int(seed))
+        first, queued[:] = ps[:c], ps[c:]
         mx.synchronize()
         tic = time.perf_counter()
         if kind == "core":
-            rounds += 1
             done.clear()
-            left[0] = c
+            left[0] = len(ps)
             before = {**core.stats.loop_seconds, "steps": core.stats.steps}
-            for i, p in enumerate(ps):
-                core.submit(Request(f"{rounds}-{i}", p, max_tokens, SamplingParams(),
-                                    sink=None))
+            for p in first:
+                core.submit(core_request(p))
             done.wait()
-            tps = c * max_tokens / (time.perf_counter() - tic)
+            tps = len(ps) * max_tokens / (time.perf_counter() - tic)
             after = {**core.stats.loop_seconds, "steps": core.stats.steps}
             print(tps, json.dumps({k: after[k] - before[k] for k in after}), flush=True)
             continue
         # Same batch limits as the engine (64 decoded together, 8 prefilled).
         gen = generators.setdefault(c, BatchGenerator(m, completion_batch_size=64,
                                                       prefill_batch_size=8))
-        gen.insert(ps, max_tokens=[max_tokens] * c)
+        gen.insert(first, max_tokens=[max_tokens] * c)
         produced = 0
         while responses := gen.next_generated():
             produced += len(responses)
+            finished = sum(r.finish_reason is not None for r in responses)
+            if finished and queued:
+                more = [queued.pop() for _ in range(min(finished, len(queued)))]
+                gen.insert(more, max_tokens=[max_tokens] * len(more))
         elapsed = time.perf_counter() - tic
-        assert produced == c * max_tokens, produced
+        assert produced == len(ps) * max_tokens, produced
         print(produced / elapsed, flush=True)
 
 
 # -- the engine over gRPC ----------------------------------------------------------
 
 async def engine_run(address: str, model: Path, concurrency: int, max_tokens: int,
-                     seed: int) -> float:
+                     seed: int, waves: int = 1) -> float:
     import grpc
 
     from vllm_mlx.v1 import engine_pb2 as pb
     from vllm_mlx.v1 import engine_pb2_grpc
 
-    ps = prompts(concurrency, vocab_of(model), seed)
+    ps = prompts(concurrency * waves, vocab_of(model), seed)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = engine_pb2_grpc.EngineStub(channel)
 
-        async def one(p: list[int]) -> int:
+        async def one(stream_prompts: list[list[int]]) -> int:
             n = 0
-            async for r in stub.Generate(pb.GenerateRequest(
-                    token_ids=pb.TokenIds(ids=p), max_tokens=max_tokens, ignore_eos=True),
-                    timeout=3600):
-                n += len(r.token_ids)
+            for p in stream_prompts:  # closed loop: the next once this one is done
+                async for r in stub.Generate(pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=p), max_tokens=max_tokens,
+                        ignore_eos=True), timeout=3600):
+                    n += len(r.token_ids)
             return n
 
         await channel.channel_ready()  # connecting is not part of the run
         tic = time.perf_counter()
-        produced = sum(await asyncio.gather(*(one(p) for p in ps)))
+        produced = sum(await asyncio.gather(
+            *(one(ps[i::concurrency]) for i in range(concurrency))))
         elapsed = time.perf_counter() - tic
-    assert produced == concurrency * max_tokens, produced
+    assert produced == len(ps) * max_tokens, produced
     return produced / elapsed
 
 
@@ -146,6 +159,26 @@ def loop_seconds(address: str) -> dict[str, float]:
     with grpc.insecure_channel(address) as channel:
         s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
     return {**s.loop_seconds, "steps": float(s.steps)}
+
+
+def cpu_seconds(front_end_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the engine's front end, its core process and
+    this client, where /proc can tell (Linux); the client's own everywhere."""
+    mine = os.times()
+    out = {"client": mine.user + mine.system}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    try:
+        out["front_end"] = of(front_end_pid)
+        children = Path(f"/proc/{front_end_pid}/task/{front_end_pid}/children").read_text()
+        out["core"] = sum(of(int(pid)) for pid in children.split())
+    except OSError:
+        pass
+    return out
 
 
 def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
@@ -179,6 +212,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--waves", type=int, default=1,
+                    help="requests each stream sends one after another (closed loop)")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--port", type=int, default=50917)
     ap.add_argument("--out", type=Path)
@@ -201,7 +236,7 @@ def main() -> None:
                         loop: dict | None = None) -> float:
             # Every run gets prompts of its own: a repeated prompt would hit
             # the engine's prefix cache and skip its prefill.
-            raw_proc.stdin.write(f"{kind} {c} {next(seeds)}\n")
+            raw_proc.stdin.write(f"{kind} {c} {a.waves} {next(seeds)}\n")
             raw_proc.stdin.flush()
             tps, *spent = raw_proc.stdout.readline().split(maxsplit=1)
             if loop is not None and spent:
@@ -212,7 +247,8 @@ def main() -> None:
         address = f"127.0.0.1:{a.port}"
 
         def engine_round(c: int, address: str = address, model: Path = model) -> float:
-            return asyncio.run(engine_run(address, model, c, a.max_tokens, next(seeds)))
+            return asyncio.run(engine_run(address, model, c, a.max_tokens, next(seeds),
+                                          a.waves))
 
         try:
             for c in a.concurrency:
@@ -223,17 +259,23 @@ def main() -> None:
                 runs: dict[str, list[float]] = {"raw": [], "core": [], "engine": []}
                 loop: dict[str, float] = {}
                 core_loop: dict[str, float] = {}
+                cpu: dict[str, float] = {}
                 for _ in range(a.rounds):
                     runs["raw"].append(local_round("raw", c))
                     runs["core"].append(local_round("core", c, loop=core_loop))
-                    before = loop_seconds(address)
+                    before, cpu_before = loop_seconds(address), cpu_seconds(proc.pid)
                     runs["engine"].append(engine_round(c))
                     for k, v in loop_seconds(address).items():
                         loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
+                    for k, v in cpu_seconds(proc.pid).items():
+                        cpu[k] = cpu.get(k, 0.0) + v - cpu_before.get(k, 0.0)
                 row = dict(model=shape, concurrency=c,
                            **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
                            **{f"{k}_all": v for k, v in runs.items()})
                 row["ratio"] = row["engine_tps"] / row["raw_tps"]
+                tokens = a.rounds * c * a.waves * a.max_tokens
+                row["engine_cpu_ms_per_1k_tokens"] = {k: 1e6 * v / tokens
+                                                      for k, v in cpu.items()}
                 row["core_ratio"] = row["core_tps"] / row["raw_tps"]
                 for name, spent in (("engine", loop), ("core", core_loop)):
                     steps = spent.pop("steps", 0.0) or 1.0
@@ -248,7 +290,10 @@ def main() -> None:
                                 " us per step: " + "  ".join(
                                     f"{k} {v:.0f}"
                                     for k, v in row[f"{name}_loop_us_per_step"].items())
-                                for name in ("core", "engine")),
+                                for name in ("core", "engine"))
+                      + "\n    CPU ms per 1,000 tokens during engine rounds: " + "  ".join(
+                          f"{k} {v:.0f}"
+                          for k, v in row["engine_cpu_ms_per_1k_tokens"].items()),
                       flush=True)
         finally:
             raw_proc.kill()
@@ -260,7 +305,8 @@ def main() -> None:
         a.out.write_text(json.dumps(dict(
             machine=platform.platform(), processor=platform.machine(),
             device=str(mx.default_device()), max_tokens=a.max_tokens,
-            prompt_len=PROMPT_LEN, rounds=a.rounds, results=results), indent=2))
+            prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves, results=results),
+            indent=2))
 
 
 if __name__ == "__main__":
