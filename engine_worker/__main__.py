@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--max-memory", type=int,
                     help="bytes for weights + KV + prefix cache (default: 90%% of the "
                          "device's memory)")
+    ap.add_argument("--allocator-cache-bytes", type=int,
+                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
+                         "limit; 0: empty it after every prefill pass, as mlx-lm does)")
     ap.add_argument("--mllm", action="store_true",
                     help="load the model as a vision-language model through mlx-vlm "
                          "(detected from config.json's vision_config otherwise)")
@@ -53,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,
-        max_memory=a.max_memory, mllm=a.mllm, media_workers=tuple(a.media_workers))
+        max_memory=a.max_memory, allocator_cache_bytes=a.allocator_cache_bytes,
+        mllm=a.mllm, media_workers=tuple(a.media_workers))
 
 
 def main(argv: list[str] | None = None) -> None:

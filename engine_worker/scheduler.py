@@ -23,9 +23,11 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker.memory import (
+    DEFAULT_ALLOCATOR_CACHE_FRACTION,
     DEFAULT_LIMIT_FRACTION,
     MemoryBudget,
     device_memory,
+    keep_allocator_cache,
     kv_bytes_per_token,
 )
 from engine_worker.model import LoadedModel
@@ -212,6 +214,11 @@ class Engine:
         try:
             self.loaded = self._load(self.settings)
             self.memory = self._measure_memory()
+            cache_bytes = self.settings.allocator_cache_bytes
+            if cache_bytes is None:
+                cache_bytes = int(self.memory.limit * DEFAULT_ALLOCATOR_CACHE_FRACTION)
+            if cache_bytes > 0:
+                keep_allocator_cache(cache_bytes)
             self._gen = self._new_generator()
             self._prefix = self._new_prefix_cache()
             if self.settings.warmup:

@@ -80,7 +80,10 @@ def raw_worker(model: Path, max_tokens: int) -> None:
                     done.set()
 
     ids = itertools.count()
-    core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False),
+    # The core runs mlx-lm's allocator cache handling (allocator_cache_bytes=0):
+    # the engine's own would apply to the raw generator in this process too.
+    core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False,
+                                 allocator_cache_bytes=0),
                   lambda s: load_model(read_facts(s.model)), publish)
     core.start()
     core.ready.wait()

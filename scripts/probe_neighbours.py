@@ -63,7 +63,7 @@ def main() -> None:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
         def raw_round(c: int, raw: subprocess.Popen = raw) -> float:
-            raw.stdin.write(f"raw {c} {next(seeds)}\n")
+            raw.stdin.write(f"raw {c} 1 {next(seeds)}\n")
             raw.stdin.flush()
             return float(raw.stdout.readline().split()[0])
 

@@ -7,8 +7,9 @@ it, each timed alone on the tiny random-weight VLM (`--family`).
 `--mixed N` then runs the engine loop itself (in-process, no gRPC): text
 requests keep decoding while N image requests of the last size pass through
 one after another, and reports the loop's time per image request by phase
-(the encoder runs in `admit`). `--keep-allocator-cache` stops mlx-lm from
-freeing MLX's buffer cache after every prefill, to see what that costs.
+(the encoder runs in `admit`). `--allocator-cache-bytes 0` empties MLX's
+buffer cache after every prefill pass, as mlx-lm does, to see what that costs
+(the engine keeps it by default).
 """
 
 import argparse
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--text-batch", type=int, default=4, help="text requests decoding")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--mixed", type=int, default=0, help="image requests through the engine loop")
-    ap.add_argument("--keep-allocator-cache", action="store_true")
+    ap.add_argument("--allocator-cache-bytes", type=int, help="the engine's setting")
     ap.add_argument("--load-seconds", type=float, default=0,
                     help="text requests one after another (20 ms apart) while 4 image "
                          "requests stay in flight, in the engine loop itself")
@@ -113,7 +114,7 @@ def main() -> None:
     if a.out:
         a.out.write_text(json.dumps(dict(family=a.family, device=str(mx.default_device()),
                                          text_batch=a.text_batch, results=rows, mixed=mixed,
-                                         keep_allocator_cache=a.keep_allocator_cache),
+                                         allocator_cache_bytes=a.allocator_cache_bytes),
                                     indent=2))
 
 
@@ -140,7 +141,8 @@ def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
                 done[rid].set()
 
     engine = Engine(EngineSettings(model=str(path), max_num_seqs=64,
-                                   prefix_cache=a.prefix_cache),
+                                   prefix_cache=a.prefix_cache,
+                                   allocator_cache_bytes=a.allocator_cache_bytes),
                     lambda s: load_model(read_facts(s.model)), publish)
     engine.start()
     engine.ready.wait()
@@ -215,21 +217,11 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
     through one at a time: loop milliseconds per image request, by phase."""
     import threading
 
-    import mlx.core as mx
-
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
     from engine_worker.scheduler import Engine, Request
     from vllm_mlx.settings import EngineSettings
 
-    if a.keep_allocator_cache:
-        import mlx_lm.generate
-
-        class KeepCache:
-            def __getattr__(self, name):
-                return (lambda: None) if name == "clear_cache" else getattr(mx, name)
-
-        mlx_lm.generate.mx = KeepCache()
     finished: dict[str, threading.Event] = {}
 
     def publish(batch) -> None:
@@ -237,7 +229,8 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
             if out.finish_reason and out.request_id in finished:
                 finished[out.request_id].set()
 
-    engine = Engine(EngineSettings(model=str(path), max_num_seqs=64, prefix_cache=False),
+    engine = Engine(EngineSettings(model=str(path), max_num_seqs=64, prefix_cache=False,
+                                   allocator_cache_bytes=a.allocator_cache_bytes),
                     lambda s: load_model(read_facts(s.model)), publish)
     engine.start()
     engine.ready.wait()

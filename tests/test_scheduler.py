@@ -190,3 +190,44 @@ def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window
     sizes = _prefill_sizes(dict(max_num_seqs=32, max_queue=64, admit_window_s=window),
                            tiny_model, monkeypatch, feed)
     assert sizes == expected
+
+
+def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
+    """mlx-lm empties MLX's buffer cache after every prefill pass, which on
+    CUDA waits for the device and makes the next steps allocate again; the
+    engine keeps the freed buffers, up to its allocator cache limit."""
+    import mlx.core as mx
+
+    gen_module = importlib.import_module("mlx_lm.generate")
+    prompt = gen_module.PromptProcessingBatch.prompt
+    cached_after_pass: list[int] = []
+
+    def measured(self, tokens):
+        prompt(self, tokens)
+        if tokens:
+            cached_after_pass.append(mx.get_cache_memory())
+
+    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", measured)
+    limit = 64 * 2**20
+    collector = Collector()
+    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False,
+                              allocator_cache_bytes=limit),
+               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    previous = None
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        e.submit(Request("long", [7 + i % 200 for i in range(300)], 2, SamplingParams(),
+                         sink=None))
+        collector.wait("long")
+        previous = mx.set_cache_limit(limit)
+    finally:
+        e.stop()
+        if previous is not None:
+            mx.set_cache_limit(previous)
+    assert previous == limit, "the engine sets MLX's cache limit"
+    # Emptied, the cache holds only what was freed after the emptying: the
+    # pass's token ids (1.2 KB here). Kept, it holds the pass's activations,
+    # at least one hidden state of its 300 tokens (tiny: 64 float32 wide).
+    one_hidden_state = 300 * 64 * 4
+    assert cached_after_pass and min(cached_after_pass) >= one_hidden_state, cached_after_pass

@@ -43,6 +43,9 @@ class EngineSettings:
     # device's memory. Requests that do not fit yet wait; one that never can
     # is refused.
     max_memory: int | None = None
+    # Freed buffers MLX's allocator keeps for reuse, in bytes; None: 5% of the
+    # memory limit; 0: mlx-lm's own way, emptied after every prefill pass.
+    allocator_cache_bytes: int | None = None
     # Load through mlx-vlm as a vision-language model even when the config
     # does not say so (auto-detected from vision_config otherwise).
     mllm: bool = False

@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="byte budget of the engine's prefix cache")
     ap.add_argument("--max-memory", type=int,
                     help="bytes for weights + KV + prefix cache (default: 90%% of device memory)")
+    ap.add_argument("--allocator-cache-bytes", type=int,
+                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
+                         "limit; 0: emptied after every prefill pass, as mlx-lm does)")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
@@ -177,6 +180,8 @@ class Supervisor:
             engine += ["--max-memory", str(args.max_memory)]
         if args.prefix_cache_bytes is not None:
             engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
+        if args.allocator_cache_bytes is not None:
+            engine += ["--allocator-cache-bytes", str(args.allocator_cache_bytes)]
         if args.mllm:
             engine += ["--mllm"]
         for m in self.media:
