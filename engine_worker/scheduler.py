@@ -41,7 +41,8 @@ log = logging.getLogger("engine")
 # Lets tests make one request fail inside the batch; never set in production.
 FAULT_INJECTION = os.environ.get("VLLM_MLX_FAULT_INJECTION") == "1"
 STATS_WINDOW_S = 5.0
-LOOP_PHASES = ("admit", "step", "handle", "publish", "idle")
+# "prefill" is the part of "step" that mlx-lm spent in prompt passes.
+LOOP_PHASES = ("admit", "step", "prefill", "handle", "publish", "idle")
 MEDIA_HOLD_MAX_S = 0.5  # see Engine._admit
 
 
@@ -115,6 +116,7 @@ class Stats:
     cache_evictions: int = 0
     loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
     steps: int = 0
+    prefill_passes: int = 0  # steps in which mlx-lm also ran a prompt pass
 
 
 class Engine:
@@ -250,8 +252,12 @@ class Engine:
                 spent["idle"] += clock() - t1
                 continue
             try:
+                counters = getattr(self._gen, "_counters", None)  # mlx-lm's own timing
+                prompt_time = counters.prompt_time if counters else 0.0
                 prompt_responses, responses = self._gen.next()
                 t2 = clock()
+                if counters:
+                    spent["prefill"] += counters.prompt_time - prompt_time
                 self._note_prefill(prompt_responses)
                 self._handle(responses)
             except Exception as e:  # a failure we cannot pin on one request
@@ -376,6 +382,7 @@ class Engine:
         # segments (all but the last token, then the last token): one whose
         # first segment has just ended moves to decoding on the next step.
         staying = [p for p in prompt_responses if not p.end_of_prompt]
+        self.stats.prefill_passes += bool(staying)
         self._prefilling = len(staying)
         self._prefill_turning = any(p.end_of_segment for p in staying)
 

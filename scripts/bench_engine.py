@@ -97,12 +97,14 @@ def raw_worker(model: Path, max_tokens: int) -> None:
         if kind == "core":
             done.clear()
             left[0] = len(ps)
-            before = {**core.stats.loop_seconds, "steps": core.stats.steps}
+            before = {**core.stats.loop_seconds, "steps": core.stats.steps,
+                      "prefill_passes": core.stats.prefill_passes}
             for p in first:
                 core.submit(core_request(p))
             done.wait()
             tps = len(ps) * max_tokens / (time.perf_counter() - tic)
-            after = {**core.stats.loop_seconds, "steps": core.stats.steps}
+            after = {**core.stats.loop_seconds, "steps": core.stats.steps,
+                     "prefill_passes": core.stats.prefill_passes}
             print(tps, json.dumps({k: after[k] - before[k] for k in after}), flush=True)
             continue
         # Same batch limits as the engine (64 decoded together, 8 prefilled).
@@ -161,7 +163,7 @@ def loop_seconds(address: str) -> dict[str, float]:
 
     with grpc.insecure_channel(address) as channel:
         s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
-    return {**s.loop_seconds, "steps": float(s.steps)}
+    return {**s.loop_seconds, "steps": float(s.steps), "prefill_passes": float(s.prefill_passes)}
 
 
 def cpu_seconds(front_end_pid: int) -> dict[str, float]:
@@ -283,13 +285,15 @@ def main() -> None:
                 for name, spent in (("engine", loop), ("core", core_loop)):
                     steps = spent.pop("steps", 0.0) or 1.0
                     row[f"{name}_loop_steps"] = steps / a.rounds
+                    row[f"{name}_prefill_passes"] = spent.pop("prefill_passes", 0.0) / a.rounds
                     row[f"{name}_loop_us_per_step"] = {k: 1e6 * v / steps
                                                        for k, v in spent.items()}
                 results.append(row)
                 print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
                       f"core {row['core_tps']:9.1f} ({row['core_ratio']:.3f})  "
                       f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s"
-                      + "".join(f"\n    {name} loop, {row[f'{name}_loop_steps']:.0f} steps,"
+                      + "".join(f"\n    {name} loop, {row[f'{name}_loop_steps']:.0f} steps, "
+                                f"{row[f'{name}_prefill_passes']:.0f} prefill passes,"
                                 " us per step: " + "  ".join(
                                     f"{k} {v:.0f}"
                                     for k, v in row[f"{name}_loop_us_per_step"].items())
