@@ -16,6 +16,14 @@ and sent as token ids (`chat-ids`: what a gateway that owned templating would
 do). `chat` vs `chat-ids` measures where templating should live.
 
     python scripts/bench_gateway.py --out bench-gateway.json
+
+`--ttft-probes N` measures what the gateway adds to time to first token
+under load instead: at each concurrency C, C-1 streams keep generating
+through the gateway (closed loop, in client processes), while this process
+sends N probe requests by each path, alternating gRPC and HTTP, on fresh
+prompts and over connections kept open. Both probes meet the same engine and
+the same loaded gateway, so their difference is the HTTP path's own cost;
+rounds of whole runs cannot resolve a few milliseconds on a noisy machine.
 """
 
 import argparse
@@ -211,6 +219,87 @@ async def http_run(url: str, prompts: list, form: str, max_tokens: int, client: 
     return run
 
 
+# -- time to first token under load, by probes ------------------------------------------
+
+def _background(url: str, prompts: list, max_tokens: int, stop_at: float) -> int:
+    """Streams through the gateway, each sending its next request when the
+    last ends, until stop_at; returns the requests completed."""
+    import httpx
+
+    async def main() -> int:
+        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as c:
+            async def stream(p) -> int:
+                n = 0
+                path, body = _body(p, "ids", max_tokens)
+                while time.monotonic() < stop_at:
+                    async with c.stream("POST", path, json=body) as r:
+                        r.raise_for_status()
+                        async for _ in r.aiter_lines():
+                            pass
+                    n += 1
+                return n
+            return sum(await asyncio.gather(*(stream(p) for p in prompts)))
+
+    return asyncio.run(main())
+
+
+async def _probes(address: str, url: str, prompts: list) -> tuple[list[float], list[float]]:
+    """Time to first token of one request at a time, alternating gRPC and
+    HTTP (max_tokens 4, fresh prompts), over connections kept open."""
+    import grpc
+    import httpx
+
+    from vllm_mlx.v1 import engine_pb2 as pb
+    from vllm_mlx.v1 import engine_pb2_grpc
+
+    grpc_ms, http_ms = [], []
+    rng = random.Random(0)
+    async with grpc.aio.insecure_channel(address) as channel, \
+            httpx.AsyncClient(base_url=url, timeout=3600) as client:
+        stub = engine_pb2_grpc.EngineStub(channel)
+        await channel.channel_ready()
+        for i, p in enumerate(prompts):
+            # Probes land at random points of the decode step.
+            await asyncio.sleep(rng.uniform(0.0, 0.02))
+            start = time.perf_counter()
+            if i % 2 == 0:
+                async for r in stub.Generate(pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=p), max_tokens=4, ignore_eos=True),
+                        timeout=600):
+                    if r.token_ids and len(grpc_ms) * 2 <= i:
+                        grpc_ms.append(1000 * (time.perf_counter() - start))
+                continue
+            path, body = _body(p, "ids", 4)
+            async with client.stream("POST", path, json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if (line.startswith("data: {") and len(http_ms) * 2 < i
+                            and (json.loads(line[6:])["choices"] or [{}])[0].get("text")):
+                        http_ms.append(1000 * (time.perf_counter() - start))
+    return grpc_ms, http_ms
+
+
+def ttft_probes(address: str, url: str, c: int, n_probes: int, a, pool) -> dict:
+    vocab = vocab_of(a.model_path)
+    background = make_prompts(c - 1, vocab, "ids", seed=7 * c)
+    probes = make_prompts(2 * n_probes, vocab, "ids", seed=11 * c + n_probes)
+    # Long enough for every probe; the probes end the run, not the clock.
+    stop_at = time.monotonic() + 3600
+    if background:  # the caller ends these by terminating the pool
+        n = max(1, min(a.client_procs, len(background)))
+        for k in range(n):
+            pool.apply_async(_background, (url, background[k::n], a.max_tokens, stop_at))
+        time.sleep(2.0)  # the background streams are up and decoding
+    grpc_ms, http_ms = asyncio.run(_probes(address, url, probes))
+    pairs = [h - g for g, h in zip(grpc_ms, http_ms)]
+    return dict(concurrency=c, probes=len(pairs),
+                grpc_ttft_ms=statistics.median(grpc_ms), http_ttft_ms=statistics.median(http_ms),
+                added_ttft_ms=statistics.median(http_ms) - statistics.median(grpc_ms),
+                added_ttft_ms_paired=statistics.median(pairs),
+                grpc_ttft_ms_all=grpc_ms, http_ttft_ms_all=http_ms)
+
+
 # -- processes ---------------------------------------------------------------------------
 
 from bench_engine import start_engine  # noqa: E402  (scripts/ is on sys.path)
@@ -249,6 +338,12 @@ def build_model(shape: str, cache: Path) -> Path:
 def _median_cpu(runs: list[Run]) -> dict[str, float]:
     keys = runs[0].cpu_ms_per_1k.keys()
     return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
+
+
+def mp_pool(n: int):
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(n, initializer=_client_imports)
 
 
 def _client_imports() -> None:
@@ -359,6 +454,9 @@ def main() -> None:
     ap.add_argument("--side-by-side", action="store_true",
                     help="run both paths at once in every round, half the streams each "
                          "(at least one each), on fresh prompts per round")
+    ap.add_argument("--ttft-probes", type=int, default=0,
+                    help="measure added time to first token with this many probes per path "
+                         "beside concurrency-1 gateway streams (see above)")
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     ap.add_argument("--engine-port", type=int, default=50927)
     ap.add_argument("--port", type=int, default=50928)
@@ -376,17 +474,33 @@ def main() -> None:
     pool = None
     if a.side_by_side:
         a.client_procs = max(2, a.client_procs)
+    if a.ttft_probes:
+        a.client_procs = max(2, a.client_procs)
     if a.client_procs > 1:
-        import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(a.client_procs, initializer=_client_imports)
+        pool = mp_pool(a.client_procs)
     try:
         gateway = start_gateway(a.engine_port, a.port, a.workers)
         address, url = f"127.0.0.1:{a.engine_port}", f"http://127.0.0.1:{a.port}"
         pids = {"engine": engine.pid, "gateway": gateway.pid}
-        print(f"{'conc':>4} {'grpc tok/s':>11} {'http tok/s':>11} {'ratio':>6} "
-              f"{'grpc TTFT ms':>13} {'http TTFT ms':>13} {'added ms':>9}", flush=True)
-        for c in a.concurrency:
+        if a.ttft_probes:
+            for c in a.concurrency:
+                ttft_probes(address, url, c, 5, a, pool)  # an untimed warm-up
+                pool.terminate()  # ends the background streams
+                pool = mp_pool(a.client_procs)
+                row = ttft_probes(address, url, c, a.ttft_probes, a, pool)
+                pool.terminate()
+                pool = mp_pool(a.client_procs)
+                results.append(row)
+                print(f"c={c:3d} TTFT p50 gRPC {row['grpc_ttft_ms']:.1f} ms, HTTP "
+                      f"{row['http_ttft_ms']:.1f} ms: added {row['added_ttft_ms']:.1f} ms "
+                      f"(median of {row['probes']} pairs {row['added_ttft_ms_paired']:.1f})",
+                      flush=True)
+        c_loop = [] if a.ttft_probes else a.concurrency
+        if c_loop:
+            print(f"{'conc':>4} {'grpc tok/s':>11} {'http tok/s':>11} {'ratio':>6} "
+                  f"{'grpc TTFT ms':>13} {'http TTFT ms':>13} {'added ms':>9}", flush=True)
+        for c in c_loop:
             prompts = make_prompts(c, vocab_of(model), a.prompt_form)
             grpc_runs, http_runs = [], []
             for i in range(a.rounds + 1):  # the first of each is an untimed warm-up
@@ -434,7 +548,7 @@ def main() -> None:
             device=str(mx.default_device()), model=a.model, max_tokens=a.max_tokens,
             prompt_form=a.prompt_form, prompt_len=PROMPT_LEN, client=a.client,
             gateway_workers=a.workers, client_procs=a.client_procs,
-            side_by_side=a.side_by_side, rounds=a.rounds,
+            side_by_side=a.side_by_side, rounds=a.rounds, ttft_probes=a.ttft_probes,
             engine_flags=a.engine_flags,
             results=results), indent=2))
 
