@@ -44,6 +44,7 @@ STATS_WINDOW_S = 5.0
 # "prefill" is the part of "step" that mlx-lm spent in prompt passes.
 LOOP_PHASES = ("admit", "step", "prefill", "handle", "publish", "idle")
 MEDIA_HOLD_MAX_S = 0.5  # see Engine._admit
+IDLE_GATHER_GAP_S = 0.001  # see Engine._admission_cap
 
 
 class QueueFull(Exception):
@@ -247,7 +248,7 @@ class Engine:
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
                 self._flush(always=True)
-                self._wake.wait(0.5)
+                self._wake.wait(IDLE_GATHER_GAP_S if self._held_since is not None else 0.5)
                 self._wake.clear()
                 spent["idle"] += clock() - t1
                 continue
@@ -389,14 +390,14 @@ class Engine:
     def _admission_cap(self) -> int | None:
         """How many waiting requests may join the batch now (None: all).
 
-        While a batch is decoding and requests are still arriving (some came
-        in during the last step), only whole prefill batches join; the rest
-        wait, at most admit_window_s, or until a step passes with no new
-        arrival. An idle engine admits at once: nothing is decoding, so
-        waiting would gain nothing.
+        While requests are still arriving (some came in during the last step),
+        only whole prefill batches join; the rest wait, at most
+        admit_window_s, or until a step passes with no new arrival. An idle
+        engine takes no steps: there it gathers a burst until IDLE_GATHER_GAP_S
+        passes with no new arrival, so a lone request waits only that long.
         """
         s = self.settings
-        if not self._running or not self._arrived or s.admit_window_s <= 0:
+        if not self._arrived or s.admit_window_s <= 0:
             self._held_since = None
             return None
         now = time.monotonic()
