@@ -4,9 +4,11 @@ what each request would get alone."""
 import importlib
 import queue
 import threading
+import time
 
 import pytest
 
+from engine_worker import scheduler
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
 from engine_worker.scheduler import Engine, Output, Request
@@ -190,6 +192,43 @@ def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window
     sizes = _prefill_sizes(dict(max_num_seqs=32, max_queue=64, admit_window_s=window),
                            tiny_model, monkeypatch, feed)
     assert sizes == expected
+
+
+def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatch):
+    """With admit_window_s, a burst reaching an idle engine prefills as one
+    batch: the engine waits until a gap with no new arrival instead of
+    starting a pass for the first request alone."""
+    gen_module = importlib.import_module("mlx_lm.generate")
+    prompt = gen_module.PromptProcessingBatch.prompt
+    sizes: list[int] = []
+
+    def counted(self, tokens):
+        if tokens:
+            sizes.append(len(tokens))
+        return prompt(self, tokens)
+
+    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", counted)
+    # A gap this machine's scheduling cannot exceed between two submits.
+    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", 0.05)
+    collector = Collector()
+    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
+               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        burst = [Request(f"idle-{i}", p, 4, SamplingParams(), sink=None)
+                 for i, p in enumerate(PROMPTS)]
+        # The first arrives alone and is taken in; the rest follow at once.
+        e.submit(burst[0])
+        while not e._inbox.empty():
+            time.sleep(0)
+        for r in burst[1:]:
+            e.submit(r)
+        for r in burst:
+            collector.wait(r.request_id)
+    finally:
+        e.stop()
+    assert sizes == [8]
 
 
 def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
