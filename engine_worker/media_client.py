@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -203,7 +204,8 @@ class MediaClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or DEFAULT_PREPARE_TIMEOUT_S)
         attempts = self._order(loop.time())
-        request = mpb.PrepareRequest(request_id=request_id, items=sources, shared_memory=True)
+        request = mpb.PrepareRequest(request_id=request_id, items=sources, shared_memory=True,
+                                     owner_pid=os.getpid())
         for n, k in enumerate(attempts):
             left = deadline - loop.time()
             # With a second worker to try, the first gets half the time left

@@ -13,13 +13,14 @@ from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
 from vllm_mlx.grpc_server import listen
 from vllm_mlx.settings import MediaSettings
-from vllm_mlx.shared_tensors import free_segments
+from vllm_mlx.shared_tensors import SegmentLedger, free_segments
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 
 log = logging.getLogger("media")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MediaWorker"].full_name
+SWEEP_INTERVAL_S = 2.0  # how often segments of dead callers are looked for
 
 
 class MediaService(media_pb2_grpc.MediaWorkerServicer):
@@ -28,6 +29,7 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
         self.pool = pool
         self.pre: Preprocessor | None = None
         self.cache = PreparedCache()
+        self.segments = SegmentLedger()
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareResponse:
         if self.pre is None:
@@ -60,11 +62,22 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
                  max(r.prepare_seconds for r in results))
         packing = loop.run_in_executor(self.pool, pack, results, request.shared_memory)
         try:
-            return await asyncio.shield(packing)
+            reply = await asyncio.shield(packing)
         except asyncio.CancelledError:
             # The caller gave up: nobody will unlink the segments of this reply.
             packing.add_done_callback(_free_reply)
             raise
+        self.segments.record(request.owner_pid, reply)
+        return reply
+
+    async def sweep_segments(self) -> None:
+        """Forever: free the segments of callers that died holding them."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            freed = await asyncio.to_thread(self.segments.sweep)
+            if freed:
+                log.warning("freed %d shared-memory segment(s) of callers that exited "
+                            "without freeing them", freed)
 
 
 def _free_reply(packing: asyncio.Future) -> None:
@@ -97,6 +110,7 @@ async def serve(settings: MediaSettings) -> None:
     port = listening.port
     log.info("listening on %s:%d, loading the processor of %s", settings.host, port,
              settings.model)
+    sweeper = asyncio.create_task(service.sweep_segments())
     try:
         service.pre = await asyncio.to_thread(Preprocessor, settings.model)
         await listening.set_serving(True)
@@ -104,5 +118,6 @@ async def serve(settings: MediaSettings) -> None:
                  settings.host, port)
         await server.wait_for_termination()
     finally:
+        sweeper.cancel()
         await listening.stop(grace=2)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -517,6 +517,37 @@ def test_items_in_shared_memory_equal_the_inline_ones(strict, clip):
         assert not segment_exists(name)
 
 
+def test_segments_of_a_caller_that_died_are_freed(strict):
+    """A caller killed before it could unlink its segments (SIGKILL gives it
+    no chance) does not leave them in memory until a reboot: the worker frees
+    them within seconds, and leaves a live caller's alone."""
+    from tests.test_shared_tensors import segment_exists
+    from vllm_mlx.shared_tensors import unlink
+
+    item = image_url(data_url(png((64, 48)), "image/png"))
+
+    def segment_for(pid: int) -> str:
+        return strict.stub.Prepare(pb.PrepareRequest(
+            request_id=f"owner-{pid}", items=[item], shared_memory=True, owner_pid=pid),
+            timeout=30).items[0].shm_name
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        mine, theirs = segment_for(os.getpid()), segment_for(owner.pid)
+        assert segment_exists(mine) and segment_exists(theirs)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 15
+    while segment_exists(theirs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not segment_exists(theirs), "the dead caller's segment is still there"
+        assert segment_exists(mine), "a live caller's segment must stay until it frees it"
+    finally:
+        unlink(mine)
+
+
 def test_content_hash_covers_bytes_and_options(strict, clip):
     a, b = strict.prepare(image_url(data_url(png(), "image/png")),
                           image_url(data_url(png(), "image/png"))).items

@@ -15,6 +15,8 @@ core only reads. Both ends run on one machine; the names work with POSIX
 shared memory on Linux and macOS alike.
 """
 
+import os
+import threading
 from multiprocessing import resource_tracker, shared_memory
 from typing import NamedTuple
 
@@ -94,6 +96,56 @@ def free_segments(reply: media_pb2.PrepareResponse) -> None:
     for item in reply.items:
         if item.shm_name:
             unlink(item.shm_name)
+
+
+class SegmentLedger:
+    """The segments a media worker handed out, by the process that owns
+    them, so that those of an owner that died without unlinking them (a
+    SIGKILL gives it no chance) do not stay in memory until a reboot.
+    `record` runs on the worker's event loop, `sweep` on a thread."""
+
+    def __init__(self) -> None:
+        self._by_owner: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, owner_pid: int, reply: media_pb2.PrepareResponse) -> None:
+        names = {item.shm_name for item in reply.items if item.shm_name}
+        if owner_pid and names:
+            with self._lock:
+                self._by_owner.setdefault(owner_pid, set()).update(names)
+
+    def sweep(self) -> int:
+        """Unlink what dead owners left; forget what live owners unlinked.
+        Returns how many segments were freed."""
+        with self._lock:
+            snapshot = {pid: set(names) for pid, names in self._by_owner.items()}
+        freed = 0
+        settled: dict[int, set[str]] = {}
+        for pid, names in snapshot.items():
+            if _alive(pid):
+                settled[pid] = {n for n in names if not exists(n)}
+                continue
+            for name in names:
+                freed += exists(name)
+                unlink(name)
+            settled[pid] = names
+        with self._lock:
+            for pid, names in settled.items():
+                left = self._by_owner[pid]
+                left -= names
+                if not left:
+                    del self._by_owner[pid]
+        return freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: is there such a process (Linux and macOS)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:

@@ -31,14 +31,16 @@ class MediaSource(_message.Message):
     def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., url: _Optional[str] = ..., path: _Optional[str] = ..., fps: _Optional[float] = ..., max_frames: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("request_id", "items", "shared_memory")
+    __slots__ = ("request_id", "items", "shared_memory", "owner_pid")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_PID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[MediaSource]
     shared_memory: bool
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaSource, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    owner_pid: int
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MediaSource, _Mapping]]] = ..., shared_memory: _Optional[bool] = ..., owner_pid: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data", "offset")
