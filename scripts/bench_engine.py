@@ -66,6 +66,7 @@ def raw_worker(model: Path, max_tokens: int) -> None:
     done = threading.Event()
     queued: list[list[int]] = []  # prompts not yet sent, for later waves
     left = [0]
+    ids = itertools.count()
 
     def core_request(p: list[int]) -> Request:
         return Request(f"{next(ids)}", p, max_tokens, SamplingParams(), sink=None)
@@ -79,7 +80,6 @@ def raw_worker(model: Path, max_tokens: int) -> None:
                 elif left[0] == 0:
                     done.set()
 
-    ids = itertools.count()
     # The core runs mlx-lm's allocator cache handling (allocator_cache_bytes=0):
     # the engine's own would apply to the raw generator in this process too.
     core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False,

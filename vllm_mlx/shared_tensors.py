@@ -81,14 +81,15 @@ def exists(name: str) -> bool:
     return True
 
 
-def unlink(name: str) -> None:
-    """Free a segment; one already gone is fine."""
+def unlink(name: str) -> bool:
+    """Free a segment; one already gone is fine. Whether it was there."""
     try:
         shm = shared_memory.SharedMemory(name=name)
     except FileNotFoundError:
-        return
+        return False
     shm.close()
     shm.unlink()  # also drops the registration that opening it made
+    return True
 
 
 def free_segments(reply: media_pb2.PrepareResponse) -> None:
@@ -125,9 +126,7 @@ class SegmentLedger:
             if _alive(pid):
                 settled[pid] = {n for n in names if not exists(n)}
                 continue
-            for name in names:
-                freed += exists(name)
-                unlink(name)
+            freed += sum(unlink(name) for name in names)
             settled[pid] = names
         with self._lock:
             for pid, names in settled.items():
