@@ -21,10 +21,11 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
                     help="requests allowed to wait before Generate is refused")
     ap.add_argument("--prefill-batch-size", type=int, default=8)
     ap.add_argument("--prefill-step-size", type=int, default=2048)
-    ap.add_argument("--admit-window-ms", type=float, default=0.0,
+    ap.add_argument("--admit-window-ms", type=float,
+                    default=EngineSettings.admit_window_s * 1000,
                     help="requests still arriving wait up to this long to be prefilled "
                          "together, a whole prefill batch at a time; an idle engine waits "
-                         "for a 1 ms gap in arrivals (0: no waiting)")
+                         "for a 1 ms gap in arrivals (default 3; 0: no waiting)")
     ap.add_argument("--max-model-len", type=int, help="cap the context length")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--stream-interval-ms", type=float, default=0.0,

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 from engine_worker.model import ModelFacts, load_model
@@ -47,9 +48,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         if not batch or now - last_stats[0] > 0.1:
             last_stats[0] = now
             stats = dataclasses.asdict(engine.stats)
-        # Plain tuples: pickling a NamedTuple costs several times more, and
-        # this runs every decode step (docs/benchmarks.md).
-        send(("outputs", [tuple(out) for _, out in batch], stats))
+        send(("outputs", *columns([out for _, out in batch]), stats))
 
     def on_ready(error: BaseException | None) -> None:
         if error is None:
@@ -72,12 +71,12 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                         if isinstance(item.media, SharedTensors):
                             item.media = take(item.media)
                     except FileNotFoundError as e:  # cancelled before it got here
-                        send(("outputs", [_refused(item, e)], None))
+                        send(("outputs", *columns([_refused(item, e)]), None))
                         continue
                     try:
                         engine.submit(item)
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first
-                        send(("outputs", [_refused(item, e)], None))
+                        send(("outputs", *columns([_refused(item, e)]), None))
                 elif kind == "abort":
                     engine.abort(*item)
                 elif kind == "clear_prefix_cache":
@@ -90,6 +89,37 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
     threading.Thread(target=read_requests, name="core-reader", daemon=True).start()
     engine.run()
+
+
+def columns(outputs: list[Output]) -> tuple[list[str], list[int], list[tuple[int, tuple]]]:
+    """A step's outputs as they cross the pipe: the plain ones (a token, no
+    finish, no logprob: nearly all) as a column of request ids and one of
+    tokens, the others as (position among the plain ones, plain tuple).
+    Pickling two lists costs a fraction of a tuple per output, and this runs
+    every decode step (docs/benchmarks.md). `outputs_of` undoes it."""
+    ids: list[str] = []
+    tokens: list[int] = []
+    others: list[tuple[int, tuple]] = []
+    for out in outputs:
+        if out.finish_reason is None and out.logprob is None:
+            ids.append(out.request_id)
+            tokens.append(out.token)
+        else:
+            others.append((len(ids), tuple(out)))
+    return ids, tokens, others
+
+
+def outputs_of(ids: list[str], tokens: list[int],
+               others: list[tuple[int, tuple]]) -> Iterator[Output]:
+    """The outputs of `columns`, in their order."""
+    done = 0
+    for at, out in others:
+        for i in range(done, at):
+            yield Output(ids[i], tokens[i])
+        done = at
+        yield Output._make(out)
+    for i in range(done, len(ids)):
+        yield Output(ids[i], tokens[i])
 
 
 def _refused(r: Request, e: Exception) -> Output:

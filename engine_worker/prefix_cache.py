@@ -13,7 +13,13 @@ Everything here runs on the engine thread.
 import logging
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    KVCache,
+    LRUPromptCache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from engine_worker.memory import device_memory
 from engine_worker.vision import MediaRows
@@ -85,16 +91,18 @@ class PrefixCache:
         self.tokens_reused += reused
         return cache, reused
 
-    def insert(self, entries: list[tuple[list[int], list]]) -> None:
+    def insert(self, entries: list[tuple[list[int], list]], copied: bool = False) -> None:
         """Keep each (tokens, cache): the KV of exactly those tokens,
-        evicting the least recently inserted entries past the byte budget."""
+        evicting the least recently inserted entries past the byte budget.
+        `copied`: the caches are rows of `split_batch`, already on their way."""
         # A finished request's KV comes out of the batch as a lazy copy of
         # its rows; until evaluated, it holds the whole batch's KV buffers
         # alive, many times its own size. Evaluate them, all of one step's in
         # one go and asynchronously, so no decode step waits for it.
-        mx.async_eval([a for _, cache in entries for c in cache
-                       for a in (getattr(c, "keys", None), getattr(c, "values", None))
-                       if a is not None])
+        if not copied:
+            mx.async_eval([a for _, cache in entries for c in cache
+                           for a in (getattr(c, "keys", None), getattr(c, "values", None))
+                           if a is not None])
         for tokens, cache in entries:
             self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
         before = len(self._lru)
@@ -112,14 +120,53 @@ class PrefixCache:
         self._lru.trim_to(n_sequences=0)
 
 
+def split_batch(layers: list) -> list[list[KVCache]] | None:
+    """Each row's KV of a batch that ended as a whole (mlx-lm's BatchKVCache
+    per layer, as the batch left them), or None where layers are of another
+    kind. mlx-lm extracts a finished row as a copy per layer, and for a whole
+    batch that is a kernel per layer and row: 3,840 for 64 rows of
+    SmolLM2-135M, 59 ms of launches on an H200 each time a batch ended
+    together (docs/benchmarks.md). Here each layer is copied once, without
+    its padding, and each row is a slice of that copy: the copy lives while
+    any of its rows is cached, and holds nothing else but the rows' padding."""
+    if not layers or not all(type(c) is BatchKVCache and c.keys is not None for c in layers):
+        return None
+    rows: list[list[KVCache]] = [[] for _ in range(layers[0].keys.shape[0])]
+    copies = []
+    for c in layers:
+        pads = c.left_padding.tolist()
+        lo, end = min(pads), c._idx
+        keys, values = mx.contiguous(c.keys[:, :, lo:end]), mx.contiguous(c.values[:, :, lo:end])
+        copies += [keys, values]
+        for i, pad in enumerate(pads):
+            kv = KVCache()
+            kv.keys = keys[i:i + 1, :, pad - lo:]
+            kv.values = values[i:i + 1, :, pad - lo:]
+            kv.offset = end - pad
+            rows[i].append(kv)
+    mx.async_eval(copies)
+    return rows
+
+
 def _reusable(lru: LRUPromptCache, prompt: list[int]) -> int:
     """How many prompt tokens `fetch_nearest_cache` would reuse, without the
-    copy it makes. Reads the trie of mlx-lm's LRUPromptCache (it has no
-    public way to ask) and mirrors that method's choice."""
-    found = lru._trie.search(_MODEL_KEY, prompt)
-    if found.exact is not None:
-        return len(prompt)
-    shorter = len(found.shorter) if found.shorter is not None else 0
-    if found.longer is not None and found.common_prefix > shorter:
-        return min(len(prompt) - 1, found.common_prefix)
-    return shorter
+    copy it makes. Walks the trie of mlx-lm's LRUPromptCache (it has no
+    public way to ask) and mirrors that method's choice. Its own search also
+    looks for the nearest longer entry, a walk of the whole subtree below the
+    common prefix, which with a small vocabulary is most of the cache."""
+    node = lru._trie._trie.get(_MODEL_KEY)
+    if node is None:
+        return 0
+    depth = shorter = 0
+    for token in prompt:
+        node = node.get(token)
+        if node is None:
+            break
+        depth += 1
+        if "__value__" in node:
+            shorter = depth
+    if shorter == len(prompt):
+        return shorter
+    # Every node of the trie lies on the way to some entry, so a walk that
+    # went past the last entry on its way ended inside a longer one.
+    return max(shorter, min(len(prompt) - 1, depth))

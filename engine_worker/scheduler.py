@@ -31,7 +31,7 @@ from engine_worker.memory import (
     kv_bytes_per_token,
 )
 from engine_worker.model import LoadedModel
-from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
+from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget, split_batch
 from engine_worker.sampling import SamplingParams, make_processors, make_sampler
 from engine_worker.vision import BatchedVisionLM
 from vllm_mlx.settings import EngineSettings
@@ -255,12 +255,14 @@ class Engine:
             try:
                 counters = getattr(self._gen, "_counters", None)  # mlx-lm's own timing
                 prompt_time = counters.prompt_time if counters else 0.0
+                decoding = self._gen._generation_batch  # see _handle
+                before = (list(decoding.uids), list(decoding.prompt_cache))
                 prompt_responses, responses = self._gen.next()
                 t2 = clock()
                 if counters:
                     spent["prefill"] += counters.prompt_time - prompt_time
                 self._note_prefill(prompt_responses)
-                self._handle(responses)
+                self._handle(responses, *before)
             except Exception as e:  # a failure we cannot pin on one request
                 log.exception("batch step failed; failing the running requests")
                 self._fail_all(f"engine step failed: {e}")
@@ -356,7 +358,7 @@ class Engine:
                 kept = self._gen.remove([uid], return_prompt_caches=keep_kv)
                 if keep_kv and uid in kept:
                     cache, tokens = kept[uid]
-                    self._keep_kv([(tokens, cache)])
+                    self._keep_kv([(tokens, cache, uid)])
                 self._finish_uid(uid, "abort")
                 return
 
@@ -560,7 +562,9 @@ class Engine:
         return (guard_sampler(sampler) if sampler else None,
                 [guard_processor(p) for p in processors])
 
-    def _handle(self, responses) -> None:
+    def _handle(self, responses, uids: list[int], layers: list) -> None:
+        """`uids` and `layers`: the decoding batch's rows and KV caches as
+        they were before the step."""
         running, outbox = self._running, self._outbox
         produced = 0
         finished_kv = []
@@ -590,19 +594,33 @@ class Engine:
                 outbox.append((r.sink, Output(r.request_id, resp.token, None, logprob)))
             else:
                 if not r.media:  # token ids alone do not say which image it saw
-                    finished_kv.append((resp.all_tokens, resp.prompt_cache))
+                    finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
                 self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
-        self._keep_kv(finished_kv)
+        self._keep_kv(finished_kv, uids, layers)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced
         self.stats.generation_tokens_total += produced
         self._update_stats()
 
-    def _keep_kv(self, entries: list[tuple[list[int] | None, list | None]]) -> None:
-        """Offer finished requests' KV (of prompt + completion) to later ones."""
-        entries = [(t, c) for t, c in entries if t and c]
-        if self._prefix is not None and entries:
-            self._prefix.insert(entries)
+    def _keep_kv(self, finished: list[tuple[list[int] | None, list | None, int]],
+                 uids: list[int] = (), layers: list = ()) -> None:
+        """Offer finished requests' KV (of prompt + completion; with their
+        uids) to later ones. `uids`, `layers`: the decoding batch before the
+        step, for when all of it finished."""
+        if self._prefix is None or not finished:
+            return
+        copied = False
+        if len(finished) == len(uids):
+            # The whole batch ended together (requests of one length, a batch
+            # job): copied per layer, not per layer and row.
+            rows = split_batch(layers)
+            if rows is not None:
+                row_of = {uid: i for i, uid in enumerate(uids)}
+                finished = [(t, rows[row_of[uid]], uid) for t, _, uid in finished]
+                copied = True
+        entries = [(t, c) for t, c, _ in finished if t and c]
+        if entries:
+            self._prefix.insert(entries, copied)
 
     def _logprob(self, logprobs: mx.array, token: int, k: int) -> TokenLogprob:
         top: list[tuple[int, float]] = []

@@ -10,7 +10,7 @@ import uuid
 
 import grpc
 
-from engine_worker.core import core_main
+from engine_worker.core import core_main, outputs_of
 from engine_worker.media_client import (
     MediaClient,
     MediaRefused,
@@ -124,10 +124,11 @@ class CoreClient:
             self._loop.remove_reader(self._conn.fileno())
             _resolve(self.dead, "the engine core exited")
 
-    def _deliver(self, outputs: list[tuple], stats: dict | None) -> None:
+    def _deliver(self, ids: list[str], tokens: list[int], others: list[tuple[int, tuple]],
+                 stats: dict | None) -> None:
         if stats is not None:
             self.stats = stats
-        for out in map(Output._make, outputs):
+        for out in outputs_of(ids, tokens, others):
             sink = self.sinks.get(out.request_id)
             if sink is not None:
                 if out.finish_reason:

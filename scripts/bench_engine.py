@@ -179,11 +179,22 @@ def cpu_seconds(front_end_pid: int) -> dict[str, float]:
 
     try:
         out["front_end"] = of(front_end_pid)
-        children = Path(f"/proc/{front_end_pid}/task/{front_end_pid}/children").read_text()
-        out["core"] = sum(of(int(pid)) for pid in children.split())
+        out["core"] = sum(of(pid) for pid in core_pids(front_end_pid))
     except OSError:
         pass
     return out
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (Linux: sched_setaffinity per task,
+    since it applies to one thread and threads that exist keep theirs)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def core_pids(front_end_pid: int) -> list[int]:
+    children = Path(f"/proc/{front_end_pid}/task/{front_end_pid}/children").read_text()
+    return [int(pid) for pid in children.split()]
 
 
 def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
@@ -223,6 +234,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=50917)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--engine-flags", default="", help="extra engine flags, one string")
+    ap.add_argument("--pin-cpus", default="",
+                    help="Linux: CPUs (e.g. 2,3) for the decode loops, raw's process and the "
+                         "engine core's, which take turns; the front end and this client get "
+                         "the other CPUs")
+    ap.add_argument("--no-core", action="store_true", help="skip the in-process core column")
     a = ap.parse_args()
     if a.cmd == "raw":
         raw_worker(a.model, a.max_tokens)
@@ -236,6 +252,13 @@ def main() -> None:
         raw_proc = subprocess.Popen(
             [sys.executable, __file__, "raw", "--model", str(model), "--max-tokens",
              str(a.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if a.pin_cpus:
+            loops = {int(c) for c in a.pin_cpus.split(",")}
+            others = os.sched_getaffinity(0) - loops
+            for pid in core_pids(proc.pid):
+                pin(pid, loops)
+            pin(proc.pid, others)
+            os.sched_setaffinity(0, others)
 
         def local_round(kind: str, c: int, raw_proc: subprocess.Popen = raw_proc,
                         loop: dict | None = None) -> float:
@@ -257,31 +280,45 @@ def main() -> None:
 
         try:
             for c in a.concurrency:
+                kinds = ["raw", "engine"] if a.no_core else ["raw", "core", "engine"]
                 # One untimed run each: kernels for new shapes compile on first use.
-                local_round("raw", c)
-                local_round("core", c)
-                engine_round(c)
-                runs: dict[str, list[float]] = {"raw": [], "core": [], "engine": []}
+                for kind in kinds:
+                    if kind == "engine":
+                        engine_round(c)
+                    else:
+                        local_round(kind, c)
+                if a.pin_cpus:  # threads started since (MLX's, the reader's) too
+                    pin(raw_proc.pid, loops)
+                    for pid in core_pids(proc.pid):
+                        pin(pid, loops)
+                runs: dict[str, list[float]] = {k: [] for k in kinds}
                 loop: dict[str, float] = {}
                 core_loop: dict[str, float] = {}
                 cpu: dict[str, float] = {}
-                for _ in range(a.rounds):
-                    runs["raw"].append(local_round("raw", c))
-                    runs["core"].append(local_round("core", c, loop=core_loop))
-                    before, cpu_before = loop_seconds(address), cpu_seconds(proc.pid)
-                    runs["engine"].append(engine_round(c))
-                    for k, v in loop_seconds(address).items():
-                        loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
-                    for k, v in cpu_seconds(proc.pid).items():
-                        cpu[k] = cpu.get(k, 0.0) + v - cpu_before.get(k, 0.0)
+                for i in range(a.rounds):
+                    # Every other round in reverse order, so that a drift
+                    # within a round falls on both sides alike.
+                    for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                        if kind != "engine":
+                            runs[kind].append(local_round(kind, c, loop=core_loop))
+                            continue
+                        before, cpu_before = loop_seconds(address), cpu_seconds(proc.pid)
+                        runs["engine"].append(engine_round(c))
+                        for k, v in loop_seconds(address).items():
+                            loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
+                        for k, v in cpu_seconds(proc.pid).items():
+                            cpu[k] = cpu.get(k, 0.0) + v - cpu_before.get(k, 0.0)
                 row = dict(model=shape, concurrency=c,
                            **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
                            **{f"{k}_all": v for k, v in runs.items()})
                 row["ratio"] = row["engine_tps"] / row["raw_tps"]
+                # Rounds next to each other share the machine's state of the moment.
+                row["paired_ratio"] = statistics.median(
+                    e / r for e, r in zip(runs["engine"], runs["raw"]))
                 tokens = a.rounds * c * a.waves * a.max_tokens
                 row["engine_cpu_ms_per_1k_tokens"] = {k: 1e6 * v / tokens
                                                       for k, v in cpu.items()}
-                row["core_ratio"] = row["core_tps"] / row["raw_tps"]
+                row["core_ratio"] = row.get("core_tps", 0.0) / row["raw_tps"]
                 for name, spent in (("engine", loop), ("core", core_loop)):
                     steps = spent.pop("steps", 0.0) or 1.0
                     row[f"{name}_loop_steps"] = steps / a.rounds
@@ -290,8 +327,9 @@ def main() -> None:
                                                        for k, v in spent.items()}
                 results.append(row)
                 print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
-                      f"core {row['core_tps']:9.1f} ({row['core_ratio']:.3f})  "
-                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}) tok/s"
+                      f"core {row.get('core_tps', 0.0):9.1f} ({row['core_ratio']:.3f})  "
+                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}, "
+                      f"paired {row['paired_ratio']:.3f}) tok/s"
                       + "".join(f"\n    {name} loop, {row[f'{name}_loop_steps']:.0f} steps, "
                                 f"{row[f'{name}_prefill_passes']:.0f} prefill passes,"
                                 " us per step: " + "  ".join(
@@ -312,7 +350,8 @@ def main() -> None:
         a.out.write_text(json.dumps(dict(
             machine=platform.platform(), processor=platform.machine(),
             device=str(mx.default_device()), max_tokens=a.max_tokens,
-            prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves, results=results),
+            prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves,
+            engine_flags=a.engine_flags, pin_cpus=a.pin_cpus, results=results),
             indent=2))
 
 

@@ -43,7 +43,7 @@ def test_a_request_that_can_never_fit_is_refused(small_engine):
 
 def test_requests_that_do_not_fit_together_take_turns(small_engine):
     """Two requests of 610 tokens each: one runs while the other waits."""
-    results, most_waiting = [], [0]
+    results, seen = [], set()
 
     def run(i):
         rs = list(small_engine.stub.Generate(pb.GenerateRequest(
@@ -57,11 +57,13 @@ def test_requests_that_do_not_fit_together_take_turns(small_engine):
 
     def watch():
         s = small_engine.stub.GetStats(pb.GetStatsRequest(), timeout=5)
-        most_waiting[0] = max(most_waiting[0], s.waiting)
+        seen.add((s.running, s.waiting))
         assert s.running <= 1
         return not any(t.is_alive() for t in threads)
 
     assert wait_until(watch, timeout=120, interval=0.05)
     assert [r.completion_tokens for r in results] == [600, 600]
     assert all(r.finish_reason == pb.FINISH_REASON_LENGTH for r in results)
-    assert most_waiting[0] == 1
+    # Both may wait together for a moment, while the idle engine gathers
+    # arrivals; then one runs while the other waits.
+    assert (1, 1) in seen

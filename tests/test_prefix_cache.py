@@ -285,3 +285,31 @@ def test_a_few_shared_tokens_are_not_worth_a_copy(cached, plain):
                                                                   prompt)
         got = (cached.stats.cache_hits - hits, cached.stats.cache_tokens_reused - reused)
         assert got == ((0, 0) if shared < MIN_REUSE_TOKENS else (1, shared)), shared
+
+
+def test_a_batch_that_ends_together_is_cached_row_by_row(cached, plain, monkeypatch):
+    """Requests of different prompt lengths prefilled and ended in the same
+    steps are cached from one copy per layer (split_batch); each row must
+    still be exactly its own KV, padding excluded."""
+    from engine_worker import scheduler
+
+    splits = []
+
+    def counted(layers):
+        rows = split(layers)
+        splits.append(None if rows is None else len(rows))
+        return rows
+
+    split = scheduler.split_batch
+    monkeypatch.setattr(scheduler, "split_batch", counted)
+    prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
+    for i, p in enumerate(prompts):
+        cached.submit(Request(f"together-{i}", p, 12, SamplingParams(), sink=None))
+    firsts = [tokens_of(cached.collector.wait(f"together-{i}")) for i in range(len(prompts))]
+    assert splits == [len(prompts)]
+    for i, (p, first) in enumerate(zip(prompts, firsts)):
+        follow = p + first + ids(9, seed=80 + i)
+        reused = cached.stats.cache_tokens_reused
+        assert greedy(cached, f"together-next-{i}", follow) == greedy(
+            plain, f"together-ref-{i}", follow), i
+        assert cached.stats.cache_tokens_reused - reused == len(p) + len(first), i

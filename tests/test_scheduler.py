@@ -270,3 +270,19 @@ def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
     # at least one hidden state of its 300 tokens (tiny: 64 float32 wide).
     one_hidden_state = 300 * 64 * 4
     assert cached_after_pass and min(cached_after_pass) >= one_hidden_state, cached_after_pass
+
+
+def test_outputs_cross_the_pipe_in_order():
+    """A step's outputs go to the front end as columns (core.columns); every
+    output, plain or not, comes back equal and in its place."""
+    from engine_worker.core import columns, outputs_of
+    from engine_worker.scheduler import TokenLogprob
+
+    step = [Output("a", 5), Output("b", None, "abort"), Output("c", 7),
+            Output("d", 8, None, TokenLogprob(8, -0.5, [(8, -0.5)])), Output("a", 6),
+            Output("e", 9, "length"), Output("f", None, "error", error="boom")]
+    for n in range(len(step) + 1):
+        assert list(outputs_of(*columns(step[:n]))) == step[:n]
+        assert list(outputs_of(*columns(step[n:]))) == step[n:]
+    ids, tokens, others = columns(step)
+    assert (ids, tokens) == (["a", "c", "a"], [5, 7, 6])

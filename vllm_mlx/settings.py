@@ -24,11 +24,11 @@ class EngineSettings:
     prefill_step_size: int = 2048
     # While requests keep arriving, they join in whole prefill batches,
     # waiting at most this long: each prefill pass costs several decode steps
-    # whatever its size (docs/benchmarks.md). An idle engine gathers a burst
-    # until 1 ms passes with no new arrival. 0 (the default): no waiting;
-    # measured over gRPC it brought the prefill passes down to raw's but no
-    # clear gain in tokens/s, and time to first token comes first.
-    admit_window_s: float = 0.0
+    # whatever its size, and over gRPC a burst arrives spread over a few
+    # milliseconds, which without waiting doubled the passes of raw mlx-lm's
+    # (docs/benchmarks.md). An idle engine gathers a burst until 1 ms passes
+    # with no new arrival. 0: no waiting.
+    admit_window_s: float = 0.003
     # Overrides the model's own context length (max_position_embeddings).
     max_model_len: int | None = None
     warmup: bool = True

@@ -130,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--allocator-cache-bytes", type=int,
                     help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
                          "limit; 0: emptied after every prefill pass, as mlx-lm does)")
+    ap.add_argument("--admit-window-ms", type=float,
+                    help="how long arriving requests may wait to be prefilled together "
+                         "(default 3; 0: no waiting)")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
@@ -182,6 +185,8 @@ class Supervisor:
             engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
         if args.allocator_cache_bytes is not None:
             engine += ["--allocator-cache-bytes", str(args.allocator_cache_bytes)]
+        if args.admit_window_ms is not None:
+            engine += ["--admit-window-ms", str(args.admit_window_ms)]
         if args.mllm:
             engine += ["--mllm"]
         for m in self.media:
