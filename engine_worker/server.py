@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import pickle
 import uuid
 
 import grpc
@@ -114,7 +115,7 @@ class CoreClient:
     def _read(self) -> None:
         try:
             while self._conn.poll():
-                kind, *rest = self._conn.recv()
+                kind, *rest = pickle.loads(self._conn.recv_bytes())  # see core_main's send
                 if kind == "ready":
                     error, self.memory = rest
                     _resolve(self.ready, error)

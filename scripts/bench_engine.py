@@ -239,6 +239,8 @@ def main() -> None:
                          "engine core's, which take turns; the front end and this client get "
                          "the other CPUs")
     ap.add_argument("--no-core", action="store_true", help="skip the in-process core column")
+    ap.add_argument("--compare-flags",
+                    help="flags of a second engine (engine_b), measured in the same rounds")
     a = ap.parse_args()
     if a.cmd == "raw":
         raw_worker(a.model, a.max_tokens)
@@ -246,18 +248,27 @@ def main() -> None:
 
     results = []
     seeds = itertools.count(1)
+    # The engine with --engine-flags, and with --compare-flags a second one
+    # (engine_b) in the same rounds: configurations compared side by side.
+    flags = {"engine": a.engine_flags.split()}
+    loops = {int(c) for c in a.pin_cpus.split(",")} if a.pin_cpus else set()
+    others = os.sched_getaffinity(0) - loops if loops else set()
+    if a.compare_flags is not None:
+        flags["engine_b"] = a.compare_flags.split()
     for shape in a.models:
         model = build_model(shape, a.cache)
-        proc = start_engine(model, a.port, a.engine_flags.split())
+        engines = {name: (start_engine(model, a.port + k, f), f"127.0.0.1:{a.port + k}")
+                   for k, (name, f) in enumerate(flags.items())}
         raw_proc = subprocess.Popen(
             [sys.executable, __file__, "raw", "--model", str(model), "--max-tokens",
              str(a.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if a.pin_cpus:
-            loops = {int(c) for c in a.pin_cpus.split(",")}
-            others = os.sched_getaffinity(0) - loops
-            for pid in core_pids(proc.pid):
-                pin(pid, loops)
-            pin(proc.pid, others)
+
+        def pin_all(raw_proc: subprocess.Popen = raw_proc, engines: dict = engines) -> None:
+            pin(raw_proc.pid, loops)
+            for proc, _ in engines.values():
+                pin(proc.pid, others)
+                for pid in core_pids(proc.pid):
+                    pin(pid, loops)
             os.sched_setaffinity(0, others)
 
         def local_round(kind: str, c: int, raw_proc: subprocess.Popen = raw_proc,
@@ -272,78 +283,78 @@ def main() -> None:
                     loop[k] = loop.get(k, 0.0) + v
             return float(tps)
 
-        address = f"127.0.0.1:{a.port}"
-
-        def engine_round(c: int, address: str = address, model: Path = model) -> float:
-            return asyncio.run(engine_run(address, model, c, a.max_tokens, next(seeds),
-                                          a.waves))
+        def engine_round(name: str, c: int, engines: dict = engines, model: Path = model,
+                         loop: dict | None = None, cpu: dict | None = None) -> float:
+            proc, address = engines[name]
+            before, cpu_before = loop_seconds(address), cpu_seconds(proc.pid)
+            tps = asyncio.run(engine_run(address, model, c, a.max_tokens, next(seeds),
+                                         a.waves))
+            for k, v in loop_seconds(address).items():
+                loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
+            for k, v in cpu_seconds(proc.pid).items():
+                cpu[k] = cpu.get(k, 0.0) + v - cpu_before.get(k, 0.0)
+            return tps
 
         try:
             for c in a.concurrency:
-                kinds = ["raw", "engine"] if a.no_core else ["raw", "core", "engine"]
+                kinds = ["raw", *([] if a.no_core else ["core"]), *flags]
+                loop: dict[str, dict[str, float]] = {k: {} for k in kinds}
+                cpu: dict[str, dict[str, float]] = {k: {} for k in flags}
+                runs: dict[str, list[float]] = {k: [] for k in kinds}
+
+                def one(kind: str, c: int = c, loop: dict = loop, cpu: dict = cpu) -> float:
+                    if kind in flags:
+                        return engine_round(kind, c, loop=loop[kind], cpu=cpu[kind])
+                    return local_round(kind, c, loop=loop[kind])
+
                 # One untimed run each: kernels for new shapes compile on first use.
                 for kind in kinds:
-                    if kind == "engine":
-                        engine_round(c)
-                    else:
-                        local_round(kind, c)
-                if a.pin_cpus:  # threads started since (MLX's, the reader's) too
-                    pin(raw_proc.pid, loops)
-                    for pid in core_pids(proc.pid):
-                        pin(pid, loops)
-                runs: dict[str, list[float]] = {k: [] for k in kinds}
-                loop: dict[str, float] = {}
-                core_loop: dict[str, float] = {}
-                cpu: dict[str, float] = {}
+                    one(kind)
+                if loops:  # threads started since (MLX's, the reader's) too
+                    pin_all()
+                for k in kinds:
+                    loop[k].clear()
+                for k in flags:
+                    cpu[k].clear()
                 for i in range(a.rounds):
                     # Every other round in reverse order, so that a drift
                     # within a round falls on both sides alike.
                     for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                        if kind != "engine":
-                            runs[kind].append(local_round(kind, c, loop=core_loop))
-                            continue
-                        before, cpu_before = loop_seconds(address), cpu_seconds(proc.pid)
-                        runs["engine"].append(engine_round(c))
-                        for k, v in loop_seconds(address).items():
-                            loop[k] = loop.get(k, 0.0) + v - before.get(k, 0.0)
-                        for k, v in cpu_seconds(proc.pid).items():
-                            cpu[k] = cpu.get(k, 0.0) + v - cpu_before.get(k, 0.0)
+                        runs[kind].append(one(kind))
                 row = dict(model=shape, concurrency=c,
                            **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
                            **{f"{k}_all": v for k, v in runs.items()})
-                row["ratio"] = row["engine_tps"] / row["raw_tps"]
-                # Rounds next to each other share the machine's state of the moment.
-                row["paired_ratio"] = statistics.median(
-                    e / r for e, r in zip(runs["engine"], runs["raw"]))
                 tokens = a.rounds * c * a.waves * a.max_tokens
-                row["engine_cpu_ms_per_1k_tokens"] = {k: 1e6 * v / tokens
-                                                      for k, v in cpu.items()}
-                row["core_ratio"] = row.get("core_tps", 0.0) / row["raw_tps"]
-                for name, spent in (("engine", loop), ("core", core_loop)):
+                lines = [f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f} tok/s"]
+                for k in kinds[1:]:
+                    row[f"{k}_ratio"] = row[f"{k}_tps"] / row["raw_tps"]
+                    # Rounds next to each other share the machine's state of the moment.
+                    row[f"{k}_paired_ratio"] = statistics.median(
+                        e / r for e, r in zip(runs[k], runs["raw"]))
+                    spent = dict(loop[k])
                     steps = spent.pop("steps", 0.0) or 1.0
-                    row[f"{name}_loop_steps"] = steps / a.rounds
-                    row[f"{name}_prefill_passes"] = spent.pop("prefill_passes", 0.0) / a.rounds
-                    row[f"{name}_loop_us_per_step"] = {k: 1e6 * v / steps
-                                                       for k, v in spent.items()}
+                    row[f"{k}_loop_steps"] = steps / a.rounds
+                    row[f"{k}_prefill_passes"] = spent.pop("prefill_passes", 0.0) / a.rounds
+                    row[f"{k}_loop_us_per_step"] = {n: 1e6 * v / steps for n, v in spent.items()}
+                    lines.append(
+                        f"  {k:8s} {row[f'{k}_tps']:9.1f} tok/s, / raw {row[f'{k}_ratio']:.3f},"
+                        f" paired {row[f'{k}_paired_ratio']:.3f}; {steps / a.rounds:.0f} steps,"
+                        f" {row[f'{k}_prefill_passes']:.1f} prefill passes; us per step: "
+                        + "  ".join(f"{n} {v:.0f}"
+                                    for n, v in row[f"{k}_loop_us_per_step"].items()))
+                    if k in flags:
+                        row[f"{k}_cpu_ms_per_1k_tokens"] = {n: 1e6 * v / tokens
+                                                            for n, v in cpu[k].items()}
+                        lines.append("           CPU ms per 1,000 tokens: " + "  ".join(
+                            f"{n} {v:.0f}" for n, v in row[f"{k}_cpu_ms_per_1k_tokens"].items()))
+                row["ratio"], row["paired_ratio"] = row["engine_ratio"], row["engine_paired_ratio"]
                 results.append(row)
-                print(f"{shape:14s} c={c:3d}  raw {row['raw_tps']:9.1f}  "
-                      f"core {row.get('core_tps', 0.0):9.1f} ({row['core_ratio']:.3f})  "
-                      f"engine over gRPC {row['engine_tps']:9.1f} ({row['ratio']:.3f}, "
-                      f"paired {row['paired_ratio']:.3f}) tok/s"
-                      + "".join(f"\n    {name} loop, {row[f'{name}_loop_steps']:.0f} steps, "
-                                f"{row[f'{name}_prefill_passes']:.0f} prefill passes,"
-                                " us per step: " + "  ".join(
-                                    f"{k} {v:.0f}"
-                                    for k, v in row[f"{name}_loop_us_per_step"].items())
-                                for name in ("core", "engine"))
-                      + "\n    CPU ms per 1,000 tokens during engine rounds: " + "  ".join(
-                          f"{k} {v:.0f}"
-                          for k, v in row["engine_cpu_ms_per_1k_tokens"].items()),
-                      flush=True)
+                print("\n".join(lines), flush=True)
         finally:
             raw_proc.kill()
-            proc.terminate()
-            proc.wait()
+            for proc, _ in engines.values():
+                proc.terminate()
+                proc.wait()
     if a.out:
         import mlx.core as mx
 
@@ -351,7 +362,8 @@ def main() -> None:
             machine=platform.platform(), processor=platform.machine(),
             device=str(mx.default_device()), max_tokens=a.max_tokens,
             prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves,
-            engine_flags=a.engine_flags, pin_cpus=a.pin_cpus, results=results),
+            engine_flags=a.engine_flags, compare_flags=a.compare_flags, pin_cpus=a.pin_cpus,
+            results=results),
             indent=2))
 
 
