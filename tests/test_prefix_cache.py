@@ -287,29 +287,73 @@ def test_a_few_shared_tokens_are_not_worth_a_copy(cached, plain):
         assert got == ((0, 0) if shared < MIN_REUSE_TOKENS else (1, shared)), shared
 
 
-def test_a_batch_that_ends_together_is_cached_row_by_row(cached, plain, monkeypatch):
-    """Requests of different prompt lengths prefilled and ended in the same
-    steps are cached from one copy per layer (split_batch); each row must
-    still be exactly its own KV, padding excluded."""
+def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeypatch):
+    """Requests of different prompt lengths decoded in one batch, ending two
+    together, then one, then the last: each time the finished rows are
+    gathered in one copy per layer (finished_rows), and each row must still
+    be exactly its own KV, padding excluded."""
     from engine_worker import scheduler
 
-    splits = []
+    gathered = []
 
-    def counted(layers):
-        rows = split(layers)
-        splits.append(None if rows is None else len(rows))
-        return rows
+    def counted(kv, rows):
+        gathered.append(len(rows))
+        return gather(kv, rows)
 
-    split = scheduler.split_batch
-    monkeypatch.setattr(scheduler, "split_batch", counted)
+    gather = scheduler.finished_rows
+    monkeypatch.setattr(scheduler, "finished_rows", counted)
     prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
-    for i, p in enumerate(prompts):
-        cached.submit(Request(f"together-{i}", p, 12, SamplingParams(), sink=None))
+    lengths = [12, 12, 20, 30]
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        cached.submit(Request(f"together-{i}", p, n, SamplingParams(), sink=None))
     firsts = [tokens_of(cached.collector.wait(f"together-{i}")) for i in range(len(prompts))]
-    assert splits == [len(prompts)]
+    assert gathered == [2, 1, 1]
     for i, (p, first) in enumerate(zip(prompts, firsts)):
         follow = p + first + ids(9, seed=80 + i)
         reused = cached.stats.cache_tokens_reused
         assert greedy(cached, f"together-next-{i}", follow) == greedy(
             plain, f"together-ref-{i}", follow), i
         assert cached.stats.cache_tokens_reused - reused == len(p) + len(first), i
+
+
+def test_the_index_finds_the_longest_shared_prefix_and_drops_what_it_extends():
+    """PrefixCache on its own, with KV that records its token ids: a fetch
+    returns exactly the KV of the longest prefix it shares with an entry,
+    an entry that a new one extends is dropped, and the oldest go first."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from engine_worker.prefix_cache import PrefixCache
+
+    def kv(tokens):
+        c = KVCache()
+        c.update_and_fetch(*(mx.array(tokens, mx.float32).reshape(1, 1, -1, 1),) * 2)
+        return [c]
+
+    def fetched(pc, prompt):
+        cache, n = pc.fetch(prompt)
+        if cache is None:
+            return n
+        keys = cache[0].keys[..., :cache[0].offset, :]
+        assert keys.reshape(-1).astype(mx.int32).tolist() == prompt[:n]
+        return n
+
+    a, b = ids(40, seed=90), None
+    b = a[:20] + ids(30, seed=91)
+    pc = PrefixCache(1 << 30)
+    pc.insert([(a, kv(a)), (b, kv(b))])
+    assert fetched(pc, a[:35] + [1, 2]) == 35
+    assert fetched(pc, b + [3]) == len(b)
+    assert fetched(pc, a[:18] + [4] * 20) == 18   # one block, then token by token
+    assert fetched(pc, a[:15] + [5] * 20) == 0     # less than a block: a miss
+    assert fetched(pc, a) == len(a) - 1            # one token is always left
+    c = a + ids(10, seed=92)
+    pc.insert([(c, kv(c))])
+    assert len(pc) == 2                            # c extends a: a is gone
+    assert fetched(pc, c + [6]) == len(c)
+    pc.max_bytes = pc.nbytes - 1
+    pc.insert([])
+    assert len(pc) == 1 and pc.evictions == 1      # b, the oldest, went first
+    assert fetched(pc, b + [3]) == 20                # what it shares with c
+    pc.clear()
+    assert (len(pc), pc.nbytes) == (0, 0)
