@@ -56,7 +56,7 @@ def can_reuse(model) -> bool:
 
 
 class BatchRow:
-    """One row of a batch that ended as a whole (`split_batch`): its KV is
+    """One finished row of a batch (`finished_rows`): its KV is
     sliced out of the batch's per-layer copies only when a prompt reuses it."""
 
     __slots__ = ("layers", "row")
