@@ -88,7 +88,7 @@ def batch_kv(layers: list) -> list[tuple] | None:
     """The decoding batch's KV as it stands (keys, values, left padding and
     end, per layer), for `finished_rows`; None where a layer is not mlx-lm's
     BatchKVCache (vision models' MediaRows)."""
-    if not all(type(c) is BatchKVCache and c.keys is not None for c in layers):
+    if not layers or not all(type(c) is BatchKVCache and c.keys is not None for c in layers):
         return None
     return [(c.keys, c.values, c.left_padding, c._idx) for c in layers]
 
