@@ -9,7 +9,7 @@ and a prompt's deepest such prefix that is known names the entry that
 shares the most whole blocks with it; the match then runs on token by
 token inside that entry. mlx-lm's `LRUPromptCache`, which this replaced,
 keeps a trie with a Python dict per token: inserting the 64 entries of one
-finished batch of 160-token requests took 8 ms on the 2-core CPU, in the
+finished batch of 160-token requests took 9.5 ms on the 2-core CPU, in the
 decode loop, and a full garbage collection walks every one of those dicts
 (docs/benchmarks.md). Here an entry costs a hash per block. The KV copies
 and trims are mlx-lm's. At least one prompt token is always left to
@@ -173,7 +173,7 @@ class PrefixCache:
     def insert(self, entries: list[tuple[list[int], list | BatchRow]]) -> None:
         """Keep each (tokens, cache): the KV of exactly those tokens,
         evicting the least recently inserted entries past the byte budget.
-        A `BatchRow`'s copy is already on its way."""
+        A `BatchRow`'s copy is its caller's to evaluate (see Engine._keep_kv)."""
         # A finished request's KV comes out of the batch as a lazy copy of
         # its rows; until evaluated, it holds the whole batch's KV buffers
         # alive, many times its own size. Evaluate them, all of one step's in

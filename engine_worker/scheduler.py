@@ -267,6 +267,7 @@ class Engine:
             t1 = clock()
             spent["admit"] += t1 - t0
             if not self._running:
+                self._evaluate_copies()
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
                 self._flush(always=True)
@@ -280,9 +281,7 @@ class Engine:
                 uids = list(self._gen._generation_batch.uids)  # see _keep_kv
                 self._dropped_from = None
                 prompt_responses, responses = self._gen.next()
-                if self._copies_to_evaluate:
-                    mx.async_eval(self._copies_to_evaluate)
-                    self._copies_to_evaluate = []
+                self._evaluate_copies()
                 t2 = clock()
                 if counters:
                     spent["prefill"] += counters.prompt_time - prompt_time
@@ -647,6 +646,11 @@ class Engine:
         entries = [(t, c) for t, c, _ in finished if t and c]
         if entries:
             self._prefix.insert(entries)
+
+    def _evaluate_copies(self) -> None:
+        if self._copies_to_evaluate:
+            mx.async_eval(self._copies_to_evaluate)
+            self._copies_to_evaluate = []
 
     def _logprob(self, logprobs: mx.array, token: int, k: int) -> TokenLogprob:
         top: list[tuple[int, float]] = []
