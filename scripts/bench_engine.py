@@ -208,6 +208,22 @@ def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
     return proc
 
 
+def pooled(results: list[dict]) -> list[dict]:
+    """Per model and concurrency, the median of every round's ratio to raw
+    from all restarts."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for row in results:
+        cells.setdefault((row["model"], row["concurrency"]), []).append(row)
+    out = []
+    for (model, c), rows in cells.items():
+        kinds = [k[:-4] for k in rows[0] if k.endswith("_all") and k != "raw_all"]
+        ratios = {k: [x / r for row in rows for x, r in zip(row[f"{k}_all"], row["raw_all"])]
+                  for k in kinds}
+        out.append(dict(model=model, concurrency=c, pairs=len(ratios[kinds[0]]),
+                        paired_ratio={k: statistics.median(v) for k, v in ratios.items()}))
+    return out
+
+
 def build_model(shape: str, cache: Path) -> Path:
     import make_test_models
 
@@ -241,6 +257,10 @@ def main() -> None:
     ap.add_argument("--no-core", action="store_true", help="skip the in-process core column")
     ap.add_argument("--compare-flags",
                     help="flags of a second engine (engine_b), measured in the same rounds")
+    ap.add_argument("--restarts", type=int, default=1,
+                    help="run everything this many times, each with fresh raw and engine "
+                         "processes, and pool the per-round ratios: a process keeps its own "
+                         "speed for its life (docs/benchmarks.md)")
     a = ap.parse_args()
     if a.cmd == "raw":
         raw_worker(a.model, a.max_tokens)
@@ -255,7 +275,21 @@ def main() -> None:
     others = os.sched_getaffinity(0) - loops if loops else set()
     if a.compare_flags is not None:
         flags["engine_b"] = a.compare_flags.split()
-    for shape in a.models:
+
+    def save() -> None:
+        # After every row, so that a run cut short keeps what it measured.
+        if not a.out:
+            return
+        import mlx.core as mx
+
+        a.out.write_text(json.dumps(dict(
+            machine=platform.platform(), processor=platform.machine(),
+            device=str(mx.default_device()), max_tokens=a.max_tokens,
+            prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves, restarts=a.restarts,
+            engine_flags=a.engine_flags, compare_flags=a.compare_flags, pin_cpus=a.pin_cpus,
+            results=results, pooled=pooled(results)), indent=2))
+
+    for restart, shape in itertools.product(range(a.restarts), a.models):
         model = build_model(shape, a.cache)
         engines = {name: (start_engine(model, a.port + k, f), f"127.0.0.1:{a.port + k}")
                    for k, (name, f) in enumerate(flags.items())}
@@ -321,7 +355,7 @@ def main() -> None:
                     # within a round falls on both sides alike.
                     for kind in kinds if i % 2 == 0 else kinds[::-1]:
                         runs[kind].append(one(kind))
-                row = dict(model=shape, concurrency=c,
+                row = dict(model=shape, concurrency=c, restart=restart,
                            **{f"{k}_tps": statistics.median(v) for k, v in runs.items()},
                            **{f"{k}_all": v for k, v in runs.items()})
                 tokens = a.rounds * c * a.waves * a.max_tokens
@@ -349,23 +383,18 @@ def main() -> None:
                             f"{n} {v:.0f}" for n, v in row[f"{k}_cpu_ms_per_1k_tokens"].items()))
                 row["ratio"], row["paired_ratio"] = row["engine_ratio"], row["engine_paired_ratio"]
                 results.append(row)
+                save()
                 print("\n".join(lines), flush=True)
         finally:
             raw_proc.kill()
             for proc, _ in engines.values():
                 proc.terminate()
                 proc.wait()
-    if a.out:
-        import mlx.core as mx
-
-        a.out.write_text(json.dumps(dict(
-            machine=platform.platform(), processor=platform.machine(),
-            device=str(mx.default_device()), max_tokens=a.max_tokens,
-            prompt_len=PROMPT_LEN, rounds=a.rounds, waves=a.waves,
-            engine_flags=a.engine_flags, compare_flags=a.compare_flags, pin_cpus=a.pin_cpus,
-            results=results),
-            indent=2))
-
+    if a.restarts > 1:
+        print("pooled over restarts, median of per-round ratios to raw:")
+        for p in pooled(results):
+            print(f"{p['model']:14s} c={p['concurrency']:3d}  " + "  ".join(
+                f"{k} {v:.3f} ({p['pairs']} pairs)" for k, v in p["paired_ratio"].items()))
 
 if __name__ == "__main__":
     main()
