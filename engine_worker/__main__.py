@@ -5,6 +5,7 @@ import logging
 
 from engine_worker.server import serve
 from vllm_mlx import lifeline
+from vllm_mlx.engine_args import add_engine_arguments
 from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST, EngineSettings
 
 
@@ -15,39 +16,19 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
     ap.add_argument("--host", default=DEFAULT_HOST,
                     help="address to listen on (default loopback)")
     ap.add_argument("--port", type=int, default=DEFAULT_ENGINE_PORT)
-    ap.add_argument("--max-num-seqs", type=int, default=64,
-                    help="requests decoded together in one batch")
-    ap.add_argument("--max-queue", type=int, default=256,
-                    help="requests allowed to wait before Generate is refused")
     ap.add_argument("--prefill-batch-size", type=int, default=8)
     ap.add_argument("--prefill-step-size", type=int, default=2048)
-    ap.add_argument("--admit-window-ms", type=float,
-                    default=EngineSettings.admit_window_s * 1000,
-                    help="requests still arriving wait up to this long to be prefilled "
-                         "together, a whole prefill batch at a time; an idle engine waits "
-                         "for a 1 ms gap in arrivals (default 3; 0: no waiting)")
-    ap.add_argument("--max-model-len", type=int, help="cap the context length")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--stream-interval-ms", type=float, default=0.0,
                     help="after the first token, send at most one message per stream "
                          "per interval (0: one per decode step)")
-    ap.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                    help="do not reuse KV across requests that share a prompt prefix")
-    ap.add_argument("--prefix-cache-bytes", type=int,
-                    help="byte budget of the prefix cache (default: 10%% of memory, "
-                         "at most 8 GiB)")
-    ap.add_argument("--max-memory", type=int,
-                    help="bytes for weights + KV + prefix cache (default: 90%% of the "
-                         "device's memory)")
-    ap.add_argument("--allocator-cache-bytes", type=int,
-                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
-                         "limit; 0: empty it after every prefill pass, as mlx-lm does)")
     ap.add_argument("--mllm", action="store_true",
                     help="load the model as a vision-language model through mlx-vlm "
                          "(detected from config.json's vision_config otherwise)")
     ap.add_argument("--media-worker", dest="media_workers", action="append", default=[],
                     metavar="HOST:PORT",
                     help="a media worker that prepares images and videos (repeatable)")
+    add_engine_arguments(ap)
     a = ap.parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,

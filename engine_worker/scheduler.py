@@ -159,7 +159,7 @@ class Engine:
         self._step_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
         self._window_tokens = 0  # their sum
         self._prefix: PrefixCache | None = None  # set at load unless turned off
-        self._dropped_from: list | None = None  # see _new_generator
+        self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
         self.stats = Stats()
         self.ready = threading.Event()
@@ -221,14 +221,15 @@ class Engine:
         )
         # mlx-lm drops finished rows from its decoding batch (one object for
         # the generator's life) with `filter`, right after the step that
-        # wrote their last KV: the batch's KV as it was then is what
-        # `_keep_kv` copies finished rows from.
+        # wrote their last KV: the batch's rows and KV as they were then are
+        # what `_keep_kv` copies finished rows from.
         decoding = gen._generation_batch
         drop_rows = type(decoding).filter
 
         def filter_noting_kv(keep: list[int]) -> None:
             if self._dropped_from is None:  # the step's own, not a later removal's
-                self._dropped_from = batch_kv(decoding.prompt_cache)
+                kv = batch_kv(decoding.prompt_cache)
+                self._dropped_from = kv and (list(decoding.uids), kv)
             drop_rows(decoding, keep)
 
         decoding.filter = filter_noting_kv
@@ -278,7 +279,6 @@ class Engine:
             try:
                 counters = getattr(self._gen, "_counters", None)  # mlx-lm's own timing
                 prompt_time = counters.prompt_time if counters else 0.0
-                uids = list(self._gen._generation_batch.uids)  # see _keep_kv
                 self._dropped_from = None
                 prompt_responses, responses = self._gen.next()
                 self._evaluate_copies()
@@ -286,7 +286,7 @@ class Engine:
                 if counters:
                     spent["prefill"] += counters.prompt_time - prompt_time
                 self._note_prefill(prompt_responses)
-                self._handle(responses, uids)
+                self._handle(responses)
             except Exception as e:  # a failure we cannot pin on one request
                 log.exception("batch step failed; failing the running requests")
                 self._fail_all(f"engine step failed: {e}")
@@ -586,8 +586,7 @@ class Engine:
         return (guard_sampler(sampler) if sampler else None,
                 [guard_processor(p) for p in processors])
 
-    def _handle(self, responses, uids: list[int]) -> None:
-        """`uids`: the decoding batch's rows before the step."""
+    def _handle(self, responses) -> None:
         running, outbox = self._running, self._outbox
         produced = 0
         finished_kv = []
@@ -619,24 +618,24 @@ class Engine:
                 if not r.media:  # token ids alone do not say which image it saw
                     finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
                 self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
-        self._keep_kv(finished_kv, uids)
+        self._keep_kv(finished_kv, in_step=True)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced
         self.stats.generation_tokens_total += produced
         self._update_stats()
 
     def _keep_kv(self, finished: list[tuple[list[int] | None, list | None, int]],
-                 uids: list[int] | None = None) -> None:
+                 in_step: bool = False) -> None:
         """Offer finished requests' KV (of prompt + completion; with their
-        uids) to later ones. `uids`: the decoding batch's rows before the
-        step that finished them, which took them out of it."""
+        uids) to later ones. `in_step`: the step just taken finished them."""
         dropped_from, self._dropped_from = self._dropped_from, None
         if self._prefix is None or not finished:
             return
-        if uids is not None and dropped_from is not None:
+        if in_step and dropped_from is not None:
             # One copy per layer for all of them, not one per layer and row.
+            uids, kv = dropped_from
             row_of = {uid: i for i, uid in enumerate(uids)}
-            rows = finished_rows(dropped_from, [row_of[uid] for _, _, uid in finished])
+            rows = finished_rows(kv, [row_of[uid] for _, _, uid in finished])
             # Evaluated after the next step: the KV they copy comes from the
             # step still in flight, and evaluating now waited for it (0.4 ms
             # a time on the 2-core CPU, whatever the number of rows).

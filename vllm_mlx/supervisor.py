@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_mlx import lifeline
+from vllm_mlx.engine_args import add_engine_arguments, engine_worker_argv
 from vllm_mlx.health import wait_for_serving
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
 from vllm_mlx.settings import DEFAULT_HOST
@@ -118,24 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "otherwise)")
     ap.add_argument("--api-key", default=os.environ.get("VLLM_MLX_API_KEY"))
     ap.add_argument("--served-model-name")
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-queue", type=int, default=256)
-    ap.add_argument("--max-model-len", type=int)
-    ap.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                    help="do not reuse KV across requests that share a prompt prefix")
-    ap.add_argument("--prefix-cache-bytes", type=int,
-                    help="byte budget of the engine's prefix cache")
-    ap.add_argument("--max-memory", type=int,
-                    help="bytes for weights + KV + prefix cache (default: 90%% of device memory)")
-    ap.add_argument("--allocator-cache-bytes", type=int,
-                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
-                         "limit; 0: emptied after every prefill pass, as mlx-lm does)")
-    ap.add_argument("--admit-window-ms", type=float,
-                    help="how long arriving requests may wait to be prefilled together "
-                         "(default 3; 0: no waiting)")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
+    add_engine_arguments(ap)
     add_media_arguments(ap)
     a = ap.parse_args(argv)
     check_media_arguments(ap, a)
@@ -173,20 +160,7 @@ class Supervisor:
                 address=address))
         engine = [py, "-m", "engine_worker", "--model", str(model_path),
                   "--served-model-name", served_name, "--host", "127.0.0.1",
-                  "--port", self.engine_address.rsplit(":", 1)[1],
-                  "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue)]
-        if args.max_model_len:
-            engine += ["--max-model-len", str(args.max_model_len)]
-        if not args.prefix_cache:
-            engine += ["--no-prefix-cache"]
-        if args.max_memory is not None:
-            engine += ["--max-memory", str(args.max_memory)]
-        if args.prefix_cache_bytes is not None:
-            engine += ["--prefix-cache-bytes", str(args.prefix_cache_bytes)]
-        if args.allocator_cache_bytes is not None:
-            engine += ["--allocator-cache-bytes", str(args.allocator_cache_bytes)]
-        if args.admit_window_ms is not None:
-            engine += ["--admit-window-ms", str(args.admit_window_ms)]
+                  "--port", self.engine_address.rsplit(":", 1)[1], *engine_worker_argv(args)]
         if args.mllm:
             engine += ["--mllm"]
         for m in self.media:

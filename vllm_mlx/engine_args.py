@@ -1,0 +1,43 @@
+"""The engine's batching and memory flags, shared by `python -m engine_worker`
+and `vllm-mlx-up` (which passes them on to the engine it starts)."""
+
+import argparse
+
+from vllm_mlx.settings import EngineSettings
+
+
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    d = EngineSettings(model="")
+    g = ap.add_argument_group("engine (batching, memory, caches)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="requests decoded together in one batch")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests allowed to wait before Generate is refused")
+    g.add_argument("--max-model-len", type=int, help="cap the context length")
+    g.add_argument("--admit-window-ms", type=float, default=d.admit_window_s * 1000,
+                   help="requests still arriving wait up to this long to be prefilled "
+                        "together, a whole prefill batch at a time; an idle engine waits "
+                        "for a 1 ms gap in arrivals (default 3; 0: no waiting)")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse KV across requests that share a prompt prefix")
+    g.add_argument("--prefix-cache-bytes", type=int,
+                   help="byte budget of the prefix cache (default: 10%% of memory, "
+                        "at most 8 GiB)")
+    g.add_argument("--max-memory", type=int,
+                   help="bytes for weights + KV + prefix cache (default: 90%% of the "
+                        "device's memory)")
+    g.add_argument("--allocator-cache-bytes", type=int,
+                   help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
+                        "limit; 0: empty it after every prefill pass, as mlx-lm does)")
+
+
+def engine_worker_argv(a: argparse.Namespace) -> list[str]:
+    """The flags that give an engine the settings parsed into `a`."""
+    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-queue", str(a.max_queue),
+            "--admit-window-ms", str(a.admit_window_ms)]
+    if not a.prefix_cache:
+        argv.append("--no-prefix-cache")
+    for name in ("max_model_len", "prefix_cache_bytes", "max_memory", "allocator_cache_bytes"):
+        if getattr(a, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
+    return argv
