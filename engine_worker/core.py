@@ -14,11 +14,17 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 from engine_worker.model import ModelFacts, load_model
-from engine_worker.scheduler import DuplicateRequest, Engine, Output, QueueFull, Request
+from engine_worker.scheduler import (
+    DuplicateRequest,
+    Engine,
+    Output,
+    QueueFull,
+    Request,
+    StepOutputs,
+)
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.shared_tensors import SharedTensors, take
 
@@ -44,15 +50,20 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
     last_stats = [0.0]
 
-    def publish(batch: list[tuple[object, Output]]) -> None:
+    def publish(outputs: StepOutputs) -> None:
         # Stats ride along at most ten times a second (and on every idle tick,
-        # when the batch is empty): they are for humans and dashboards.
+        # when there are no outputs): they are for humans and dashboards.
         now = time.monotonic()
         stats = None
-        if not batch or now - last_stats[0] > 0.1:
+        if not outputs or now - last_stats[0] > 0.1:
             last_stats[0] = now
             stats = dataclasses.asdict(engine.stats)
-        send(("outputs", *columns([out for _, out in batch]), stats))
+        send(("outputs", *outputs.to_wire(), stats))
+
+    def refuse(r: Request, e: Exception) -> None:
+        refusal = StepOutputs()
+        refusal.add(Output(r.request_id, None, "error", error=f"{type(e).__name__}: {e}"))
+        send(("outputs", *refusal.to_wire(), None))
 
     def on_ready(error: BaseException | None) -> None:
         if error is None:
@@ -75,12 +86,12 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                         if isinstance(item.media, SharedTensors):
                             item.media = take(item.media)
                     except FileNotFoundError as e:  # cancelled before it got here
-                        send(("outputs", *columns([_refused(item, e)]), None))
+                        refuse(item, e)
                         continue
                     try:
                         engine.submit(item)
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first
-                        send(("outputs", *columns([_refused(item, e)]), None))
+                        refuse(item, e)
                 elif kind == "abort":
                     engine.abort(*item)
                 elif kind == "clear_prefix_cache":
@@ -94,37 +105,3 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
     threading.Thread(target=read_requests, name="core-reader", daemon=True).start()
     engine.run()
 
-
-def columns(outputs: list[Output]) -> tuple[list[str], list[int], list[tuple[int, tuple]]]:
-    """A step's outputs as they cross the pipe: the plain ones (a token, no
-    finish, no logprob: nearly all) as a column of request ids and one of
-    tokens, the others as (position among the plain ones, plain tuple).
-    Pickling two lists costs a fraction of a tuple per output, and this runs
-    every decode step (docs/benchmarks.md). `outputs_of` undoes it."""
-    ids: list[str] = []
-    tokens: list[int] = []
-    others: list[tuple[int, tuple]] = []
-    for out in outputs:
-        if out.finish_reason is None and out.logprob is None:
-            ids.append(out.request_id)
-            tokens.append(out.token)
-        else:
-            others.append((len(ids), tuple(out)))
-    return ids, tokens, others
-
-
-def outputs_of(ids: list[str], tokens: list[int],
-               others: list[tuple[int, tuple]]) -> Iterator[Output]:
-    """The outputs of `columns`, in their order."""
-    done = 0
-    for at, out in others:
-        for i in range(done, at):
-            yield Output(ids[i], tokens[i])
-        done = at
-        yield Output._make(out)
-    for i in range(done, len(ids)):
-        yield Output(ids[i], tokens[i])
-
-
-def _refused(r: Request, e: Exception) -> Output:
-    return Output(r.request_id, None, "error", error=f"{type(e).__name__}: {e}")

@@ -2,7 +2,7 @@
 
 Requests arrive from any thread through `submit` and `abort`; the loop admits
 them into mlx-lm's BatchGenerator between decode steps, turns each step's
-tokens into `Output`s and hands them, one batch per step, to `publish`.
+tokens into `StepOutputs` and hands them, one per step, to `publish`.
 Outputs carry token ids only: turning them into text (detokenizing, stop
 strings) is the front end's job, in a process of its own, so the decode loop
 does as little per token as it can (docs/benchmarks.md).
@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from engine_worker import decode
 from engine_worker.memory import (
     DEFAULT_ALLOCATOR_CACHE_FRACTION,
     DEFAULT_LIMIT_FRACTION,
@@ -73,7 +74,6 @@ class Request:
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams
-    sink: object  # opaque to the engine; handed back with each Output
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
@@ -97,6 +97,52 @@ class Output(NamedTuple):
     finish_reason: str | None = None
     logprob: TokenLogprob | None = None
     error: str = ""
+
+
+class StepOutputs:
+    """One step's outputs, in order, kept as they cross the pipe: the plain
+    ones (a token, no finish, no logprob: nearly all) as two columns, request
+    ids and tokens; the others whole, each with its position among the plain
+    ones. The loop appends to the columns directly, and pickling two lists
+    costs a fraction of a tuple per output: this runs every decode step
+    (docs/benchmarks.md). Iterating gives the `Output`s in order."""
+
+    __slots__ = ("ids", "tokens", "others")
+
+    def __init__(self, ids: list[str] | None = None, tokens: list[int] | None = None,
+                 others: list[tuple[int, Output]] | None = None):
+        self.ids = [] if ids is None else ids
+        self.tokens = [] if tokens is None else tokens
+        self.others = [] if others is None else others
+
+    def add(self, out: Output) -> None:
+        if out.finish_reason is None and out.logprob is None:
+            self.ids.append(out.request_id)
+            self.tokens.append(out.token)
+        else:
+            self.others.append((len(self.ids), out))
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.others)
+
+    def __iter__(self) -> Iterator[Output]:
+        ids, tokens, done = self.ids, self.tokens, 0
+        for at, out in self.others:
+            for i in range(done, at):
+                yield Output(ids[i], tokens[i])
+            done = at
+            yield out
+        for i in range(done, len(ids)):
+            yield Output(ids[i], tokens[i])
+
+    def to_wire(self) -> tuple:
+        """Plain lists and tuples, for pickle; `from_wire` undoes it."""
+        return self.ids, self.tokens, [(at, tuple(out)) for at, out in self.others]
+
+    @classmethod
+    def from_wire(cls, ids: list[str], tokens: list[int],
+                  others: list[tuple[int, tuple]]) -> "StepOutputs":
+        return cls(ids, tokens, [(at, Output._make(out)) for at, out in others])
 
 
 @dataclass
@@ -129,7 +175,7 @@ class Stats:
 class Engine:
     def __init__(self, settings: EngineSettings,
                  load: Callable[[EngineSettings], LoadedModel],
-                 publish: Callable[[list[tuple[object, Output]]], None],
+                 publish: Callable[[StepOutputs], None],
                  on_ready: Callable[[BaseException | None], None] = lambda error: None):
         self.settings = settings
         self._on_ready = on_ready
@@ -151,11 +197,12 @@ class Engine:
         self._prefilling = 0
         self._prefill_turning = False
         self._running: dict[int, _Running] = {}  # BatchGenerator uid -> state
+        self._logprob_uids: set[int] = set()  # running requests that asked for logprobs
         # Text requests in the batch that have not produced a token yet, and
         # since when a media request has been held back for them.
         self._awaiting_first: set[int] = set()
         self._media_held_since: float | None = None
-        self._outbox: list[tuple[object, Output]] = []
+        self._outbox = StepOutputs()
         self._step_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
         self._window_tokens = 0  # their sum
         self._prefix: PrefixCache | None = None  # set at load unless turned off
@@ -233,6 +280,7 @@ class Engine:
             drop_rows(decoding, keep)
 
         decoding.filter = filter_noting_kv
+        decode.install(decoding, self._logprob_uids)
         return gen
 
     def _run(self) -> None:
@@ -526,6 +574,8 @@ class Engine:
         )
         for uid, (r, state, _) in zip(uids, batch):
             self._running[uid] = state
+            if r.logprobs:
+                self._logprob_uids.add(uid)
             if not r.media:
                 self._awaiting_first.add(uid)
             self.stats.prompt_tokens_total += len(r.prompt)
@@ -588,6 +638,7 @@ class Engine:
 
     def _handle(self, responses) -> None:
         running, outbox = self._running, self._outbox
+        ids, tokens = outbox.ids, outbox.tokens
         produced = 0
         finished_kv = []
         awaiting = self._awaiting_first
@@ -613,7 +664,11 @@ class Engine:
                 self._finish_uid(resp.uid, "error", error=str(e))
                 continue
             if resp.finish_reason is None:
-                outbox.append((r.sink, Output(r.request_id, resp.token, None, logprob)))
+                if logprob is None:
+                    ids.append(r.request_id)
+                    tokens.append(resp.token)
+                else:
+                    outbox.add(Output(r.request_id, resp.token, None, logprob))
             else:
                 if not r.media:  # token ids alone do not say which image it saw
                     finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
@@ -662,16 +717,14 @@ class Engine:
     def _finish_uid(self, uid: int, reason: str, token: int | None = None,
                     logprob: TokenLogprob | None = None, error: str = "") -> None:
         self._awaiting_first.discard(uid)
+        self._logprob_uids.discard(uid)
         r = self._running.pop(uid).request
         self._finish(r, Output(r.request_id, token, reason, logprob, error))
 
     def _finish(self, request: Request, out: Output) -> None:
         with self._lock:
             self._in_flight.discard(request.request_id)
-        self._emit(request, out)
-
-    def _emit(self, request: Request, out: Output) -> None:
-        self._outbox.append((request.sink, out))
+        self._outbox.add(out)
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._running):
@@ -679,8 +732,8 @@ class Engine:
 
     def _flush(self, always: bool = False) -> None:
         if self._outbox or always:
-            batch, self._outbox = self._outbox, []
-            self._publish(batch)
+            outputs, self._outbox = self._outbox, StepOutputs()
+            self._publish(outputs)
 
     def _update_stats(self, idle: bool = False) -> None:
         now = time.monotonic()

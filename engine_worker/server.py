@@ -11,7 +11,7 @@ import uuid
 
 import grpc
 
-from engine_worker.core import core_main, outputs_of
+from engine_worker.core import core_main
 from engine_worker.media_client import (
     MediaClient,
     MediaRefused,
@@ -22,7 +22,7 @@ from engine_worker.media_client import (
 from engine_worker.memory import MemoryBudget
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request
+from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND
@@ -129,7 +129,7 @@ class CoreClient:
                  stats: dict | None) -> None:
         if stats is not None:
             self.stats = stats
-        for out in outputs_of(ids, tokens, others):
+        for out in StepOutputs.from_wire(ids, tokens, others):
             sink = self.sinks.get(out.request_id)
             if sink is not None:
                 if out.finish_reason:
@@ -328,7 +328,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             stop_ids |= set(self.tokenizer.eos_token_ids)
         return Request(
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-            sink=None, stop=list(request.stop), stop_token_ids=sorted(stop_ids),
+            stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output,
             media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [])

@@ -69,10 +69,10 @@ def raw_worker(model: Path, max_tokens: int) -> None:
     ids = itertools.count()
 
     def core_request(p: list[int]) -> Request:
-        return Request(f"{next(ids)}", p, max_tokens, SamplingParams(), sink=None)
+        return Request(f"{next(ids)}", p, max_tokens, SamplingParams())
 
     def publish(batch) -> None:
-        for _, out in batch:
+        for out in batch:
             if out.finish_reason:
                 left[0] -= 1
                 if queued:  # this stream's next request, as a client would send it

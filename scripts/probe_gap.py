@@ -81,7 +81,7 @@ def local_worker(model: Path) -> None:
         with step_cv:
             steps[0] += 1
             step_cv.notify_all()
-        for _, out in batch:
+        for out in batch:
             if out.finish_reason:
                 left[0] -= 1
                 if left[0] == 0:
@@ -106,7 +106,7 @@ def local_worker(model: Path) -> None:
             done.clear()
             left[0] = c
             before = {**core.stats.loop_seconds, "steps": core.stats.steps}
-            reqs = [Request(f"{n}-{i}", p, MAX_TOKENS, SamplingParams(), sink=None)
+            reqs = [Request(f"{n}-{i}", p, MAX_TOKENS, SamplingParams())
                     for i, p in enumerate(ps)]
             if per_step <= 0:
                 for r in reqs:
@@ -172,7 +172,7 @@ class PipeCore:
         before = self.stats
         self.n += 1
         ps = prompts(c, vocab_of(model), seed)
-        reqs = [Request(f"p{self.n}-{i}", p, MAX_TOKENS, SamplingParams(), sink=None)
+        reqs = [Request(f"p{self.n}-{i}", p, MAX_TOKENS, SamplingParams())
                 for i, p in enumerate(ps)]
         tic = time.perf_counter()
         for r in reqs:

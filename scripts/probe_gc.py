@@ -52,7 +52,7 @@ def main() -> None:
     done, left = threading.Event(), [0]
 
     def publish(batch) -> None:
-        for _, out in batch:
+        for out in batch:
             if out.finish_reason:
                 left[0] -= 1
                 if left[0] == 0:
@@ -72,7 +72,7 @@ def main() -> None:
         left[0] = 64
         for p in prompts(64, vocab_of(model), wave + 100):
             n += 1
-            engine.submit(Request(str(n), p, a.max_tokens, SamplingParams(), sink=None))
+            engine.submit(Request(str(n), p, a.max_tokens, SamplingParams()))
         done.wait()
     elapsed = time.perf_counter() - tic
     engine.stop()

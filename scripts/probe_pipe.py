@@ -36,8 +36,7 @@ def front_end(conn) -> None:
 
 
 def main() -> None:
-    from engine_worker.core import columns
-    from engine_worker.scheduler import Output
+    from engine_worker.scheduler import Output, StepOutputs
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--streams", type=int, default=64)
@@ -49,12 +48,13 @@ def main() -> None:
     p = ctx.Process(target=front_end, args=(theirs,))
     p.start()
     step = [Output(str(uuid.uuid4()), 1234) for _ in range(a.streams)]
+    columns = StepOutputs([o.request_id for o in step], [o.token for o in step]).to_wire
     ways = {
         "Connection.send of tuples": lambda: mine.send(("outputs", [tuple(o) for o in step])),
-        "Connection.send of columns": lambda: mine.send(("outputs", *columns(step), None)),
+        "Connection.send of columns": lambda: mine.send(("outputs", *columns(), None)),
         "pickle.dumps + send_bytes": lambda: mine.send_bytes(
-            pickle.dumps(("outputs", *columns(step), None), protocol=5)),
-        "pickle.dumps only": lambda: pickle.dumps(("outputs", *columns(step), None), protocol=5),
+            pickle.dumps(("outputs", *columns(), None), protocol=5)),
+        "pickle.dumps only": lambda: pickle.dumps(("outputs", *columns(), None), protocol=5),
         "os.write of 1 byte": lambda: os.write(mine.fileno(), b"\0\0\0\1x"),
     }
     for name, send in ways.items():

@@ -133,7 +133,7 @@ def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
     done: dict[str, threading.Event] = {}
 
     def publish(batch) -> None:
-        for _, out in batch:
+        for out in batch:
             rid = out.request_id
             if rid in first:
                 first[rid].set()
@@ -156,7 +156,7 @@ def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
             n += 1
             done[rid] = threading.Event()
             tic = time.perf_counter()
-            engine.submit(Request(rid, list(prompt), 4, SamplingParams(), sink=None,
+            engine.submit(Request(rid, list(prompt), 4, SamplingParams(),
                                   media=[dict(m) for m in media]))
             done[rid].wait()
             image_ms.append((time.perf_counter() - tic) * 1e3)
@@ -168,8 +168,7 @@ def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
             i += 1
             first[rid] = threading.Event()
             tic = time.perf_counter()
-            engine.submit(Request(rid, [5, 6, 7, 8, 9, 10 + i % 50], 1, SamplingParams(),
-                                  sink=None))
+            engine.submit(Request(rid, [5, 6, 7, 8, 9, 10 + i % 50], 1, SamplingParams()))
             first[rid].wait()
             out.append((time.perf_counter() - tic) * 1e3)
             time.sleep(0.02)
@@ -225,7 +224,7 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
     finished: dict[str, threading.Event] = {}
 
     def publish(batch) -> None:
-        for _, out in batch:
+        for out in batch:
             if out.finish_reason and out.request_id in finished:
                 finished[out.request_id].set()
 
@@ -237,12 +236,12 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
 
     def run_image(rid: str) -> None:
         finished[rid] = threading.Event()
-        engine.submit(Request(rid, list(prompt), 4, SamplingParams(), sink=None,
+        engine.submit(Request(rid, list(prompt), 4, SamplingParams(),
                               media=[dict(m) for m in media]))
         finished[rid].wait()
 
     for i in range(a.text_batch):
-        engine.submit(Request(f"text-{i}", [5, 6, 7, 8], 1 << 16, SamplingParams(), sink=None))
+        engine.submit(Request(f"text-{i}", [5, 6, 7, 8], 1 << 16, SamplingParams()))
     run_image("warm-up")
 
     def snapshot() -> dict[str, float]:

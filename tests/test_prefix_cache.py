@@ -87,7 +87,7 @@ def test_concurrent_requests_sharing_a_system_prompt(cached, plain):
     want = [greedy(plain, f"sys-ref-{i}", p) for i, p in enumerate(prompts)]
     hits = cached.stats.cache_hits
     for i, p in enumerate(prompts):  # all admitted together: hits and a miss in one batch
-        cached.submit(Request(f"sys-{i}", p, 16, SamplingParams(), sink=None))
+        cached.submit(Request(f"sys-{i}", p, 16, SamplingParams()))
     got = [tokens_of(cached.collector.wait(f"sys-{i}")) for i in range(len(prompts))]
     assert got == want
     assert cached.stats.cache_hits - hits >= 7
@@ -254,7 +254,7 @@ def test_kept_kv_holds_only_its_own_bytes(tiny_model):
         def one_round(tag: str) -> None:
             for i in range(8):
                 engine.submit(Request(f"{tag}-{i}", [rng.randrange(10, 500) for _ in range(24)],
-                                      32, SamplingParams(), sink=None))
+                                      32, SamplingParams()))
             for i in range(8):
                 engine.collector.wait(f"{tag}-{i}")
 
@@ -308,7 +308,7 @@ def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeyp
     prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
     lengths = [12, 12, 20, 30]
     for i, (p, n) in enumerate(zip(prompts, lengths)):
-        cached.submit(Request(f"together-{i}", p, n, SamplingParams(), sink=None))
+        cached.submit(Request(f"together-{i}", p, n, SamplingParams()))
     firsts = [tokens_of(cached.collector.wait(f"together-{i}")) for i in range(len(prompts))]
     assert gathered == [2, 1, 1]
     for i, (p, first) in enumerate(zip(prompts, firsts)):

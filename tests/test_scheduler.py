@@ -24,7 +24,7 @@ class Collector:
         self.q = queue.SimpleQueue()
 
     def publish(self, batch):
-        for _, out in batch:
+        for out in batch:
             self.outputs.setdefault(out.request_id, []).append(out)
             if out.finish_reason:
                 self.done.setdefault(out.request_id, threading.Event()).set()
@@ -52,7 +52,7 @@ def tokens_of(outputs: list[Output]) -> list[int]:
 
 
 def run(engine, rid, prompt, max_tokens=24, **sampling) -> list[Output]:
-    engine.submit(Request(rid, prompt, max_tokens, SamplingParams(**sampling), sink=None))
+    engine.submit(Request(rid, prompt, max_tokens, SamplingParams(**sampling)))
     return engine.collector.wait(rid)
 
 
@@ -62,10 +62,58 @@ PROMPTS = [[5, 17, 33, 2 + i, 99, 120 + 3 * i][: 3 + i % 4] for i in range(8)]
 def test_batched_greedy_equals_unbatched(engine):
     alone = [tokens_of(run(engine, f"alone-{i}", p)) for i, p in enumerate(PROMPTS)]
     for i, p in enumerate(PROMPTS):
-        engine.submit(Request(f"batch-{i}", p, 24, SamplingParams(), sink=None))
+        engine.submit(Request(f"batch-{i}", p, 24, SamplingParams()))
     together = [tokens_of(engine.collector.wait(f"batch-{i}")) for i in range(len(PROMPTS))]
     assert together == alone
     assert len({tuple(t) for t in alone}) > 1, "the tiny model should not be constant"
+
+
+def _mlx_lm_reference(model_path, prompts, params) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's tokens and their log-probabilities from mlx-lm's own
+    BatchGenerator, all prompts in one batch."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    from engine_worker.sampling import make_processors, make_sampler
+
+    model, _ = load(str(model_path))
+    gen = BatchGenerator(model)
+    uids = gen.insert(prompts, max_tokens=[24] * len(prompts),
+                      samplers=[make_sampler(p) for p in params],
+                      logits_processors=[make_processors(p) for p in params])
+    got = {uid: ([], []) for uid in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            got[r.uid][0].append(r.token)
+            got[r.uid][1].append(r.logprobs[r.token].item())
+    gen.close()
+    return [got[uid] for uid in uids]
+
+
+@pytest.mark.parametrize("kinds, wants_logprobs", [
+    ([{}] * 4, [False] * 4),  # all greedy, no logprobs: the argmax of raw logits
+    ([{}, dict(temperature=1.5, seed=7), dict(frequency_penalty=2.0), {}],
+     [True, False, True, False]),
+])
+def test_the_decode_step_gives_what_mlx_lms_gives(engine, tiny_model, kinds, wants_logprobs):
+    """The engine's own decode step (decode.py) skips work no request asked
+    for; every row still gets the tokens, and the log-probabilities where
+    asked, that mlx-lm's step gives it."""
+    params = [SamplingParams(**k) for k in kinds]
+    prompts = PROMPTS[:len(kinds)]
+    reference = _mlx_lm_reference(tiny_model, prompts, params)
+    tag = "".join("l" if w else "-" for w in wants_logprobs)
+    for i, (p, w) in enumerate(zip(params, wants_logprobs)):
+        engine.submit(Request(f"step-{tag}-{i}", prompts[i], 24, p, logprobs=w,
+                              top_logprobs=2 if w else 0))
+    for i, (tokens, logprobs) in enumerate(reference):
+        outs = [o for o in engine.collector.wait(f"step-{tag}-{i}") if o.token is not None]
+        assert [o.token for o in outs] == tokens
+        if wants_logprobs[i]:
+            assert [o.logprob.logprob for o in outs] == pytest.approx(logprobs, abs=1e-4)
+            assert all(o.logprob.top[0][1] >= o.logprob.logprob for o in outs)
+        else:
+            assert all(o.logprob is None for o in outs)
 
 
 def test_mid_decode_joins_keep_outputs(engine):
@@ -81,11 +129,11 @@ def test_mid_decode_joins_keep_outputs(engine):
 
     engine._publish = publish
     try:
-        engine.submit(Request("join-0", PROMPTS[0], 40, SamplingParams(), sink=None))
+        engine.submit(Request("join-0", PROMPTS[0], 40, SamplingParams()))
         for i, p in enumerate(PROMPTS[1:], start=1):
             seen.clear()
             assert seen.wait(10)
-            engine.submit(Request(f"join-{i}", p, 40, SamplingParams(), sink=None))
+            engine.submit(Request(f"join-{i}", p, 40, SamplingParams()))
         joined = [tokens_of(engine.collector.wait(f"join-{i}")) for i in range(len(PROMPTS))]
     finally:
         engine._publish = first
@@ -100,7 +148,7 @@ def test_per_request_sampling_inside_one_batch(engine):
              dict(frequency_penalty=2.0), dict(logit_bias={42: 100.0})]
     alone = [tokens_of(run(engine, f"s-alone-{i}", PROMPTS[1], **k)) for i, k in enumerate(kinds)]
     for i, k in enumerate(kinds):
-        engine.submit(Request(f"s-batch-{i}", PROMPTS[1], 24, SamplingParams(**k), sink=None))
+        engine.submit(Request(f"s-batch-{i}", PROMPTS[1], 24, SamplingParams(**k)))
     together = [tokens_of(engine.collector.wait(f"s-batch-{i}")) for i in range(len(kinds))]
     assert together == alone
     assert alone[5] == [42] * 24, "logit_bias +100 forces the token"
@@ -116,7 +164,7 @@ def test_same_seed_same_tokens_other_seed_differs(engine):
 
 
 def test_abort_waiting_and_running(engine):
-    engine.submit(Request("long", PROMPTS[3], 1000, SamplingParams(), sink=None))
+    engine.submit(Request("long", PROMPTS[3], 1000, SamplingParams()))
     assert engine.abort("long")
     outs = engine.collector.wait("long")
     assert outs[-1].finish_reason == "abort"
@@ -151,7 +199,7 @@ def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
             return prompt_responses, responses
 
         e._gen.next = next_step
-        e.submit(Request("first", [5, 17, 33, 40], 48, SamplingParams(), sink=None))
+        e.submit(Request("first", [5, 17, 33, 40], 48, SamplingParams()))
         collector.wait("first")
         for rid in list(collector.done):
             collector.wait(rid)
@@ -164,7 +212,7 @@ def test_burst_prefills_in_whole_batches(tiny_model, monkeypatch):
     """A burst landing just as a prompt moves from prefill to decoding joins
     a step later, in step with the generator: 8 + 8, not 7, 1, 7, 1, 1
     (each pass costs about as much whatever its size)."""
-    burst = [Request(f"burst-{i}", p + [7, 8], 8, SamplingParams(), sink=None)
+    burst = [Request(f"burst-{i}", p + [7, 8], 8, SamplingParams())
              for i, p in enumerate(PROMPTS * 2)]
 
     def feed(e, prompt_responses, responses):
@@ -181,7 +229,7 @@ def test_burst_prefills_in_whole_batches(tiny_model, monkeypatch):
 def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window, expected):
     """Requests arriving two per step while a batch decodes are held, within
     admit_window_s, until a whole prefill batch has gathered."""
-    trickle = [Request(f"trickle-{i}", p, 8, SamplingParams(), sink=None)
+    trickle = [Request(f"trickle-{i}", p, 8, SamplingParams())
                for i, p in enumerate(PROMPTS)]
 
     def feed(e, prompt_responses, responses):
@@ -216,7 +264,7 @@ def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatc
     e.start()
     try:
         assert e.ready.wait(60) and e.load_error is None
-        burst = [Request(f"idle-{i}", p, 4, SamplingParams(), sink=None)
+        burst = [Request(f"idle-{i}", p, 4, SamplingParams())
                  for i, p in enumerate(PROMPTS)]
         # The first arrives alone and is taken in; the rest follow at once.
         e.submit(burst[0])
@@ -256,8 +304,7 @@ def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
     previous = None
     try:
         assert e.ready.wait(60) and e.load_error is None
-        e.submit(Request("long", [7 + i % 200 for i in range(300)], 2, SamplingParams(),
-                         sink=None))
+        e.submit(Request("long", [7 + i % 200 for i in range(300)], 2, SamplingParams()))
         collector.wait("long")
         previous = mx.set_cache_limit(limit)
     finally:
@@ -273,16 +320,29 @@ def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
 
 
 def test_outputs_cross_the_pipe_in_order():
-    """A step's outputs go to the front end as columns (core.columns); every
-    output, plain or not, comes back equal and in its place."""
-    from engine_worker.core import columns, outputs_of
-    from engine_worker.scheduler import TokenLogprob
+    """A step's outputs go to the front end as columns (StepOutputs); every
+    output, plain or not, comes back equal and in its place after pickling."""
+    import pickle
+
+    from engine_worker.scheduler import StepOutputs, TokenLogprob
 
     step = [Output("a", 5), Output("b", None, "abort"), Output("c", 7),
             Output("d", 8, None, TokenLogprob(8, -0.5, [(8, -0.5)])), Output("a", 6),
             Output("e", 9, "length"), Output("f", None, "error", error="boom")]
+
+    def built(outs: list[Output]) -> StepOutputs:
+        built = StepOutputs()
+        for out in outs:
+            built.add(out)
+        assert len(built) == len(outs)
+        return built
+
+    def crossed(outs: list[Output]) -> list[Output]:
+        wire = pickle.loads(pickle.dumps(built(outs).to_wire()))
+        return list(StepOutputs.from_wire(*wire))
+
     for n in range(len(step) + 1):
-        assert list(outputs_of(*columns(step[:n]))) == step[:n]
-        assert list(outputs_of(*columns(step[n:]))) == step[n:]
-    ids, tokens, others = columns(step)
-    assert (ids, tokens) == (["a", "c", "a"], [5, 7, 6])
+        assert crossed(step[:n]) == step[:n]
+        assert crossed(step[n:]) == step[n:]
+    whole = built(step)
+    assert (whole.ids, whole.tokens) == (["a", "c", "a"], [5, 7, 6])

@@ -50,7 +50,7 @@ class Prompter:
                 prompt += [t] * (int(np.prod(grid)) // 4)
             else:
                 prompt.append(t)
-        return Request(rid, prompt, max_tokens, SamplingParams(**sampling), sink=None,
+        return Request(rid, prompt, max_tokens, SamplingParams(**sampling),
                        media=media)
 
     def _image(self, image) -> dict:
