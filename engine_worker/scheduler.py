@@ -192,6 +192,10 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._arrived = 0  # requests the last inbox drain brought in
         self._held_since: float | None = None  # when _admit began holding arrivals
+        # Whether the last busy spell ran one request at a time (a lone user
+        # sending one request after another): see _admission_cap.
+        self._one_at_a_time = False
+        self._busy_peak = 0  # most requests running at once in this busy spell
         # From the last step: prompts still in the generator's prefill batch,
         # and whether some of them move to decoding on the next step.
         self._prefilling = 0
@@ -316,6 +320,8 @@ class Engine:
             t1 = clock()
             spent["admit"] += t1 - t0
             if not self._running:
+                if self._busy_peak:
+                    self._one_at_a_time, self._busy_peak = self._busy_peak == 1, 0
                 self._evaluate_copies()
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
@@ -468,10 +474,12 @@ class Engine:
         only whole prefill batches join; the rest wait, at most
         admit_window_s, or until a step passes with no new arrival. An idle
         engine takes no steps: there it gathers a burst until IDLE_GATHER_GAP_S
-        passes with no new arrival, so a lone request waits only that long.
+        passes with no new arrival, so a lone request waits only that long,
+        and not at all when the last busy spell ran one request at a time.
         """
         s = self.settings
-        if not self._arrived or s.admit_window_s <= 0:
+        lone_again = not self._running and self._one_at_a_time and len(self._waiting) == 1
+        if not self._arrived or s.admit_window_s <= 0 or lone_again:
             self._held_since = None
             return None
         now = time.monotonic()
@@ -572,6 +580,7 @@ class Engine:
             logits_processors=[g[1] for _, _, g in batch],
             stop_sequences=[StopSequences([(t,) for t in r.stop_token_ids]) for r, _, _ in batch],
         )
+        self._busy_peak = max(self._busy_peak, len(self._running) + len(batch))
         for uid, (r, state, _) in zip(uids, batch):
             self._running[uid] = state
             if r.logprobs:

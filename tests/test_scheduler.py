@@ -171,13 +171,11 @@ def test_abort_waiting_and_running(engine):
     assert not engine.abort("long"), "a finished request is no longer in flight"
 
 
-def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
-    """Run a fresh engine; `feed(engine, prompt_responses, responses)` is
-    called after every batch step (on the engine thread, so what it submits
-    is seen at a known point). Returns the sizes of the prefill passes."""
+def _recorded_prefill_sizes(monkeypatch) -> list[int]:
+    """A list that gets the number of prompts of every prefill pass mlx-lm runs."""
     gen_module = importlib.import_module("mlx_lm.generate")
-    sizes: list[int] = []
     prompt = gen_module.PromptProcessingBatch.prompt
+    sizes: list[int] = []
 
     def counted(self, tokens):
         if tokens:
@@ -185,6 +183,14 @@ def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
         return prompt(self, tokens)
 
     monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", counted)
+    return sizes
+
+
+def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
+    """Run a fresh engine; `feed(engine, prompt_responses, responses)` is
+    called after every batch step (on the engine thread, so what it submits
+    is seen at a known point). Returns the sizes of the prefill passes."""
+    sizes = _recorded_prefill_sizes(monkeypatch)
     collector = Collector()
     e = Engine(EngineSettings(model=str(tiny_model), warmup=False, **engine_settings),
                lambda s: load_model(read_facts(s.model)), collector.publish)
@@ -242,20 +248,24 @@ def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window
     assert sizes == expected
 
 
+def _burst(e: Engine, collector: Collector, tag: str) -> None:
+    """One request per prompt: the first arrives alone (the engine has taken
+    it in), the rest follow at once; returns when all have finished."""
+    rs = [Request(f"{tag}-{i}", p, 4, SamplingParams()) for i, p in enumerate(PROMPTS)]
+    e.submit(rs[0])
+    while not e._inbox.empty():
+        time.sleep(0)
+    for r in rs[1:]:
+        e.submit(r)
+    for r in rs:
+        collector.wait(r.request_id)
+
+
 def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatch):
     """With admit_window_s, a burst reaching an idle engine prefills as one
     batch: the engine waits until a gap with no new arrival instead of
     starting a pass for the first request alone."""
-    gen_module = importlib.import_module("mlx_lm.generate")
-    prompt = gen_module.PromptProcessingBatch.prompt
-    sizes: list[int] = []
-
-    def counted(self, tokens):
-        if tokens:
-            sizes.append(len(tokens))
-        return prompt(self, tokens)
-
-    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", counted)
+    sizes = _recorded_prefill_sizes(monkeypatch)
     # A gap this machine's scheduling cannot exceed between two submits.
     monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", 0.05)
     collector = Collector()
@@ -264,18 +274,44 @@ def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatc
     e.start()
     try:
         assert e.ready.wait(60) and e.load_error is None
-        burst = [Request(f"idle-{i}", p, 4, SamplingParams())
-                 for i, p in enumerate(PROMPTS)]
-        # The first arrives alone and is taken in; the rest follow at once.
-        e.submit(burst[0])
-        while not e._inbox.empty():
-            time.sleep(0)
-        for r in burst[1:]:
-            e.submit(r)
-        for r in burst:
-            collector.wait(r.request_id)
+        _burst(e, collector, "idle")
     finally:
         e.stop()
+    assert sizes == [8]
+
+
+def test_a_lone_user_is_not_held_but_a_burst_after_it_is_gathered(tiny_model, monkeypatch):
+    """An idle engine holds a first arrival for IDLE_GATHER_GAP_S in case a
+    burst follows; once a busy spell ran one request at a time, the next lone
+    arrival starts at once. A burst after that is taken in as it comes, and
+    the one after it is gathered again."""
+    sizes = _recorded_prefill_sizes(monkeypatch)
+    gap = 0.5
+    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", gap)
+    collector = Collector()
+    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
+               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+
+    def timed(rid: str) -> float:
+        tic = time.monotonic()
+        e.submit(Request(rid, PROMPTS[0], 4, SamplingParams()))
+        collector.wait(rid)
+        return time.monotonic() - tic
+
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        first, second, third = timed("lone-0"), timed("lone-1"), timed("lone-2")
+        sizes.clear()
+        _burst(e, collector, "after-lone")
+        after_lone = list(sizes)
+        sizes.clear()
+        _burst(e, collector, "again")
+    finally:
+        e.stop()
+    assert first >= gap, "the first arrival is held in case a burst follows"
+    assert second < gap / 2 and third < gap / 2, (second, third)
+    assert after_lone[0] == 1 and sum(after_lone) == 8, after_lone
     assert sizes == [8]
 
 
