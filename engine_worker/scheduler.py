@@ -546,6 +546,8 @@ class Engine:
             batch.append((r, state, self._guarded(state)))
             media_in_batch = media_in_batch or bool(r.media)
         self._waiting.extendleft(reversed(later_media))
+        if not self._waiting:
+            self._held_since = None  # that hold is over; the next burst starts its own
         if media_in_batch:
             self._media_held_since = None
         elif later_media and self._media_held_since is None:

@@ -280,6 +280,27 @@ def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatc
     assert sizes == [8]
 
 
+def test_every_burst_is_gathered_not_only_the_first(tiny_model, monkeypatch):
+    """A hold that ended with its burst admitted must not linger: the next
+    burst, once the window has passed, is gathered too, not cut after its
+    first arrival."""
+    sizes = _recorded_prefill_sizes(monkeypatch)
+    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", 0.05)
+    window = 0.2
+    collector = Collector()
+    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=window),
+               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        for tag in ("first", "second", "third"):
+            _burst(e, collector, tag)
+            time.sleep(window * 1.5)
+    finally:
+        e.stop()
+    assert sizes == [8, 8, 8]
+
+
 def test_a_lone_user_is_not_held_but_a_burst_after_it_is_gathered(tiny_model, monkeypatch):
     """An idle engine holds a first arrival for IDLE_GATHER_GAP_S in case a
     burst follows; once a busy spell ran one request at a time, the next lone
