@@ -16,15 +16,9 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
-from engine_worker.scheduler import (
-    DuplicateRequest,
-    Engine,
-    Output,
-    QueueFull,
-    Request,
-    StepOutputs,
-)
+from engine_worker.scheduler import Engine
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.shared_tensors import SharedTensors, take
 

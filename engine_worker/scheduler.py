@@ -14,12 +14,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker import decode
@@ -31,6 +29,14 @@ from engine_worker.memory import (
     keep_allocator_cache,
     kv_bytes_per_token,
 )
+from engine_worker.messages import (
+    DuplicateRequest,
+    Output,
+    QueueFull,
+    Request,
+    StepOutputs,
+    TokenLogprob,
+)
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import (
     PrefixCache,
@@ -39,7 +45,7 @@ from engine_worker.prefix_cache import (
     default_budget,
     finished_rows,
 )
-from engine_worker.sampling import SamplingParams, make_processors, make_sampler
+from engine_worker.sampling import make_processors, make_sampler
 from engine_worker.vision import BatchedVisionLM
 from vllm_mlx.settings import EngineSettings
 
@@ -52,97 +58,6 @@ STATS_WINDOW_S = 5.0
 LOOP_PHASES = ("admit", "step", "prefill", "handle", "publish", "idle")
 MEDIA_HOLD_MAX_S = 0.5  # see Engine._admit
 IDLE_GATHER_GAP_S = 0.001  # see Engine._admission_cap
-
-
-class QueueFull(Exception):
-    pass
-
-
-class DuplicateRequest(Exception):
-    pass
-
-
-class TokenLogprob(NamedTuple):
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    include_stop: bool = False
-    # Vision-language models: each image or video of the prompt, in prompt
-    # order, as its processor's tensors by name (pixel_values, image_grid_thw,
-    # ...). The prompt already holds each item's placeholder tokens.
-    # Each media item's tensors, in prompt order (from the front end they
-    # cross the pipe as vllm_mlx.shared_tensors.SharedTensors).
-    media: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-
-class Output(NamedTuple):
-    """One step's news for one request: a token, a finish, or both. A tuple,
-    since one batch of these crosses a process boundary every decode step."""
-
-    request_id: str
-    token: int | None
-    # stop (EOS or a stop token id: `token` is it), length, abort, error
-    finish_reason: str | None = None
-    logprob: TokenLogprob | None = None
-    error: str = ""
-
-
-class StepOutputs:
-    """One step's outputs, in order, kept as they cross the pipe: the plain
-    ones (a token, no finish, no logprob: nearly all) as two columns, request
-    ids and tokens; the others whole, each with its position among the plain
-    ones. The loop appends to the columns directly, and pickling two lists
-    costs a fraction of a tuple per output: this runs every decode step
-    (docs/benchmarks.md). Iterating gives the `Output`s in order."""
-
-    __slots__ = ("ids", "tokens", "others")
-
-    def __init__(self, ids: list[str] | None = None, tokens: list[int] | None = None,
-                 others: list[tuple[int, Output]] | None = None):
-        self.ids = [] if ids is None else ids
-        self.tokens = [] if tokens is None else tokens
-        self.others = [] if others is None else others
-
-    def add(self, out: Output) -> None:
-        if out.finish_reason is None and out.logprob is None:
-            self.ids.append(out.request_id)
-            self.tokens.append(out.token)
-        else:
-            self.others.append((len(self.ids), out))
-
-    def __len__(self) -> int:
-        return len(self.ids) + len(self.others)
-
-    def __iter__(self) -> Iterator[Output]:
-        ids, tokens, done = self.ids, self.tokens, 0
-        for at, out in self.others:
-            for i in range(done, at):
-                yield Output(ids[i], tokens[i])
-            done = at
-            yield out
-        for i in range(done, len(ids)):
-            yield Output(ids[i], tokens[i])
-
-    def to_wire(self) -> tuple:
-        """Plain lists and tuples, for pickle; `from_wire` undoes it."""
-        return self.ids, self.tokens, [(at, tuple(out)) for at, out in self.others]
-
-    @classmethod
-    def from_wire(cls, ids: list[str], tokens: list[int],
-                  others: list[tuple[int, tuple]]) -> "StepOutputs":
-        return cls(ids, tokens, [(at, Output._make(out)) for at, out in others])
 
 
 @dataclass

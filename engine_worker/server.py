@@ -20,9 +20,9 @@ from engine_worker.media_client import (
     release,
 )
 from engine_worker.memory import MemoryBudget
+from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.scheduler import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND

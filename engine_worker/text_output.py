@@ -66,7 +66,7 @@ class TokenStream:
         self.stopped_by_string = False         # the core must be told to end it
 
     def take(self, outputs) -> tuple[list[int], str, list]:
-        """Consume outputs (scheduler.Output) in order; returns the new token
+        """Consume outputs (messages.Output) in order; returns the new token
         ids, the text they settle and their logprobs. Outputs after the finish
         (the core runs on until it hears of a stop string) are dropped."""
         ids: list[int] = []

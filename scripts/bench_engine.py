@@ -56,9 +56,10 @@ def raw_worker(model: Path, max_tokens: int) -> None:
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
+    from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine, Request
+    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     m, _ = load(str(model))

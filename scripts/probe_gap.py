@@ -64,9 +64,10 @@ def local_worker(model: Path) -> None:
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
+    from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine, Request
+    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     log = os.environ["PROBE_LOG"]
@@ -164,8 +165,8 @@ class PipeCore:
         self.n = 0
 
     def run(self, c: int, seed: int, model: Path) -> dict:
+        from engine_worker.messages import Request
         from engine_worker.sampling import SamplingParams
-        from engine_worker.scheduler import Request
 
         _, self.offset = read_hook_log(self.log, self.offset)
         self.drain_stats()

@@ -32,9 +32,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
     a = ap.parse_args()
 
+    from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine, Request
+    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     spent = [0.0, 0.0, 0.0]

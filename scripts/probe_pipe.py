@@ -36,7 +36,7 @@ def front_end(conn) -> None:
 
 
 def main() -> None:
-    from engine_worker.scheduler import Output, StepOutputs
+    from engine_worker.messages import Output, StepOutputs
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--streams", type=int, default=64)

@@ -124,9 +124,10 @@ def load_run(path: Path, prompt: list[int], media: list, a) -> dict:
     and the loop's time per step, in-process."""
     import threading
 
+    from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine, Request
+    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     first: dict[str, threading.Event] = {}
@@ -216,9 +217,10 @@ def mixed_run(path: Path, prompt: list[int], media: list, a) -> dict:
     through one at a time: loop milliseconds per image request, by phase."""
     import threading
 
+    from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine, Request
+    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     finished: dict[str, threading.Event] = {}

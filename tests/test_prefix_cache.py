@@ -7,9 +7,10 @@ import random
 import httpx
 import pytest
 
+from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine, Request
+from engine_worker.scheduler import Engine
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 

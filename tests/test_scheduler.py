@@ -9,9 +9,10 @@ import time
 import pytest
 
 from engine_worker import scheduler
+from engine_worker.messages import Output, Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine, Output, Request
+from engine_worker.scheduler import Engine
 from vllm_mlx.settings import EngineSettings
 
 
@@ -381,7 +382,7 @@ def test_outputs_cross_the_pipe_in_order():
     output, plain or not, comes back equal and in its place after pickling."""
     import pickle
 
-    from engine_worker.scheduler import StepOutputs, TokenLogprob
+    from engine_worker.messages import StepOutputs, TokenLogprob
 
     step = [Output("a", 5), Output("b", None, "abort"), Output("c", 7),
             Output("d", 8, None, TokenLogprob(8, -0.5, [(8, -0.5)])), Output("a", 6),

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine, Request
+from engine_worker.scheduler import Engine
 from tests.conftest import make_test_models
 from tests.test_scheduler import Collector, tokens_of
 from vllm_mlx.settings import EngineSettings
