@@ -49,10 +49,10 @@ def _step(b, wants_logprobs: Collection[int]) -> tuple[list[int], list]:
     samplers = [b.fallback_sampler if s is None else s for s in b.samplers or ()]
     one_sampler = not samplers or all(s is samplers[0] for s in samplers)
     sampler: Callable = samplers[0] if samplers else b.fallback_sampler
-    wanted = [uid in wants_logprobs for uid in b.uids] if wants_logprobs else None
-    if one_sampler and sampler is greedy_sampler and not (wanted and any(wanted)):
+    asking = [i for i, uid in enumerate(b.uids) if uid in wants_logprobs] if wants_logprobs else []
+    b._next_logprobs = [None] * len(b.uids)
+    if one_sampler and sampler is greedy_sampler and not asking:
         b._next_tokens = mx.argmax(logits, axis=-1)
-        b._next_logprobs = [None] * len(b.uids)
     else:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if one_sampler:
@@ -60,10 +60,9 @@ def _step(b, wants_logprobs: Collection[int]) -> tuple[list[int], list]:
         else:
             b._next_tokens = mx.concatenate(
                 [s(logprobs[i:i + 1]) for i, s in enumerate(samplers)], axis=0)
-        b._next_logprobs = ([logprobs[i] if w else None for i, w in enumerate(wanted)]
-                            if wanted else [None] * len(b.uids))
-    mx.async_eval(b._next_tokens, [lp for lp in b._next_logprobs if lp is not None],
-                  contexts)
+        for i in asking:
+            b._next_logprobs[i] = logprobs[i]
+    mx.async_eval(b._next_tokens, [b._next_logprobs[i] for i in asking], contexts)
     mx.eval(inputs, [lp for lp in b._current_logprobs if lp is not None])
     tokens = inputs.tolist()
     for kept, token in zip(b.tokens, tokens):

@@ -590,7 +590,7 @@ class Engine:
                 self._finish_uid(resp.uid, "error", error=str(e))
                 continue
             if resp.finish_reason is None:
-                if logprob is None:
+                if logprob is None:  # a plain output, straight into the columns
                     ids.append(r.request_id)
                     tokens.append(resp.token)
                 else:
