@@ -26,6 +26,7 @@ class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int = 0  # set for prompt tokens (1: the most likely)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     include_stop: bool = False
+    # Log-probabilities of the prompt's tokens after the first, with this
+    # many alternatives each; None: not asked for (see prefill.py).
+    prompt_logprobs: int | None = None
     # Vision-language models: each image or video of the prompt, in prompt
     # order, as its processor's tensors by name (pixel_values, image_grid_thw,
     # ...); the prompt already holds each item's placeholder tokens. From the
@@ -56,6 +60,9 @@ class Output(NamedTuple):
     finish_reason: str | None = None
     logprob: TokenLogprob | None = None
     error: str = ""
+    # With the request's first token, when it asked: one per prompt token
+    # after the first.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class StepOutputs:
@@ -75,7 +82,7 @@ class StepOutputs:
         self.others = [] if others is None else others
 
     def add(self, out: Output) -> None:
-        if out.finish_reason is None and out.logprob is None:
+        if out.finish_reason is None and out.logprob is None and out.prompt_logprobs is None:
             self.ids.append(out.request_id)
             self.tokens.append(out.token)
         else:

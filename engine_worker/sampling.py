@@ -93,16 +93,37 @@ def make_sampler(params: SamplingParams) -> Sampler | None:
     return sample
 
 
-def make_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    # The batch generator hands processors the whole sequence (prompt and
-    # output), so "all of it" is just a context larger than any sequence.
-    context = params.penalty_context_size or 1 << 30
-    return make_logits_processors(
+def make_processors(params: SamplingParams, prompt_len: int) -> list[LogitsProcessor]:
+    """The request's logits processors. The batch generator hands them the
+    whole sequence so far, prompt then output (`prompt_len` tokens of prompt).
+
+    repetition_penalty looks at both, as vLLM's does; presence and frequency
+    penalties count only generated tokens, as OpenAI defines them (counting
+    the prompt penalised the chat template's end-of-turn token, and a reply
+    ran on to max_tokens)."""
+    context = params.penalty_context_size or 1 << 30  # "all of it"
+    processors = make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
         repetition_context_size=context,
-        presence_penalty=params.presence_penalty or None,
-        presence_context_size=context,
-        frequency_penalty=params.frequency_penalty or None,
-        frequency_context_size=context,
     )
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(_output_penalties(params.presence_penalty, params.frequency_penalty,
+                                            prompt_len, context))
+    return processors
+
+
+def _output_penalties(presence: float, frequency: float, prompt_len: int,
+                      context: int) -> LogitsProcessor:
+    def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
+        start = max(prompt_len, tokens.size - context)
+        if start >= tokens.size:
+            return logits
+        generated = tokens[start:]
+        if presence:
+            logits[:, generated] -= presence  # once per distinct token
+        if frequency:
+            logits = logits.at[:, generated].subtract(frequency)  # once per occurrence
+        return logits
+
+    return penalize

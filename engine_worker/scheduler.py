@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from engine_worker import decode
+from engine_worker import decode, prefill
 from engine_worker.memory import (
     DEFAULT_ALLOCATOR_CACHE_FRACTION,
     DEFAULT_LIMIT_FRACTION,
@@ -117,6 +117,9 @@ class Engine:
         self._prefill_turning = False
         self._running: dict[int, _Running] = {}  # BatchGenerator uid -> state
         self._logprob_uids: set[int] = set()  # running requests that asked for logprobs
+        # Running requests that asked for their prompt's logprobs, until their
+        # first token carries them out.
+        self._prompt_scores: dict[int, prefill.PromptScores] = {}
         # Text requests in the batch that have not produced a token yet, and
         # since when a media request has been held back for them.
         self._awaiting_first: set[int] = set()
@@ -200,6 +203,7 @@ class Engine:
 
         decoding.filter = filter_noting_kv
         decode.install(decoding, self._logprob_uids)
+        prefill.install(gen._prompt_batch, self._prompt_scores)
         return gen
 
     def _run(self) -> None:
@@ -502,6 +506,8 @@ class Engine:
             self._running[uid] = state
             if r.logprobs:
                 self._logprob_uids.add(uid)
+            if r.prompt_logprobs is not None:
+                self._prompt_scores[uid] = prefill.PromptScores(r.prompt, r.prompt_logprobs)
             if not r.media:
                 self._awaiting_first.add(uid)
             self.stats.prompt_tokens_total += len(r.prompt)
@@ -515,7 +521,9 @@ class Engine:
             if not isinstance(model, BatchedVisionLM):
                 raise ValueError("this model takes text only")
             return model.cache_for(r.prompt, r.media), 0
-        return self._prefix.fetch(r.prompt) if self._prefix is not None else (None, 0)
+        if self._prefix is None or r.prompt_logprobs is not None:
+            return None, 0  # scoring the prompt needs its whole prompt pass
+        return self._prefix.fetch(r.prompt)
 
     def _reservation(self, r: Request) -> int:
         return self.memory.request_bytes(len(r.prompt) + r.max_tokens)
@@ -537,7 +545,7 @@ class Engine:
         marks that request failed instead of failing the whole batch."""
         r = state.request
         sampler = make_sampler(r.sampling)
-        processors = make_processors(r.sampling)
+        processors = make_processors(r.sampling, len(r.prompt))
         if FAULT_INJECTION and r.request_id.startswith("fault-"):
             processors.append(_fault_after(len(r.prompt) + 2))
 
@@ -589,16 +597,20 @@ class Engine:
                     self._gen.remove([resp.uid])
                 self._finish_uid(resp.uid, "error", error=str(e))
                 continue
+            scores = self._prompt_scores.pop(resp.uid, None) if self._prompt_scores else None
+            prompt_logprobs = None if scores is None else scores.scored
             if resp.finish_reason is None:
-                if logprob is None:  # a plain output, straight into the columns
+                if logprob is None and scores is None:  # plain: straight into the columns
                     ids.append(r.request_id)
                     tokens.append(resp.token)
                 else:
-                    outbox.add(Output(r.request_id, resp.token, None, logprob))
+                    outbox.add(Output(r.request_id, resp.token, None, logprob,
+                                      prompt_logprobs=prompt_logprobs))
             else:
                 if not r.media:  # token ids alone do not say which image it saw
                     finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
-                self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob)
+                self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob,
+                                 prompt_logprobs=prompt_logprobs)
         self._keep_kv(finished_kv, in_step=True)
         self._step_tokens.append((time.monotonic(), produced))
         self._window_tokens += produced
@@ -641,11 +653,13 @@ class Engine:
         return TokenLogprob(token, logprobs[token].item(), top)
 
     def _finish_uid(self, uid: int, reason: str, token: int | None = None,
-                    logprob: TokenLogprob | None = None, error: str = "") -> None:
+                    logprob: TokenLogprob | None = None, error: str = "",
+                    prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         self._awaiting_first.discard(uid)
         self._logprob_uids.discard(uid)
+        self._prompt_scores.pop(uid, None)
         r = self._running.pop(uid).request
-        self._finish(r, Output(r.request_id, token, reason, logprob, error))
+        self._finish(r, Output(r.request_id, token, reason, logprob, error, prompt_logprobs))
 
     def _finish(self, request: Request, out: Output) -> None:
         with self._lock:

@@ -318,6 +318,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidRequest(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}")
         if request.top_logprobs and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs")
+        prompt_logprobs = (request.prompt_logprobs if request.HasField("prompt_logprobs")
+                           else None)
+        if prompt_logprobs is not None:
+            if prompt_logprobs > MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"prompt_logprobs must be at most {MAX_TOP_LOGPROBS}")
+            if media:
+                raise InvalidRequest("prompt_logprobs is for text prompts; this one has "
+                                     "images or videos")
         if any(not s for s in request.stop):
             raise InvalidRequest("stop strings must not be empty")
         bad = [t for t in request.stop_token_ids if t >= facts.vocab_size]
@@ -330,8 +338,29 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
             stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-            include_stop=request.include_stop_in_output,
+            include_stop=request.include_stop_in_output, prompt_logprobs=prompt_logprobs,
             media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [])
+
+    def _token_logprob(self, token_id: int, logprob: float | None,
+                       top: list[tuple[int, float]], rank: int = 0) -> pb.TokenLogprob:
+        decode, tok = self.tokenizer.decode, self.tokenizer
+        return pb.TokenLogprob(
+            token_id=token_id, logprob=logprob, token=decode([token_id]),
+            token_bytes=token_bytes(tok, token_id), rank=rank,
+            top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]),
+                               token_bytes=token_bytes(tok, t)) for t, v in top])
+
+    def _prompt_extras(self, request: pb.GenerateRequest, r: Request, stream: TokenStream,
+                       msg: pb.GenerateResponse) -> None:
+        """What the first message carries besides tokens, when asked for."""
+        if request.echo:
+            msg.prompt_text = self.tokenizer.decode(r.prompt)
+        scored = stream.prompt_logprobs
+        if scored is not None:
+            stream.prompt_logprobs = None
+            msg.prompt_logprobs.append(self._token_logprob(r.prompt[0], None, []))
+            msg.prompt_logprobs.extend(self._token_logprob(lp.token_id, lp.logprob, lp.top,
+                                                           lp.rank) for lp in scored)
 
     def _to_proto(self, r: Request, stream: TokenStream,
                   outs: list[Output]) -> pb.GenerateResponse:
@@ -348,13 +377,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         msg = pb.GenerateResponse(
             request_id=r.request_id, token_ids=ids, text=text, prompt_tokens=len(r.prompt),
             completion_tokens=stream.completion_tokens)
-        decode, tok = self.tokenizer.decode, self.tokenizer
-        for lp in logprobs:
-            msg.logprobs.append(pb.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob, token=decode([lp.token_id]),
-                token_bytes=token_bytes(tok, lp.token_id),
-                top=[pb.TopLogprob(token_id=t, logprob=v, token=decode([t]),
-                                   token_bytes=token_bytes(tok, t)) for t, v in lp.top]))
+        msg.logprobs.extend(self._token_logprob(lp.token_id, lp.logprob, lp.top)
+                            for lp in logprobs)
         if stream.finish_reason:
             msg.finished = True
             msg.finish_reason = FINISH_REASONS[stream.finish_reason]
@@ -396,9 +420,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         except DuplicateRequest:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request_id!r} is already in flight")
-        stream = TokenStream(self.tokenizer, r.stop, r.include_stop)
+        # Text and token-id prompts, and a continued final message, are
+        # continued by the output; a chat reply starts a text of its own.
+        continues = request.WhichOneof("input") != "chat" or request.chat.continue_final_message
+        stream = TokenStream(self.tokenizer, r.stop, r.include_stop,
+                             context=r.prompt if continues else None)
         interval = self.settings.stream_interval_s
         loop = asyncio.get_running_loop()
+        first = True
         try:
             while stream.finish_reason is None:
                 outs = [await sink.get()]
@@ -411,6 +440,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 while not sink.empty():
                     outs.append(sink.get_nowait())
                 msg = self._to_proto(r, stream, outs)
+                if first:
+                    self._prompt_extras(request, r, stream, msg)
+                    first = False
                 if stream.stopped_by_string:
                     self.core.stop_early(request_id)
                 yield msg

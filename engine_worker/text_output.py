@@ -6,26 +6,59 @@ split across tokens. Partial UTF-8 characters are held back by the
 detokenizer itself.
 """
 
+import copy
+
 from mlx_lm.tokenizer_utils import StreamingDetokenizer
+
+# Prompt tokens a continuation's detokenizer starts from (vLLM's choice too):
+# enough for any word or character to be whole.
+PRIMING_TOKENS = 6
 
 
 class TextOutput:
-    def __init__(self, detokenizer: StreamingDetokenizer, stop: list[str]):
+    """`context`: the prompt's tokens when the output continues it (a
+    completion) rather than starting a text of its own (a chat reply)."""
+
+    def __init__(self, detokenizer: StreamingDetokenizer, stop: list[str],
+                 context: list[int] | None = None):
         self._detok = detokenizer
         self._stop = [s for s in stop if s]
         self._longest = max((len(s) for s in self._stop), default=0)
         self._pending = ""
+        self._skip = self._prime(context[-PRIMING_TOKENS:]) if context else 0
+
+    def _prime(self, tail: list[int]) -> int:
+        """mlx-lm's detokenizers drop a leading space of the first token, as a
+        text's start should; a continuation must keep it (" Paris" after "The
+        capital of France is"). So the detokenizer first reads the prompt's
+        last tokens, and what it renders of them is skipped: its length is
+        that of a copy fed the same tokens and flushed (a held-back space
+        belongs to the prompt)."""
+        alone = copy.copy(self._detok)
+        alone.reset()
+        for t in tail:
+            self._detok.add_token(t)
+            alone.add_token(t)
+        alone.finalize()
+        return len(alone.text)
+
+    def _read(self) -> str:
+        segment = self._detok.last_segment
+        if self._skip:
+            cut = min(self._skip, len(segment))
+            segment, self._skip = segment[cut:], self._skip - cut
+        return segment
 
     def add(self, token: int) -> tuple[str, str | None]:
         """Feed one token; returns (text safe to emit, the stop string that matched)."""
         self._detok.add_token(token)
-        return self._scan(self._detok.last_segment)
+        return self._scan(self._read())
 
     def finish(self) -> str:
         """Flush what was held back once the request ends for a reason other
         than a stop string."""
         self._detok.finalize()
-        text, matched = self._scan(self._detok.last_segment)
+        text, matched = self._scan(self._read())
         if matched is None:
             text, self._pending = text + self._pending, ""
         return text
@@ -55,15 +88,17 @@ class TokenStream:
     why it finished. Runs in the front end, so the decode loop never
     detokenizes."""
 
-    def __init__(self, tokenizer, stop: list[str], include_stop: bool):
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool,
+                 context: list[int] | None = None):
         self._tokenizer = tokenizer
-        self._text = TextOutput(tokenizer.detokenizer, stop)
+        self._text = TextOutput(tokenizer.detokenizer, stop, context)
         self._include_stop = include_stop
         self.completion_tokens = 0
         self.finish_reason: str | None = None  # stop, length, abort, error
         self.stop_reason = ""                  # the stop string or stop token id
         self.error = ""
         self.stopped_by_string = False         # the core must be told to end it
+        self.prompt_logprobs = None            # from the first output, when asked for
 
     def take(self, outputs) -> tuple[list[int], str, list]:
         """Consume outputs (messages.Output) in order; returns the new token
@@ -76,6 +111,8 @@ class TokenStream:
             if self.finish_reason is not None:
                 break
             reason = out.finish_reason
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs = out.prompt_logprobs
             if out.token is not None:
                 self.completion_tokens += 1
                 ids.append(out.token)

@@ -103,7 +103,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         rid = _request_id(request)
         ctx = serving.Context(id=f"chatcmpl-{rid}", created=int(time.time()),
                               model=await resolve(body.model), timer=metrics.Timer("chat"),
-                              include_usage=body.include_usage)
+                              include_usage=body.include_usage,
+                              prompt_logprobs=body.prompt_logprobs is not None)
         info = await engine.model_info()
         requests = translate.chat_requests(body, rid, list(info.modalities),
                                            settings.max_choices)
@@ -127,7 +128,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         ctx = serving.Context(id=f"cmpl-{rid}", created=int(time.time()),
                               model=await resolve(body.model),
                               timer=metrics.Timer("completions"),
-                              include_usage=body.include_usage)
+                              include_usage=body.include_usage,
+                              prompt_logprobs=body.prompt_logprobs is not None)
         pairs = translate.completion_requests(body, rid, settings.max_choices)
         if body.user:
             log.debug("request %s from user %s", rid, body.user)

@@ -15,6 +15,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
@@ -25,8 +26,36 @@ MAX_TOKENS_LIMIT = 2**31 - 1
 TOKEN_ID_LIMIT = 2**32 - 1
 
 
+def _nullable_optionals(schema: dict[str, Any]) -> None:
+    """In /openapi.json, every optional field also takes null (see _Request)."""
+    null = {"type": "null"}
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or null in prop.get("anyOf", ()):
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append(null)
+        else:
+            notes = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+            value = dict(prop)
+            prop.clear()
+            prop.update(notes, anyOf=[value, null])
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Requests forbid unknown fields, and take null for any optional field
+    as "not given": OpenAI's SDK sends null for a parameter passed as None."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_nullable_optionals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required()}
 
 
 class _Response(BaseModel):
@@ -170,8 +199,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
     "modalities": (["text"],),
-    "store": (False,),
-    "metadata": ({},),
     "service_tier": ("auto", "default"),
     "audio": (),
     "prediction": (),
@@ -216,6 +243,13 @@ class SamplingFields(_Request):
     safety_identifier: str | None = None
     # A routing hint for OpenAI's cache; the prefix cache here needs none.
     prompt_cache_key: str | None = None
+    # OpenAI's stored completions: nothing is stored here, so both are
+    # accepted and have no effect (docs say so).
+    store: bool | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    # vLLM's extension: the prompt tokens' log-probabilities, with this many
+    # alternatives each, from the prompt's own prefill pass.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("stop")
     @classmethod
@@ -271,8 +305,6 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Unsupported = None
     response_format: Unsupported = None
     modalities: Unsupported = None
-    store: Unsupported = None
-    metadata: Unsupported = None
     service_tier: Unsupported = None
     audio: Unsupported = None
     prediction: Unsupported = None
@@ -285,7 +317,7 @@ class ChatCompletionRequest(SamplingFields):
 
     refuse_unsupported = field_validator(
         "tools", "tool_choice", "functions", "function_call", "response_format", "modalities",
-        "store", "metadata", "service_tier", "audio", "prediction", "reasoning_effort",
+        "service_tier", "audio", "prediction", "reasoning_effort",
         "verbosity", "web_search_options", "moderation", "prompt_cache_options",
         "prompt_cache_retention")(_refuse_unless_neutral)
 
@@ -382,7 +414,20 @@ class ChatChoice(_Response):
     finish_reason: FinishReason
 
 
+class PromptLogprob(_Response):
+    """vLLM's shape for one candidate of one prompt position."""
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# One entry per prompt token: null for the first (nothing predicts it), then
+# the prompt token and the top alternatives by token id.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletion(_Response):
+    _omit_none = frozenset({"prompt_logprobs"})
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -390,6 +435,7 @@ class ChatCompletion(_Response):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatDelta(_Response):
@@ -406,7 +452,7 @@ class ChatChunkChoice(_Response):
 
 
 class ChatCompletionChunk(_Response):
-    _omit_none = frozenset({"usage"})
+    _omit_none = frozenset({"usage", "prompt_logprobs"})
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -414,6 +460,7 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # in the first chunk, when asked for
 
 
 class CompletionLogprobs(_Response):
@@ -424,10 +471,12 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
+    _omit_none = frozenset({"prompt_logprobs"})
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(_Response):

@@ -28,6 +28,8 @@ from gateway.schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     Usage,
 )
@@ -48,6 +50,7 @@ class Context:
     model: str
     timer: Timer
     include_usage: bool = False
+    prompt_logprobs: bool = False  # vLLM's extension was asked for
 
 
 @dataclass
@@ -58,8 +61,15 @@ class Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    # From the first message, when asked for.
+    prompt_logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    prompt_text: str = ""
 
     def add(self, msg: pb.GenerateResponse) -> None:
+        if msg.prompt_logprobs:
+            self.prompt_logprobs = list(msg.prompt_logprobs)
+        if msg.prompt_text:
+            self.prompt_text = msg.prompt_text
         self.prompt_tokens = msg.prompt_tokens
         self.completion_tokens = msg.completion_tokens
         if msg.text:
@@ -118,10 +128,12 @@ def combine(msgs: list[pb.GenerateResponse]) -> pb.GenerateResponse:
         request_id=last.request_id, text="".join(m.text for m in msgs),
         finished=last.finished, finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        error=last.error, stop_reason=last.stop_reason)
+        error=last.error, stop_reason=last.stop_reason,
+        prompt_text="".join(m.prompt_text for m in msgs))
     for m in msgs:
         out.token_ids.extend(m.token_ids)
         out.logprobs.extend(m.logprobs)
+        out.prompt_logprobs.extend(m.prompt_logprobs)
     return out
 
 
@@ -258,10 +270,17 @@ def chat_logprobs(lps) -> ChoiceLogprobs:
 
 def completion_logprobs(lps, offset: int) -> tuple[CompletionLogprobs, int]:
     """Legacy-style logprobs; the sampled token is always among the top
-    ones, as OpenAI documents. Returns the text offset after these tokens."""
+    ones, as OpenAI documents. The prompt's first token (echoed) has null
+    for both. Returns the text offset after these tokens."""
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for lp in lps:
         out.tokens.append(lp.token)
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+        if not lp.HasField("logprob"):
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(_lp(lp.logprob))
         top: dict[str, float] = {}
         # Different ids can decode to the same string (a lone byte reads as
@@ -270,9 +289,24 @@ def completion_logprobs(lps, offset: int) -> tuple[CompletionLogprobs, int]:
             top.setdefault(t.token, _lp(t.logprob))
         top.setdefault(lp.token, _lp(lp.logprob))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(lp.token)
     return out, offset
+
+
+def prompt_logprobs(lps) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: by token id, the prompt token and its top
+    alternatives (ranked 1..k)."""
+    out: PromptLogprobs = []
+    for lp in lps:
+        if not lp.HasField("logprob"):
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): PromptLogprob(logprob=_lp(lp.logprob), rank=lp.rank,
+                                                 decoded_token=lp.token)}
+        for rank, t in enumerate(lp.top, 1):
+            entry.setdefault(str(t.token_id), PromptLogprob(
+                logprob=_lp(t.logprob), rank=rank, decoded_token=t.token))
+        out.append(entry)
+    return out
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> Usage:
@@ -295,7 +329,9 @@ async def chat_completion(gens: list[Generation], ctx: Context, logprobs: bool
         ChatChoice(index=i, message=ChatMessage(content="".join(c.text)),
                    logprobs=chat_logprobs(c.logprobs) if logprobs else None,
                    finish_reason=c.finish_reason)
-        for i, c in enumerate(choices)])
+        for i, c in enumerate(choices)],
+        prompt_logprobs=prompt_logprobs(choices[0].prompt_logprobs)
+        if ctx.prompt_logprobs else None)
 
 
 async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
@@ -317,6 +353,10 @@ async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
         async for i, msg in merged(gens):
             ctx.timer.tokens(i, len(msg.token_ids))
             choices[i].add(msg)
+            if ctx.prompt_logprobs and i == 0 and msg.prompt_logprobs:  # choices share it
+                events.append(sse(ChatCompletionChunk(
+                    id=ctx.id, created=ctx.created, model=ctx.model, choices=[],
+                    prompt_logprobs=prompt_logprobs(msg.prompt_logprobs))))
             if logprobs and msg.logprobs:
                 events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=msg.text),
                                                      logprobs=chat_logprobs(msg.logprobs))]))
@@ -347,8 +387,31 @@ def _completion_usage(choices: list[Choice], prompt_of: list[int]) -> Usage:
     return _usage(sum(choices[i].prompt_tokens for i in first_choice.values()), choices)
 
 
+def _echoed(echo: list[str | list[int]] | None, prompt: int, c: Choice) -> str:
+    """The text a choice echoes: the prompt as sent, or as the engine decoded
+    its token ids."""
+    if echo is None:
+        return ""
+    sent = echo[prompt]
+    return sent if isinstance(sent, str) else c.prompt_text
+
+
+def _prompt_choice(i: int, c: Choice, ctx: Context, text: str, logprobs: bool
+                   ) -> tuple[CompletionChoice, int]:
+    """What a choice's output starts with: the echoed prompt, its tokens'
+    logprobs (first null) when logprobs are asked for, and vLLM's
+    prompt_logprobs; and the text offset after it."""
+    lps, offset = None, len(text)
+    if text and logprobs:
+        lps, offset = completion_logprobs(c.prompt_logprobs, 0)
+    return CompletionChoice(
+        index=i, text=text, logprobs=lps, finish_reason=None,
+        prompt_logprobs=prompt_logprobs(c.prompt_logprobs) if ctx.prompt_logprobs else None,
+    ), offset
+
+
 async def completion(gens: list[Generation], ctx: Context, prompt_of: list[int],
-                     echo: list[str] | None, logprobs: bool) -> Completion:
+                     echo: list[str | list[int]] | None, logprobs: bool) -> Completion:
     choices = [Choice() for _ in gens]
     async for i, msg in merged(gens):
         ctx.timer.tokens(i, len(msg.token_ids))
@@ -357,15 +420,23 @@ async def completion(gens: list[Generation], ctx: Context, prompt_of: list[int],
     ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
     out = []
     for i, c in enumerate(choices):
-        prefix = echo[prompt_of[i]] if echo else ""
-        lps = completion_logprobs(c.logprobs, len(prefix))[0] if logprobs else None
-        out.append(CompletionChoice(index=i, text=prefix + "".join(c.text), logprobs=lps,
-                                    finish_reason=c.finish_reason))
+        start, offset = _prompt_choice(i, c, ctx, _echoed(echo, prompt_of[i], c), logprobs)
+        if logprobs:
+            lps = completion_logprobs(c.logprobs, offset)[0]
+            if start.logprobs is not None:
+                for name in type(lps).model_fields:
+                    getattr(start.logprobs, name).extend(getattr(lps, name))
+            else:
+                start.logprobs = lps
+        start.text += "".join(c.text)
+        start.finish_reason = c.finish_reason
+        out.append(start)
     return Completion(id=ctx.id, created=ctx.created, model=ctx.model, choices=out, usage=usage)
 
 
 async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: list[int],
-                            echo: list[str] | None, logprobs: bool) -> AsyncIterator[bytes]:
+                            echo: list[str | list[int]] | None, logprobs: bool
+                            ) -> AsyncIterator[bytes]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse(Completion(id=ctx.id, created=ctx.created, model=ctx.model,
                               choices=choices, usage=usage))
@@ -377,15 +448,17 @@ async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: lis
         choices=[CompletionChoice(index=i, text=_HOLE, finish_reason=None)]))
         for i in range(len(gens))]
     events = []  # due together: one write (see chat_stream)
-    if echo:
-        for i in range(len(gens)):
-            offsets[i] = len(echo[prompt_of[i]])
-            events.append(chunk([CompletionChoice(index=i, text=echo[prompt_of[i]],
-                                                  finish_reason=None)]))
+    started = [False] * len(gens)
     try:
         async for i, msg in merged(gens):
             ctx.timer.tokens(i, len(msg.token_ids))
             choices[i].add(msg)
+            if not started[i]:  # the echo and prompt logprobs come with the first message
+                started[i] = True
+                if echo or ctx.prompt_logprobs:
+                    first, offsets[i] = _prompt_choice(
+                        i, choices[i], ctx, _echoed(echo, prompt_of[i], choices[i]), logprobs)
+                    events.append(chunk([first]))
             if logprobs and msg.logprobs:
                 lps, offsets[i] = completion_logprobs(msg.logprobs, offsets[i])
                 events.append(chunk([CompletionChoice(index=i, text=msg.text, logprobs=lps,

@@ -59,12 +59,14 @@ def sampling(req: SamplingFields, choice: int) -> pb.SamplingParams:
 
 
 def _common(req: SamplingFields, request_id: str, choice: int, max_tokens: int | None,
-            logprobs: bool, top_logprobs: int) -> pb.GenerateRequest:
+            logprobs: bool, top_logprobs: int, prompt_logprobs: int | None = None
+            ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         request_id=request_id, sampling=sampling(req, choice), max_tokens=max_tokens or 0,
         stop=req.stop_list, stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-        include_stop_in_output=req.include_stop_str_in_output)
+        include_stop_in_output=req.include_stop_str_in_output,
+        prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
 
 
 def request_ids(base: str, count: int) -> list[str]:
@@ -178,23 +180,23 @@ def completion_requests(req: CompletionRequest, request_id: str, max_choices: in
     """(prompt index, request) for each choice, in choice-index order."""
     prompts = req.prompts
     _check_size(req, len(prompts), max_choices)
+    # Echo with logprobs scores the echoed prompt too, as OpenAI does (what
+    # evaluation harnesses rely on), with as many alternatives.
+    prompt_logprobs = req.prompt_logprobs
     if req.echo and req.logprobs is not None:
-        raise InvalidRequest("echo with logprobs needs the prompt's log-probabilities, "
-                             "which the engine does not compute", param="echo")
-    if req.echo and any(not isinstance(p, str) for p in prompts):
-        raise InvalidRequest("echo needs a text prompt: the gateway cannot turn token ids "
-                             "back into text", param="echo")
+        prompt_logprobs = max(req.logprobs, prompt_logprobs or 0)
     ids = request_ids(request_id, len(prompts) * req.n)
     out = []
     try:
         for k, rid in enumerate(ids):
             p, i = divmod(k, req.n)
             g = _common(req, rid, i, req.max_tokens, req.logprobs is not None,
-                        req.logprobs or 0)
+                        req.logprobs or 0, prompt_logprobs)
             if isinstance(prompts[p], str):
                 g.text = prompts[p]
             else:
                 g.token_ids.ids.extend(prompts[p])
+                g.echo = req.echo  # the engine turns the ids back into text
             out.append((p, g))
     except UnicodeEncodeError as e:
         raise InvalidRequest(f"the request holds text that is not valid Unicode: {e}") from None

@@ -478,8 +478,6 @@ def test_bad_chat_requests_are_400_naming_the_field(http, patch, param, needle):
     ({"prompt": [1, -5]}, "prompt[1]", "greater than or equal to 0"),
     ({"prompt": [1, 999999]}, "prompt", "999999"),
     ({"prompt": [5] * 2100}, "prompt", "context length"),
-    ({"prompt": [1, 2], "echo": True}, "echo", "text prompt"),
-    ({"echo": True, "logprobs": 1}, "echo", "log-probabilities"),
     ({"logprobs": 50}, "logprobs", "less than or equal to 20"),
     ({"best_of": 3}, "best_of", "not supported"),
     ({"suffix": "end"}, "suffix", "not supported"),

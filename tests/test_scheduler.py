@@ -81,7 +81,8 @@ def _mlx_lm_reference(model_path, prompts, params) -> list[tuple[list[int], list
     gen = BatchGenerator(model)
     uids = gen.insert(prompts, max_tokens=[24] * len(prompts),
                       samplers=[make_sampler(p) for p in params],
-                      logits_processors=[make_processors(p) for p in params])
+                      logits_processors=[make_processors(p, len(q))
+                                         for p, q in zip(params, prompts)])
     got = {uid: ([], []) for uid in uids}
     while responses := gen.next_generated():
         for r in responses:
