@@ -10,6 +10,7 @@ docs/benchmarks.md).
 import dataclasses
 import gc
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -23,6 +24,20 @@ from vllm_mlx.settings import EngineSettings
 from vllm_mlx.shared_tensors import SharedTensors, take
 
 log = logging.getLogger("engine")
+
+# Once the front end is gone, the step in flight may finish and the failures
+# be sent; then the process ends whatever else is still running.
+ORPHAN_GRACE_S = 5.0
+
+
+def _exit_now(code: int) -> None:
+    """End the process without running atexit hooks or joining library
+    threads: after its front end was killed, the core hung at exit in
+    OpenBLAS's thread shutdown, ignoring SIGTERM and holding a model's worth
+    of memory (4 of 5 trials). Nothing here needs the interpreter's cleanup:
+    the pipe is gone and shared memory is the front end's to free."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> None:
@@ -93,9 +108,18 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                 else:
                     break
         except (EOFError, OSError):
-            log.info("front end went away")
+            log.warning("front end went away; exiting")
+            timer = threading.Timer(ORPHAN_GRACE_S, _exit_now, args=(1,))
+            timer.daemon = True
+            timer.start()
         engine.stop()
 
     threading.Thread(target=read_requests, name="core-reader", daemon=True).start()
-    engine.run()
+    code = 0
+    try:
+        engine.run()
+    except BaseException:  # e.g. the last send, into a pipe whose reader died
+        log.exception("engine core stopped")
+        code = 1
+    _exit_now(code)
 

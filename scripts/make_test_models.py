@@ -152,14 +152,43 @@ def build_tokenizer_json(vocab_size: int, special_tokens: list[str] = SPECIAL_TO
     # Deterministic: the trainer breaks pair-count ties by pair order, not by hash order.
     tok.train_from_iterator(CORPUS, trainer=trainer)
     data = json.loads(tok.to_str())
+    return _pad_vocab(data, vocab_size, "Ġ")
 
+
+def build_spm_tokenizer_json(vocab_size: int,
+                             special_tokens: list[str] = SPECIAL_TOKENS) -> str:
+    """A SentencePiece-style (Llama) tokenizer.json: words start with "▁", bytes
+    outside the vocab fall back to <0xNN> tokens, and decoding drops the
+    first leading space, as Llama's and Mistral's tokenizers do. mlx-lm reads
+    it with its SPM streaming detokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, TRAINED_VOCAB_SIZE + 256),
+        special_tokens=special_tokens + byte_tokens, show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    # The byte tokens are vocabulary, not special tokens that decoding skips.
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in byte_tokens]
+    data["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return _pad_vocab(data, vocab_size, "▁")
+
+
+def _pad_vocab(data: dict, vocab_size: int, word_start: str) -> str:
     # Pad with merge-free (never produced by encoding) vocab entries, so every id < vocab_size
     # decodes to word-like text. Plain vocab entries rather than added tokens: 48k added tokens
     # make AutoTokenizer.from_pretrained take ~1.3 s instead of ~0.04 s.
     vocab: dict[str, int] = data["model"]["vocab"]
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
     words = (
-        "Ġ" + "".join(p) for n in itertools.count(2) for p in itertools.product(syllables, repeat=n)
+        word_start + "".join(p)
+        for n in itertools.count(2) for p in itertools.product(syllables, repeat=n)
     )
     for word in words:
         if len(vocab) >= vocab_size:
@@ -219,9 +248,12 @@ def random_parameters(shapes: list[tuple[str, tuple[int, ...]]], seed: int, hidd
 
 
 def build_text_model(
-    out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32"
+    out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32",
+    tokenizer: str = "bpe",
 ) -> Path:
-    """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``."""
+    """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``;
+    `tokenizer`: "bpe" (byte-level, as GPT-2, Qwen and SmolLM2) or "spm"
+    (SentencePiece-style, as Llama 2 and Mistral)."""
     import mlx.core as mx
     from mlx_lm.models import llama
 
@@ -233,7 +265,8 @@ def build_text_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
 
-    tokenizer_json = build_tokenizer_json(dims["vocab_size"])
+    build = {"bpe": build_tokenizer_json, "spm": build_spm_tokenizer_json}[tokenizer]
+    tokenizer_json = build(dims["vocab_size"])
     vocab = json.loads(tokenizer_json)["model"]["vocab"]
     eos_id, pad_id = vocab[EOS_TOKEN], vocab[PAD_TOKEN]
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

