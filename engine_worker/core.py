@@ -71,7 +71,8 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
     def refuse(r: Request, e: Exception) -> None:
         refusal = StepOutputs()
-        refusal.add(Output(r.request_id, None, "error", error=f"{type(e).__name__}: {e}"))
+        reason = "rejected" if isinstance(e, QueueFull) else "error"
+        refusal.add(Output(r.request_id, None, reason, error=f"{type(e).__name__}: {e}"))
         send(("outputs", *refusal.to_wire(), None))
 
     def on_ready(error: BaseException | None) -> None:

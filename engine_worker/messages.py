@@ -15,7 +15,9 @@ from engine_worker.sampling import SamplingParams
 
 
 class QueueFull(Exception):
-    pass
+    """More than max_num_seqs + max_queue requests in flight. The front end
+    checks first; the core's own refusal reaches the client the same way
+    (RESOURCE_EXHAUSTED, a 429), finish reason "rejected"."""
 
 
 class DuplicateRequest(Exception):

@@ -155,9 +155,14 @@ class Engine:
         with self._lock:
             if request.request_id in self._in_flight:
                 raise DuplicateRequest(request.request_id)
-            if self._queued >= self.settings.max_queue:
+            # Running plus waiting, as the front end counts (messages.QueueFull):
+            # counting only the waiting ones refused requests the front end
+            # had let through whenever memory kept the batch below
+            # max_num_seqs.
+            limit = self.settings.max_num_seqs + self.settings.max_queue
+            if len(self._in_flight) >= limit:
                 self.stats.requests_rejected += 1
-                raise QueueFull(f"{self._queued} requests are already waiting")
+                raise QueueFull(f"{len(self._in_flight)} requests are in flight")
             self._in_flight.add(request.request_id)
             self._queued += 1
             self.stats.requests_total += 1

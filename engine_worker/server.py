@@ -38,6 +38,15 @@ log = logging.getLogger("engine")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+# transformers' apply_chat_template's own parameters, and the tokenizer
+# arguments it forwards: never template variables (tools and documents are:
+# the template renders them).
+TOKENIZER_ARGUMENTS = frozenset({
+    "conversation", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "add_special_tokens", "pad_to_multiple_of", "return_attention_mask",
+    "return_token_type_ids", "stride", "verbose", "split_special_tokens", "padding_side"})
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
 
@@ -252,6 +261,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidRequest(f"chat.template_kwargs_json is not valid JSON: {e}") from e
         if not isinstance(kwargs, dict):
             raise InvalidRequest("chat.template_kwargs_json must be a JSON object")
+        reserved = sorted(set(kwargs) & TOKENIZER_ARGUMENTS)
+        if reserved:
+            # They reach the tokenizer, not the template: return_tensors gave
+            # a 500, padding to max_length 10**7 took this process to 1.2 GB.
+            raise InvalidRequest(f"chat template kwargs are template variables; {reserved[0]!r} "
+                                 f"is an argument of the tokenizer, not the client's to set")
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=True,
@@ -431,6 +446,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         try:
             while stream.finish_reason is None:
                 outs = [await sink.get()]
+                if outs[0].finish_reason == "rejected":  # the core's queue is full
+                    stream.finish_reason = "rejected"
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"the engine's queue is full ({outs[0].error}); "
+                                        f"retry later")
                 sent_at = loop.time()
                 # After the first message, send at most one per interval: each
                 # message costs this process's event loop far more than a token.

@@ -767,3 +767,17 @@ def test_a_slow_reader_gets_tokens_coalesced_not_lost(engine):
     assert slow_ids == fast_ids and slow_texts == fast_texts
     assert fast_ids[0] != fast_ids[1]  # two different streams, not one twice
     assert messages < 40, f"{messages} messages for 2 x 40 tokens: nothing coalesced"
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"return_tensors": "np"}, "return_tensors"),
+    ({"padding": "max_length", "max_length": 10_000_000}, "max_length"),
+    ({"tokenize": False}, "tokenize"),
+    ({"chat_template": "{{ 'x' }}"}, "chat_template"),
+])
+def test_chat_template_kwargs_cannot_set_tokenizer_arguments(http, kwargs, name):
+    """Template variables only: tokenizer arguments gave a 500 (return_tensors)
+    or took the engine front end to 1.2 GB (padding to max_length)."""
+    r = http.post("/v1/chat/completions", json={**CHAT_OK, "chat_template_kwargs": kwargs})
+    assert r.status_code == 400, r.text
+    assert repr(name) in r.json()["error"]["message"]
