@@ -27,7 +27,7 @@ from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND
 from vllm_mlx.grpc_server import listen
-from vllm_mlx.settings import EngineSettings
+from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, EngineSettings
 from vllm_mlx.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -504,7 +504,8 @@ async def serve(settings: EngineSettings) -> None:
     facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len,
                        settings.mllm)
     tokenizer = await asyncio.to_thread(load_tokenizer, facts)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)])
     service = EngineService(settings, facts, tokenizer)
     engine_pb2_grpc.add_EngineServicer_to_server(service, server)
     listening = await listen(server, SERVICE_NAME, settings.host, settings.port)

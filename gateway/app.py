@@ -42,8 +42,13 @@ def _json(obj) -> Response:
 def _request_id(request: Request) -> str:
     # A client-chosen id (as vLLM takes it) makes a request findable in the
     # engine's logs and abortable by a direct gRPC client.
-    supplied = request.headers.get("x-request-id", "").strip()
-    return supplied[:128] if supplied else uuid.uuid4().hex
+    # Printable ASCII only: it is echoed in response ids and headers, and
+    # starlette reads header bytes as Latin-1 (invalid UTF-8 came back as
+    # mojibake).
+    supplied = request.headers.get("x-request-id", "").strip()[:128]
+    if supplied and all("!" <= c <= "~" for c in supplied):
+        return supplied
+    return uuid.uuid4().hex
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import APIError, EngineUnavailable, from_grpc
-from vllm_mlx.settings import UNARY_DEADLINE_S
+from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, UNARY_DEADLINE_S
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
 
@@ -23,10 +23,9 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    # Long prompts as token ids exceed the default 4 MiB; the engine's own
-    # limit then answers, with a message we map to a 400.
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
+    # Long prompts as token ids and data: URLs exceed the default 4 MiB.
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
 ]
 
 

@@ -314,6 +314,46 @@ def test_request_id_header(http):
     assert r.headers["x-request-id"] == "my-id-1" and r.json()["id"] == "chatcmpl-my-id-1"
 
 
+def test_a_request_id_that_is_not_printable_ascii_is_replaced(gateway):
+    """Raw bytes in the header (invalid UTF-8) were echoed into the response
+    id as Latin-1 mojibake; the gateway makes its own id instead."""
+    import http.client
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": SERVED, "messages": MESSAGES, "max_tokens": 2})
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(len(body)))
+    conn.putheader("X-Request-Id", b"id-\xff\xfe-x")
+    conn.endheaders(body.encode())
+    r = conn.getresponse()
+    data = json.loads(r.read())
+    assert r.status == 200
+    rid = r.getheader("x-request-id")
+    assert rid.isascii() and rid.isalnum() and len(rid) == 32
+    assert data["id"] == f"chatcmpl-{rid}"
+    conn.close()
+
+
+def test_a_data_url_over_4_mib_reaches_the_engine(engine):
+    """gRPC's default 4 MiB receive limit refused data: URLs above ~3 MB
+    although media may be 50 MB: a 6 MB one must be read and judged (this
+    text model refuses images), not cut off by the transport."""
+    import grpc
+
+    from vllm_mlx.v1 import media_pb2
+
+    url = "data:image/png;base64," + "A" * (6 << 20)
+    req = pb.GenerateRequest(max_tokens=2, chat=pb.ChatInput(messages=[pb.ChatMessage(
+        role="user", parts=[pb.ContentPart(media=media_pb2.MediaSource(
+            kind=media_pb2.MEDIA_KIND_IMAGE, url=url))])]))
+    with pytest.raises(grpc.RpcError) as info:
+        list(engine.stub.Generate(req, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "text only" in info.value.details()
+
+
 # -- completions ---------------------------------------------------------------------------
 
 def complete(client, **kw):

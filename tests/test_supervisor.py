@@ -110,6 +110,19 @@ def test_ready_line_and_a_chat_completion(up):
     assert re.search(r"^\[gateway\] ", up.text(), re.M)
 
 
+def test_the_api_key_stays_out_of_the_log(tiny_model, tmp_path):
+    """The ready message's sample curl once printed the key itself."""
+    secret = "sk-test-9f8e7d6c5b4a"
+    u = Up("--model", str(tiny_model), "--api-key", secret, cache=tmp_path)
+    try:
+        u.wait_for(r"try: curl .*Bearer <your API key>")
+        client = openai.OpenAI(base_url=u.base_url, api_key=secret, max_retries=0, timeout=60)
+        assert len(chat(client)) > 0
+        assert secret not in u.text()
+    finally:
+        u.stop()
+
+
 def test_engine_killed_gives_503_then_comes_back(up):
     engine = up.pid("engine")
     mark = len(up.lines)

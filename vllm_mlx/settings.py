@@ -7,6 +7,10 @@ DEFAULT_ENGINE_PORT = 50051
 # Clients should always set a deadline; this is the one our own clients use
 # for calls that return at once (Abort, GetModelInfo, GetStats, health).
 UNARY_DEADLINE_S = 5.0
+# The largest message the engine takes and the gateway sends: a data: URL of
+# tens of MB must reach the media workers (--max-media-bytes is 50 MB), and
+# gRPC's default of 4 MiB refused one of 3 MB.
+MAX_GRPC_MESSAGE_BYTES = 96 << 20
 
 
 @dataclass

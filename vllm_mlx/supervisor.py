@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sup.start()
         say(f"ready: {sup.url()}/v1 serving {name}")
-        key = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        # The key itself stays out of logs.
+        key = " -H 'Authorization: Bearer <your API key>'" if args.api_key else ""
         say(f"try: curl {sup.url()}/v1/chat/completions -H 'Content-Type: application/json'"
             f"{key} -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", "
             f"\"content\": \"What is the capital of France?\"}}], \"temperature\": 0}}'")
