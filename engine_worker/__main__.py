@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,
         max_memory=a.max_memory, allocator_cache_bytes=a.allocator_cache_bytes,
-        mllm=a.mllm, media_workers=tuple(a.media_workers))
+        mllm=a.mllm, media_workers=tuple(a.media_workers),
+        liveness_timeout_s=a.liveness_timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,6 +111,7 @@ class CoreClient:
         self.dead: asyncio.Future = self._loop.create_future()
         self.requests_rejected = 0
         self.memory: MemoryBudget | None = None  # the core's, once ready
+        self.last_heard = self._loop.time()
 
     def start(self) -> None:
         self.process.start()
@@ -122,6 +123,7 @@ class CoreClient:
         self._loop.add_reader(self._conn.fileno(), self._read)
 
     def _read(self) -> None:
+        self.last_heard = self._loop.time()
         try:
             while self._conn.poll():
                 kind, *rest = pickle.loads(self._conn.recv_bytes())  # see core_main's send
@@ -173,6 +175,19 @@ class CoreClient:
     def clear_prefix_cache(self) -> None:
         # The pipe is ordered: requests sent after this never see the old KV.
         self._conn.send(("clear_prefix_cache", None))
+
+    async def watch(self) -> None:
+        """Once the core is ready, declare it dead (and kill it) when it sends
+        nothing for the liveness timeout: a stopped or hung core otherwise
+        left every request waiting and /health saying 200."""
+        limit = self.settings.liveness_timeout_s
+        while not self.dead.done():
+            await asyncio.sleep(min(1.0, limit / 4))
+            silent = self._loop.time() - self.last_heard
+            if silent > limit:
+                log.error("the engine core sent nothing for %.0f s; killing it", silent)
+                self.process.kill()
+                _resolve(self.dead, f"the engine core made no progress for {silent:.0f} s")
 
     def fail_all(self, message: str) -> None:
         for rid, sink in list(self.sinks.items()):
@@ -521,11 +536,14 @@ async def serve(settings: EngineSettings) -> None:
         await listening.set_serving(True)
         log.info("serving %s (context %d) on %s:%d", facts.name, facts.context_length,
                  settings.host, port)
+        watch = asyncio.create_task(core.watch())
         # Serve until stopped; a dead core ends this process so that its
         # supervisor restarts it, after failing what was in flight.
-        await asyncio.shield(core.dead)
-        log.error("the engine core exited; shutting down")
-        core.fail_all("the engine core exited")
+        reason = await asyncio.shield(core.dead)
+        watch.cancel()
+        log.error("%s; shutting down", reason)
+        await listening.set_serving(False)
+        core.fail_all(reason)
         raise SystemExit(1)
     finally:
         await listening.stop(grace=5)

@@ -3,6 +3,7 @@ deadline on every call and engine failures turned into `APIError`s."""
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +17,9 @@ from vllm_mlx.v1 import engine_pb2_grpc
 log = logging.getLogger("gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
+# The engine is declared down after this many health checks in a row fail,
+# one a second (a busy engine still answers within the check's deadline).
+DOWN_AFTER_FAILED_CHECKS = 3
 
 CHANNEL_OPTIONS = [
     # gRPC backs off up to two minutes between reconnects by default; a
@@ -40,12 +44,17 @@ class Generation:
         self._fields = (prompt_field, logprobs_field)
         self._first: pb.GenerateResponse | None = None
         self._finished = False
+        self._failure: APIError | None = None
 
     async def _read(self) -> pb.GenerateResponse | None:
         try:
             msg = await self._call.read()
         except grpc.RpcError as e:
             raise from_grpc(e, *self._fields) from None
+        except asyncio.CancelledError:
+            if self._failure is not None:  # see fail(); not our task's own cancel
+                raise self._failure from None
+            raise
         if msg is grpc.aio.EOF:
             # The engine always ends with a finished message; a stream that
             # stops early means the engine went away mid-request.
@@ -66,6 +75,12 @@ class Generation:
                 return
             msg = await self._read()
 
+    def fail(self, error: APIError) -> None:
+        """End the stream with `error` (the engine is known down)."""
+        if not self._finished:
+            self._failure = error
+            self._call.cancel()
+
     def cancel(self) -> None:
         # Cancelling the call ends the engine-side handler, whose `finally`
         # aborts the request: its slot in the batch is freed within a step.
@@ -84,21 +99,48 @@ class EngineClient:
         self._health: health_pb2_grpc.HealthStub | None = None
         self._info: pb.ModelInfo | None = None
         self._info_lock = asyncio.Lock()
+        # Why the engine is known down (None: it answers); see _watch.
+        self.down: str | None = None
+        self._streams: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         # grpc.aio channels belong to the event loop that creates them.
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = engine_pb2_grpc.EngineStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Check the engine every second. Once it fails DOWN_AFTER_FAILED_CHECKS
+        checks in a row, new requests get a 503 at once and the streams in
+        flight end with one, instead of waiting out the request deadline on
+        an engine that stopped answering; its supervisor replaces it."""
+        failed = 0
+        while True:
+            reason = await self.health()
+            failed = failed + 1 if reason else 0
+            if failed >= DOWN_AFTER_FAILED_CHECKS and self.down is None:
+                log.error("the engine is down: %s", reason)
+                self.down = reason
+                for stream in list(self._streams):
+                    stream.fail(EngineUnavailable(reason))
+            await asyncio.sleep(1.0)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._channel is not None:
             await self._channel.close(grace=None)
 
     def generate(self, request: pb.GenerateRequest, prompt_field: str = "prompt",
                  logprobs_field: str = "logprobs") -> Generation:
+        if self.down is not None:
+            raise EngineUnavailable(self.down)
         call = self._stub.Generate(request, timeout=self.request_timeout_s)
-        return Generation(call, prompt_field, logprobs_field)
+        stream = Generation(call, prompt_field, logprobs_field)
+        self._streams.add(stream)
+        return stream
 
     async def model_info(self) -> pb.ModelInfo:
         """The engine's model, asked once: it does not change while the
@@ -133,6 +175,9 @@ class EngineClient:
             return f"the engine at {self.address} is unreachable ({e.code().name})"
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             return f"the engine at {self.address} is not serving yet (loading or stopping)"
+        if self.down is not None:
+            log.info("the engine serves again")
+            self.down = None
         return None
 
     async def _unary(self, method, request):

@@ -26,6 +26,10 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", type=int,
                    help="bytes for weights + KV + prefix cache (default: 90%% of the "
                         "device's memory)")
+    g.add_argument("--liveness-timeout", type=float, default=d.liveness_timeout_s,
+                   help="seconds a hung process (no health answer, or an engine core "
+                        "that makes no progress) is given before it is killed and "
+                        "restarted (default 30)")
     g.add_argument("--allocator-cache-bytes", type=int,
                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
                         "limit; 0: empty it after every prefill pass, as mlx-lm does)")
@@ -34,7 +38,8 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
 def engine_worker_argv(a: argparse.Namespace) -> list[str]:
     """The flags that give an engine the settings parsed into `a`."""
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-queue", str(a.max_queue),
-            "--admit-window-ms", str(a.admit_window_ms)]
+            "--admit-window-ms", str(a.admit_window_ms),
+            "--liveness-timeout", str(a.liveness_timeout)]
     if not a.prefix_cache:
         argv.append("--no-prefix-cache")
     for name in ("max_model_len", "prefix_cache_bytes", "max_memory", "allocator_cache_bytes"):

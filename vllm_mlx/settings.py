@@ -55,6 +55,17 @@ class EngineSettings:
     mllm: bool = False
     # Media workers (HOST:PORT) that prepare the images and videos of requests.
     media_workers: tuple[str, ...] = ()
+    # A loaded engine core that sends nothing for this long (it reports every
+    # decode step, and every 0.5 s when idle) is taken for hung: the worker
+    # kills it and exits, failing what was in flight, and its supervisor
+    # starts a new one. One prefill step of a huge prompt batch must fit in it.
+    liveness_timeout_s: float = 30.0
+
+
+# vllm-mlx-up's liveness check of its children (every LIVENESS_PROBE_S): one
+# that answers no health check for the liveness timeout is killed and
+# restarted like one that crashed. Answering "not serving" (loading) counts.
+LIVENESS_PROBE_S = 1.0
 
 
 DEFAULT_MEDIA_PORT = 50061  # media worker k listens on DEFAULT_MEDIA_PORT + k

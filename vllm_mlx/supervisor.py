@@ -22,15 +22,18 @@ from pathlib import Path
 
 from vllm_mlx import lifeline
 from vllm_mlx.engine_args import add_engine_arguments, engine_worker_argv
-from vllm_mlx.health import wait_for_serving
+from vllm_mlx.health import answers, wait_for_serving
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
-from vllm_mlx.settings import DEFAULT_HOST
+from vllm_mlx.settings import DEFAULT_HOST, LIVENESS_PROBE_S
 
 DEFAULT_PORT = 8000
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 # A child that stayed up this long is healthy again: its backoff resets.
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 20.0
+# A child that has not answered once since it started (importing, listening)
+# gets at least this long before the liveness timeout applies.
+STARTUP_GRACE_S = 120.0
 DENSE_COPY_MAX_BYTES = 512 << 20
 OPENBLAS_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -60,8 +63,12 @@ class Child:
     started_at: float = 0.0
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
+    health_url: str = ""  # where an HTTP child answers (the gateway)
+    answered_at: float | None = None  # its last health answer since it started
+    probing: bool = False
 
     def start(self, lifeline_fd: int) -> None:
+        self.answered_at = None
         env = {**os.environ, **self.env, lifeline.ENV: str(lifeline_fd),
                "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(lifeline_fd,),
@@ -78,6 +85,25 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def probe(self) -> None:
+        """Note when the child answers its health check (in a thread of its
+        own: a stopped child makes the check wait out its deadline)."""
+        self.probing = True
+        try:
+            target = self.health_url or self.address
+            if answers(target, timeout=2.0):
+                self.answered_at = time.monotonic()
+        finally:
+            self.probing = False
+
+    def hung_for(self, now: float, timeout: float) -> float | None:
+        """Seconds it has gone without answering, once that passes `timeout`."""
+        if self.answered_at is None:
+            silent, timeout = now - self.started_at, max(timeout, STARTUP_GRACE_S)
+        else:
+            silent = now - self.answered_at
+        return silent if silent > timeout else None
 
 
 def fast_cpu_env() -> tuple[dict[str, str], str]:
@@ -168,8 +194,8 @@ class Supervisor:
         gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,
                    "--port", str(args.port), "--workers", str(args.gateway_workers)]
         gateway_env = {"VLLM_MLX_API_KEY": args.api_key} if args.api_key else {}
-        self.engine = Child("engine", engine, env)
-        self.gateway = Child("gateway", gateway, gateway_env)
+        self.engine = Child("engine", engine, env, address=self.engine_address)
+        self.gateway = Child("gateway", gateway, gateway_env, health_url=f"{self.url()}/health")
         self.children = [*self.media, self.engine, self.gateway]
         self.stopping = threading.Event()
 
@@ -203,8 +229,10 @@ class Supervisor:
         finally:
             done.set()
         say(f"engine serving after {time.monotonic() - tic:.1f}s")
+        self.engine.answered_at = time.monotonic()
         for m in self.media:
             wait_for_serving(m.address, 60, is_alive=m.alive)
+            m.answered_at = time.monotonic()
         if self.media:
             say(f"{len(self.media)} media workers serving")
 
@@ -216,6 +244,7 @@ class Supervisor:
             try:
                 with urllib.request.urlopen(f"{self.url()}/health", timeout=2) as r:
                     if r.status == 200:
+                        self.gateway.answered_at = time.monotonic()
                         return
             except OSError:
                 pass
@@ -223,14 +252,26 @@ class Supervisor:
         raise TimeoutError("the gateway did not become healthy")
 
     def watch(self) -> None:
-        """Restart children that die, with exponential backoff, until stopped."""
+        """Restart children that die, or hang (no health answer for the
+        liveness timeout: killed first), with exponential backoff, until
+        stopped."""
+        last_probe = 0.0
         while not self.stopping.wait(0.2):
             now = time.monotonic()
+            probe = now - last_probe >= LIVENESS_PROBE_S
+            last_probe = now if probe else last_probe
             for child in self.children:
                 if child.alive():
                     if now - child.started_at > STABLE_AFTER_S:
                         child.backoff_s = BACKOFF_START_S
-                    continue
+                    silent = child.hung_for(now, self.args.liveness_timeout)
+                    if silent is None:
+                        if probe and not child.probing:
+                            threading.Thread(target=child.probe, daemon=True).start()
+                        continue
+                    say(f"{child.name} answered no health check for {silent:.0f}s; killing it")
+                    child.proc.kill()
+                    child.proc.wait()
                 if child.restart_at is None:
                     code = child.proc.returncode if child.proc else None
                     say(f"{child.name} exited ({code}); restarting in {child.backoff_s:.0f}s")

@@ -1,0 +1,136 @@
+"""Hangs are detected and replaced: a stopped (SIGSTOP) engine core, engine
+front end or gateway under `vllm-mlx-up` is killed and restarted like a
+crashed one, requests in flight end with a clean error instead of waiting
+out their deadline, and new ones get a 503 at once while the engine is down.
+
+Each test prints its recovery times ("[reliability] ..."; docs/reliability.md)."""
+
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from ..conftest import wait_until
+from ..test_supervisor import Up, chat
+
+LIVENESS_S = 3.0
+
+
+@pytest.fixture
+def up(tiny_model, tmp_path):
+    u = Up("--model", str(tiny_model), "--liveness-timeout", str(LIVENESS_S), cache=tmp_path)
+    u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-llama")
+    yield u
+    u.stop()
+
+
+class Streams:
+    """Streaming chats in threads; each records how it ended and when."""
+
+    def __init__(self, up, n: int = 3):
+        self.ended: list[tuple[str, float]] = []
+        self.started = threading.Barrier(n + 1)
+        for _ in range(n):
+            threading.Thread(target=self._run, args=(up.client(),), daemon=True).start()
+        self.started.wait(30)
+
+    def _run(self, client) -> None:
+        stream = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=1900,
+            stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        self.started.wait(30)
+        try:
+            for _ in stream:
+                pass
+            outcome = "finished"
+        except openai.APIError as e:
+            outcome = f"error: {e}"
+        self.ended.append((outcome, time.monotonic()))
+
+
+def _core_of(pid: int) -> psutil.Process:
+    return next(c for c in psutil.Process(pid).children()
+                if "spawn_main" in " ".join(c.cmdline())
+                and "resource_tracker" not in " ".join(c.cmdline()))
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _serving_again(up, since: float, limit: float) -> float:
+    def ok() -> bool:
+        try:
+            return len(chat(up.client())) > 0
+        except openai.APIError:
+            return False
+
+    assert wait_until(ok, limit, interval=0.2), up.text()[-3000:]
+    return time.monotonic() - since
+
+
+def _check_streams(streams: Streams, since: float, limit: float) -> float:
+    assert wait_until(lambda: len(streams.ended) == 3, limit), streams.ended
+    assert all(outcome.startswith("error") for outcome, _ in streams.ended), streams.ended
+    return max(t for _, t in streams.ended) - since
+
+
+def test_a_stopped_engine_core_is_replaced(up):
+    streams = Streams(up)
+    core = _core_of(up.pid("engine"))
+    core.suspend()
+    tic = time.monotonic()
+    ended = _check_streams(streams, tic, LIVENESS_S + 10)
+    assert wait_until(lambda: _gone(core), 10), "the stopped core was left behind"
+    back = _serving_again(up, tic, 60)
+    print(f"\n[reliability] SIGSTOP engine core (liveness {LIVENESS_S:.0f}s): streams "
+          f"ended with an error after {ended:.1f}s, serving again after {back:.1f}s")
+
+
+def test_a_stopped_engine_front_end_is_replaced(up):
+    streams = Streams(up)
+    front = psutil.Process(up.pid("engine"))
+    core = _core_of(front.pid)
+    mark = len(up.lines)
+    front.suspend()
+    tic = time.monotonic()
+    ended = _check_streams(streams, tic, 15)
+    # While it is down, new requests fail at once (until it is replaced).
+    with httpx.Client(timeout=30) as http:
+        t = time.monotonic()
+        r = http.post(f"{up.base_url}/chat/completions", json={
+            "model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        fast = time.monotonic() - t
+    if r.status_code == 503:
+        assert fast < 1.5, fast
+    up.wait_for(r"engine answered no health check", after=mark, timeout=LIVENESS_S + 10)
+    assert wait_until(lambda: _gone(front) and _gone(core), 15)
+    back = _serving_again(up, tic, 60)
+    print(f"\n[reliability] SIGSTOP engine front end (liveness {LIVENESS_S:.0f}s): streams "
+          f"ended with an error after {ended:.1f}s, new request {r.status_code} in "
+          f"{fast * 1000:.0f} ms, serving again after {back:.1f}s")
+
+
+def test_a_stopped_gateway_is_replaced(up):
+    gateway = psutil.Process(up.pid("gateway"))
+    mark = len(up.lines)
+    gateway.suspend()
+    tic = time.monotonic()
+    up.wait_for(r"gateway answered no health check", after=mark, timeout=LIVENESS_S + 10)
+    assert up.pid("gateway", after=mark) != gateway.pid
+    back = _serving_again(up, tic, 60)
+    assert wait_until(lambda: _gone(gateway), 10)
+    print(f"\n[reliability] SIGSTOP gateway (liveness {LIVENESS_S:.0f}s): serving again "
+          f"after {back:.1f}s")
+
+
+def test_liveness_flag_reaches_the_engine(up):
+    assert f"--liveness-timeout {LIVENESS_S}" in " ".join(
+        psutil.Process(up.pid("engine")).cmdline())
