@@ -33,6 +33,21 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
                     help="seconds one generation may take before a 504")
     ap.add_argument("--max-choices", type=int, default=128,
                     help="most choices (n x prompts) in one request")
+    d = GatewaySettings()
+    g = ap.add_argument_group("connection guards (per gateway process)")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections; past it new ones get a 503")
+    g.add_argument("--max-connections-per-client", type=int,
+                   default=d.max_connections_per_client,
+                   help="open connections from one address; past it a 429 (raise it "
+                        "behind a reverse proxy)")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds for a request's headers to arrive (408 after)")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request body may pause (408 after)")
+    g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="larger bodies get a 413 before they are read")
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     if a.workers < 1:
@@ -41,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
         engine=a.engine, host=a.host, port=a.port, api_key=a.api_key,
         served_model_name=a.served_model_name, model_aliases=a.model_alias,
         workers=a.workers, request_timeout_s=a.request_timeout, max_choices=a.max_choices,
+        max_connections=a.max_connections,
+        max_connections_per_client=a.max_connections_per_client,
+        header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
+        max_header_bytes=a.max_header_bytes, max_body_bytes=a.max_body_bytes,
         log_level=a.log_level)
 
 
@@ -54,6 +73,28 @@ def _multiprocess_metrics_dir() -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
+def _raise_open_file_limit(max_connections: int) -> None:
+    """Room for max_connections sockets and the gRPC channel beside them (the
+    soft limit is 256 on macOS, 1024 on many Linux systems)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + 512
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < want:
+        logging.getLogger("gateway").warning(
+            "open-file limit %d is below --max-connections %d plus headroom; new connections "
+            "may fail before the cap answers", soft, max_connections)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     lifeline.watch()  # end with vllm-mlx-up, however it ends
@@ -65,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("gateway").info(
         "gateway on http://%s:%d (%d worker%s), engine at %s", settings.host, settings.port,
         settings.workers, "s" if settings.workers > 1 else "", settings.engine)
+    _raise_open_file_limit(settings.max_connections)
     uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, access_log=False,
+                http="gateway.connections:GuardedHttpToolsProtocol",
                 # Streams can be long; on SIGTERM give them a moment, then go.
                 timeout_graceful_shutdown=10)
 

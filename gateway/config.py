@@ -31,6 +31,15 @@ class GatewaySettings:
     health_timeout_s: float = 1.0
     # Most choices (n x prompts) one request may fan out to.
     max_choices: int = 128
+    # Connection guards (gateway/connections.py), per worker process.
+    max_connections: int = 4096
+    # Behind a reverse proxy every client has the proxy's address: raise it.
+    max_connections_per_client: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0  # with no byte of the body arriving
+    max_header_bytes: int = 64 * 1024
+    # One data: URL at the media workers' 50 MB cap, base64-encoded, fits.
+    max_body_bytes: int = 72 * 1024 * 1024
     # `created` of the model objects: one value for every worker.
     started_at: int = field(default_factory=lambda: int(time.time()))
     log_level: str = "info"

@@ -205,3 +205,11 @@ def serve_http(handler: type) -> Iterator[int]:
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vllm-mlx system suite (tests/system)")
+    group.addoption("--idle-connections", type=int, default=2000,
+                    help="half-sent connections the hostile test holds (long run: 20000)")
+    group.addoption("--soak-requests", type=int, default=300,
+                    help="requests the soak test sends (long run: 5000 or more)")
