@@ -504,6 +504,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         stats = dict(self.core.stats)
         stats["requests_rejected"] = stats.get("requests_rejected", 0) + \
             self.core.requests_rejected
+        stats["in_flight"] = len(self.core.sinks)
         return pb.Stats(**stats)
 
     async def ClearPrefixCache(self, request, context) -> pb.ClearPrefixCacheResponse:

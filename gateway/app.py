@@ -115,6 +115,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                            settings.max_choices)
         if body.user:
             log.debug("request %s from user %s", rid, body.user)
+        if len(requests) > 1:
+            await engine.admit(len(requests))
         gens = [engine.generate(r, "messages", "top_logprobs") for r in requests]
         await serving.race_disconnect(request, serving.start(gens))
         headers = {"X-Request-Id": rid}
@@ -141,6 +143,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         prompt_of = [p for p, _ in pairs]
         echo = body.prompts if body.echo else None
         logprobs = body.logprobs is not None
+        if len(pairs) > 1:
+            await engine.admit(len(pairs))
         gens = [engine.generate(r, "prompt", "logprobs") for _, r in pairs]
         await serving.race_disconnect(request, serving.start(gens))
         headers = {"X-Request-Id": rid}

@@ -9,7 +9,14 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import APIError, EngineUnavailable, from_grpc
+from gateway.errors import (
+    RETRY_AFTER_S,
+    APIError,
+    EngineUnavailable,
+    InvalidRequest,
+    RateLimited,
+    from_grpc,
+)
 from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, UNARY_DEADLINE_S
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
@@ -155,6 +162,22 @@ class EngineClient:
 
     async def stats(self) -> pb.Stats:
         return await self._unary(self._stub.GetStats, pb.GetStatsRequest())
+
+    async def admit(self, choices: int) -> None:
+        """Refuse a request of several choices up front unless all of them fit
+        the engine's capacity (running + waiting) now: admitted one by one,
+        three requests of n=128 ran for minutes before a late choice was
+        refused and their work thrown away, and requests behind them waited."""
+        info = await self.model_info()
+        capacity = info.max_num_seqs + info.max_queue
+        if choices > capacity:
+            raise InvalidRequest(f"the request asks for {choices} choices; the engine runs and "
+                                 f"queues at most {capacity} at once", param="n")
+        in_flight = (await self.stats()).in_flight
+        if in_flight + choices > capacity:
+            raise RateLimited(f"the engine has room for {capacity - in_flight} more requests, "
+                              f"not {choices}; retry later",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def clear_prefix_cache(self) -> None:
         await self._unary(self._stub.ClearPrefixCache, pb.ClearPrefixCacheRequest())

@@ -229,7 +229,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes")
+    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes", "in_flight")
     class LoopSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class Stats(_message.Message):
     LOOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_PASSES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     generation_tokens_per_s: float
@@ -271,7 +272,8 @@ class Stats(_message.Message):
     loop_seconds: _containers.ScalarMap[str, float]
     steps: int
     prefill_passes: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ...) -> None: ...
+    in_flight: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class ClearPrefixCacheRequest(_message.Message):
     __slots__ = ()
