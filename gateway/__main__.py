@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                    help="larger bodies get a 413 before they are read")
+    r = ap.add_argument_group("request size caps")
+    r.add_argument("--max-messages", type=int, default=d.max_messages)
+    r.add_argument("--max-content-parts", type=int, default=d.max_content_parts,
+                   help="content parts in one message")
+    r.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
+    r.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="characters of one prompt or message (tokens of a token-id prompt)")
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     if a.workers < 1:
@@ -60,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
         max_connections_per_client=a.max_connections_per_client,
         header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
         max_header_bytes=a.max_header_bytes, max_body_bytes=a.max_body_bytes,
+        max_messages=a.max_messages, max_content_parts=a.max_content_parts,
+        max_stop_strings=a.max_stop_strings, max_prompt_chars=a.max_prompt_chars,
         log_level=a.log_level)
 
 

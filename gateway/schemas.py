@@ -6,6 +6,7 @@ the OpenAI fields this server cannot honour are declared but refused unless
 they carry their neutral value, so the error names the field.
 """
 
+import functools
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -19,7 +20,21 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from gateway.config import GatewaySettings
+
 MAX_TOP_LOGPROBS = 20
+
+
+@functools.cache
+def limits() -> GatewaySettings:
+    """The request-size caps (max_messages, ...) this gateway was started with."""
+    return GatewaySettings.from_env()
+
+
+def _at_most(what: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise ValueError(f"{n} {what} are more than the {limit} this server accepts")
+
 MAX_N = 128
 # The engine's fields are 32-bit; larger values would not fit the protobuf.
 MAX_TOKENS_LIMIT = 2**31 - 1
@@ -79,6 +94,22 @@ class TextPart(_Request):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        _at_most("characters", len(v), limits().max_prompt_chars)
+        return v
+
+
+def _check_content(v: Any) -> Any:
+    """A message's content: text within max_prompt_chars, parts within
+    max_content_parts (counted before the parts are validated)."""
+    if isinstance(v, str):
+        _at_most("characters", len(v), limits().max_prompt_chars)
+    elif isinstance(v, list):
+        _at_most("content parts", len(v), limits().max_content_parts)
+    return v
+
 
 class MediaURL(_Request):
     url: str = Field(min_length=1)
@@ -133,25 +164,32 @@ AssistantPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 Unsupported = SkipJsonSchema[Any]
 
 
-class SystemMessage(_Request):
+class _Message(_Request):
+    @field_validator("content", mode="before", check_fields=False)
+    @classmethod
+    def _content_size(cls, v: Any) -> Any:
+        return _check_content(v)
+
+
+class SystemMessage(_Message):
     role: Literal["system"]
     content: str | list[TextPart]
     name: str | None = None
 
 
-class DeveloperMessage(_Request):
+class DeveloperMessage(_Message):
     role: Literal["developer"]
     content: str | list[TextPart]
     name: str | None = None
 
 
-class UserMessage(_Request):
+class UserMessage(_Message):
     role: Literal["user"]
     content: str | list[ContentPart]
     name: str | None = None
 
 
-class AssistantMessage(_Request):
+class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: str | list[AssistantPart] | None = None
     name: str | None = None
@@ -170,7 +208,7 @@ class AssistantMessage(_Request):
         return None
 
 
-class ToolMessage(_Request):
+class ToolMessage(_Message):
     role: Literal["tool"]
     content: str | list[TextPart]
     tool_call_id: str
@@ -255,6 +293,7 @@ class SamplingFields(_Request):
     @classmethod
     def _stop(cls, v: Stop) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
+        _at_most("stop strings", len(stops), limits().max_stop_strings)
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
@@ -287,6 +326,14 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages_count(cls, v: Any) -> Any:
+        if isinstance(v, list):  # counted before each message is validated
+            _at_most("messages", len(v), limits().max_messages)
+        return v
+
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
@@ -345,6 +392,16 @@ class CompletionRequest(SamplingFields):
     suffix: Unsupported = None
 
     refuse_unsupported = field_validator("suffix")(_refuse_unless_neutral)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_size(cls, v: Any) -> Any:
+        one = isinstance(v, str) or (isinstance(v, list) and v and isinstance(v[0], int))
+        for p in [v] if one else v if isinstance(v, list) else []:
+            if isinstance(p, str | list):
+                _at_most("characters" if isinstance(p, str) else "tokens", len(p),
+                         limits().max_prompt_chars)
+        return v
 
     @field_validator("prompt")
     @classmethod

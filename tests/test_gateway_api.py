@@ -498,6 +498,10 @@ LONG = {"max_tokens": 1900, "ignore_eos": True}
     ({"seed": "x"}, "seed", "valid integer"),
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "valid dictionary"),
     ({"model": None}, "model", "valid string"),
+    ({"messages": [{"role": "user", "content": "x"}] * 5000}, "messages", "more than the 4096"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 1100}]},
+     "messages[0].content", "more than the 1024"),
+    ({"stop": ["x"] * 65}, "stop", "more than the 64"),
     ({"messages": [{"role": "user", "content": "\ud800"}]}, None, "not valid Unicode"),
 ])
 def test_bad_chat_requests_are_400_naming_the_field(http, patch, param, needle):
@@ -521,6 +525,7 @@ def test_bad_chat_requests_are_400_naming_the_field(http, patch, param, needle):
     ({"logprobs": 50}, "logprobs", "less than or equal to 20"),
     ({"best_of": 3}, "best_of", "not supported"),
     ({"suffix": "end"}, "suffix", "not supported"),
+    ({"prompt": "x" * (4 * 1024 * 1024 + 1)}, "prompt", "more than the 4194304"),
     ({"n": 100, "prompt": ["a", "b"]}, "n", "choices"),
 ])
 def test_bad_completion_requests(http, patch, param, needle):

@@ -23,7 +23,8 @@ def gateway(tiny_model, tmp_path_factory):
     engine = start_engine(tiny_model, logs)
     gateway = start_gateway(engine.address, logs, "--header-timeout", str(HEADER_TIMEOUT_S),
                             "--body-timeout", "3", "--max-body-bytes", str(8 << 20),
-                            "--max-connections", "3000", "--max-connections-per-client", "512")
+                            "--max-connections", "3000", "--max-connections-per-client", "512",
+                            "--max-messages", "8")
     yield gateway
     gateway.stop()
     engine.stop()
@@ -128,3 +129,20 @@ def test_a_stalled_body_times_out(gateway):
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert 2.5 < time.monotonic() - tic < 10
+
+
+def test_request_size_caps_are_set_by_flags_and_checked_before_the_items(gateway):
+    """--max-messages 8 here: nine are refused; 100,000 (3 MB of JSON) are
+    refused by their count, before each message is validated."""
+    def post(n: int) -> tuple[httpx.Response, float]:
+        tic = time.monotonic()
+        r = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=30, json={
+            "model": "default", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hello"}] * n})
+        return r, time.monotonic() - tic
+
+    assert post(8)[0].status_code == 200
+    r, _ = post(9)
+    assert r.status_code == 400 and "more than the 8" in r.json()["error"]["message"]
+    r, took = post(100_000)
+    assert r.status_code == 400 and took < 2, took
