@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import psutil
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker import decode, prefill
@@ -82,6 +83,11 @@ class Stats:
     cache_tokens_reused: int = 0
     cache_bytes: int = 0
     cache_evictions: int = 0
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    allocator_cache_bytes: int = 0
+    rss_bytes: int = 0
+    memory_limit_bytes: int = 0
     loop_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOP_PHASES, 0.0))
     steps: int = 0
     prefill_passes: int = 0  # steps in which mlx-lm also ran a prompt pass
@@ -247,6 +253,9 @@ class Engine:
                 if self._busy_peak:
                     self._one_at_a_time, self._busy_peak = self._busy_peak == 1, 0
                 self._evaluate_copies()
+                if t1 - last_memory_read > 1.0:
+                    last_memory_read = t1
+                    self._read_memory()
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
                 self._flush(always=True)
@@ -280,8 +289,7 @@ class Engine:
             self.stats.steps += 1
             if t4 - last_memory_read > 1.0:
                 last_memory_read = t4
-                self.stats.active_memory_bytes = mx.get_active_memory()
-                self.stats.peak_memory_bytes = mx.get_peak_memory()
+                self._read_memory()
         self._fail_all("engine shutting down")
         self._flush()
 
@@ -679,6 +687,14 @@ class Engine:
         if self._outbox or always:
             outputs, self._outbox = self._outbox, StepOutputs()
             self._publish(outputs)
+
+    def _read_memory(self) -> None:
+        s = self.stats
+        s.active_memory_bytes, s.peak_memory_bytes = mx.get_active_memory(), mx.get_peak_memory()
+        s.allocator_cache_bytes = mx.get_cache_memory()
+        s.kv_bytes = self._gen.prompt_cache_nbytes
+        s.weights_bytes, s.memory_limit_bytes = self.memory.weights, self.memory.limit
+        s.rss_bytes = psutil.Process().memory_info().rss
 
     def _update_stats(self, idle: bool = False) -> None:
         now = time.monotonic()

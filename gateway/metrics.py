@@ -99,10 +99,19 @@ class _EngineCollector:
             g = GaugeMetricFamily(f"vllm_mlx_engine_{name}", doc)
             g.add_metric([], value)
             yield g
-        g = GaugeMetricFamily("vllm_mlx_engine_prefix_cache_bytes",
-                              "KV bytes held by the engine's prefix cache")
-        g.add_metric([], s.cache_bytes)
-        yield g
+        for name, value, doc in (
+                ("prefix_cache_bytes", s.cache_bytes, "KV bytes held by the engine's prefix cache"),
+                ("weights_bytes", s.weights_bytes, "Bytes of the model's weights"),
+                ("kv_bytes", s.kv_bytes, "KV bytes of the requests in the batch"),
+                ("allocator_cache_bytes", s.allocator_cache_bytes,
+                 "Freed buffers MLX keeps for reuse"),
+                ("active_memory_bytes", s.active_memory_bytes, "Bytes of MLX's live arrays"),
+                ("memory_limit_bytes", s.memory_limit_bytes,
+                 "The limit weights + reserved KV + prefix cache are kept under"),
+                ("core_rss_bytes", s.rss_bytes, "Resident memory of the engine core process")):
+            g = GaugeMetricFamily(f"vllm_mlx_engine_{name}", doc)
+            g.add_metric([], value)
+            yield g
         # Counters of the engine process: they restart from zero with it.
         for name, value, doc in (
                 ("prefix_cache_hits", s.cache_hits,

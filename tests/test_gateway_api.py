@@ -686,6 +686,26 @@ def test_metrics(http, client):
     assert "vllm_mlx_engine_running " in text and "vllm_mlx_engine_waiting " in text
 
 
+def test_the_engine_accounts_for_its_memory(engine, client):
+    """Weights, the batch's KV, the prefix cache and MLX's buffer cache, with
+    the core's resident set, in GetStats and /metrics; the accounted parts
+    stay under the limit."""
+    chat(client, max_tokens=3)
+    assert wait_until(lambda: engine.stub.GetStats(pb.GetStatsRequest(), timeout=5)
+                      .rss_bytes > 0, 5)
+    s = engine.stub.GetStats(pb.GetStatsRequest(), timeout=5)
+    info = engine.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    assert s.weights_bytes == info.weights_bytes > 0
+    assert s.memory_limit_bytes == info.memory_limit_bytes
+    assert s.weights_bytes + s.kv_bytes + s.cache_bytes <= s.memory_limit_bytes
+    assert s.cache_bytes > 0  # the finished chat's KV sits in the prefix cache
+    assert s.rss_bytes > s.weights_bytes
+    text = httpx.get(f"{client.base_url}".removesuffix("/v1/") + "/metrics").text
+    for name in ("weights_bytes", "kv_bytes", "allocator_cache_bytes", "core_rss_bytes",
+                 "active_memory_bytes", "memory_limit_bytes"):
+        assert f"vllm_mlx_engine_{name} " in text, name
+
+
 def test_openapi_schema(http):
     spec = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}",
