@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psutil
 
 from media_worker.errors import MediaError
 from media_worker.prepare import PreparedCache, pack, prepare_item
@@ -30,12 +31,20 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
         self.pre: Preprocessor | None = None
         self.cache = PreparedCache()
         self.segments = SegmentLedger()
+        self.callers: set[tuple[int, str]] = set()  # (owner_pid, peer) verified
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareResponse:
         if self.pre is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the media worker is still loading")
         if not request.items:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no media items given")
+        if request.shared_memory and not await self._is_caller(request.owner_pid, context.peer()):
+            # The ledger frees a dead owner's segments; those of a made-up
+            # owner (0, or a live process that is not the caller) would
+            # never be freed.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"owner_pid {request.owner_pid} is not the calling process: "
+                                f"shared-memory replies need their owner's real pid")
         loop = asyncio.get_running_loop()
         tasks = [loop.run_in_executor(self.pool, prepare_item, item, self.settings, self.pre,
                                       self.cache)
@@ -70,6 +79,18 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
         self.segments.record(request.owner_pid, reply)
         return reply
 
+    async def _is_caller(self, pid: int, peer: str) -> bool:
+        """Whether process `pid` holds the caller's end of this connection
+        (once per connection; a gRPC channel keeps its connection)."""
+        if (pid, peer) in self.callers:
+            return True
+        if not pid or not await asyncio.to_thread(holds_socket, pid, peer):
+            return False
+        if len(self.callers) > 4096:
+            self.callers.clear()
+        self.callers.add((pid, peer))
+        return True
+
     async def sweep_segments(self) -> None:
         """Forever: free the segments of callers that died holding them."""
         while True:
@@ -78,6 +99,22 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
             if freed:
                 log.warning("freed %d shared-memory segment(s) of callers that exited "
                             "without freeing them", freed)
+
+
+def holds_socket(pid: int, peer: str) -> bool:
+    """Whether process `pid` has a TCP socket bound to `peer` (gRPC's
+    "ipv4:127.0.0.1:54321" / "ipv6:[::1]:54321"), i.e. is the caller."""
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return False
+    return any(c.laddr and c.laddr.port == int(port)
+               and c.laddr.ip in (host, f"::ffff:{host}") for c in sockets)
 
 
 def _free_reply(packing: asyncio.Future) -> None:

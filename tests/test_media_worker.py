@@ -500,7 +500,8 @@ def test_items_in_shared_memory_equal_the_inline_ones(strict, clip):
              video_item(1, 0, url=data_url(clip, "video/mp4"))]
     inline = strict.prepare(*items).items
     shared = strict.stub.Prepare(pb.PrepareRequest(request_id="s", items=items,
-                                                   shared_memory=True), timeout=30).items
+                                                   shared_memory=True, owner_pid=os.getpid()),
+                                 timeout=30).items
     names = [it.shm_name for it in shared]
     assert all(names) and len(set(names)) == 2 and not any(it.shm_name for it in inline)
     assert all(not t.data for it in shared for t in it.tensors)
@@ -525,16 +526,23 @@ def test_segments_of_a_caller_that_died_are_freed(strict):
     from vllm_mlx.shared_tensors import unlink
 
     item = image_url(data_url(png((64, 48)), "image/png"))
-
-    def segment_for(pid: int) -> str:
-        return strict.stub.Prepare(pb.PrepareRequest(
-            request_id=f"owner-{pid}", items=[item], shared_memory=True, owner_pid=pid),
-            timeout=30).items[0].shm_name
-
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    mine = strict.stub.Prepare(pb.PrepareRequest(
+        request_id="owner-me", items=[item], shared_memory=True, owner_pid=os.getpid()),
+        timeout=30).items[0].shm_name
+    # Another caller, which asks for a segment of its own and is then killed.
+    owner = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time, grpc
+from vllm_mlx.v1 import media_pb2 as pb, media_pb2_grpc
+stub = media_pb2_grpc.MediaWorkerStub(grpc.insecure_channel({strict.address!r}))
+item = pb.MediaSource.FromString({item.SerializeToString()!r})
+reply = stub.Prepare(pb.PrepareRequest(request_id="owner-them", items=[item],
+                                       shared_memory=True, owner_pid=os.getpid()), timeout=30)
+print(reply.items[0].shm_name, flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        mine, theirs = segment_for(os.getpid()), segment_for(owner.pid)
-        assert segment_exists(mine) and segment_exists(theirs)
+        theirs = owner.stdout.readline().strip()
+        assert theirs and segment_exists(mine) and segment_exists(theirs)
     finally:
         owner.kill()
         owner.wait()
@@ -546,6 +554,24 @@ def test_segments_of_a_caller_that_died_are_freed(strict):
         assert segment_exists(mine), "a live caller's segment must stay until it frees it"
     finally:
         unlink(mine)
+
+
+@pytest.mark.parametrize("owner", ["zero", "init", "another live process"])
+def test_shared_memory_needs_the_callers_own_pid(strict, owner):
+    """Segments of a made-up owner would never be freed: the worker only
+    frees those of owners that died. So the owner must be the caller."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid = {"zero": 0, "init": 1, "another live process": bystander.pid}[owner]
+        with pytest.raises(grpc.RpcError) as info:
+            strict.stub.Prepare(pb.PrepareRequest(
+                request_id="bogus", shared_memory=True, owner_pid=pid,
+                items=[image_url(data_url(png((32, 32)), "image/png"))]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not the calling process" in info.value.details()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_content_hash_covers_bytes_and_options(strict, clip):
