@@ -6,6 +6,7 @@ import binascii
 import os
 import re
 import stat
+import urllib.parse
 
 from media_worker.errors import MediaError
 from media_worker.fetch import FetchPolicy, fetch_url
@@ -108,5 +109,11 @@ def read_source(url: str | None, path: str | None, kind: str, policy: FetchPolic
         # Servers label media loosely (octet-stream, text/plain); the decoder
         # decides what the bytes are.
         return fetch_url(url, policy)[0]
-    raise MediaError(f"URL scheme {scheme!r} is not allowed (http, https and data only)"
-                     if scheme else "not a URL (expected http(s):// or data:)")
+    if scheme == "file":  # as vLLM takes them: a local path, under the same roots
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise MediaError(f"file URL of another host ({parts.netloc!r}) is not allowed")
+        return read_local_file(urllib.parse.unquote(parts.path), roots, policy.max_bytes)
+    raise MediaError(f"URL scheme {scheme!r} is not allowed (http, https, data, and file "
+                     f"under --allowed-local-media-path)"
+                     if scheme else "not a URL (expected http(s)://, data: or file://)")

@@ -343,7 +343,8 @@ def test_pixel_bomb_is_refused_from_the_header(strict):
     ("data:image/png;base64,!!not base64!!", "not valid base64"),
     ("data:image/png," + "x" * 20, "base64"),
     (data_url(png(), "video/mp4"), "not an image"),
-    ("file:///etc/passwd", "scheme 'file' is not allowed"),
+    ("file:///etc/passwd", "outside the allowed media paths"),
+    ("file://example.com/etc/passwd", "another host"),
     ("ftp://example.com/a.png", "scheme 'ftp' is not allowed"),
     ("/etc/passwd", "not a URL"),
 ])
@@ -419,6 +420,14 @@ def test_local_paths(strict, open_worker, media_dirs):
     # No root given: no local file at all.
     reason = open_worker.refusal(pb.MediaSource(kind=IMAGE, path=str(root / "sub" / "cat.png")))
     assert "local media paths are not allowed" in reason
+    # file:// URLs are local paths, under the same roots (as vLLM takes them).
+    cat = (root / "sub" / "cat.png").resolve()
+    for url in (cat.as_uri(), "file://localhost" + cat.as_uri().removeprefix("file://")):
+        item = strict.prepare(image_url(url)).items[0]
+        assert (item.width, item.height) == (100, 80)
+    for url in ((outside / "secret.png").resolve().as_uri(), (root / "link.png").as_uri()):
+        assert "outside the allowed media paths" in strict.refusal(image_url(url))
+    assert "local media paths are not allowed" in open_worker.refusal(image_url(cat.as_uri()))
 
 
 # -- video -------------------------------------------------------------------------
