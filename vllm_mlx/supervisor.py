@@ -256,6 +256,8 @@ class Supervisor:
         liveness timeout: killed first), with exponential backoff, until
         stopped."""
         last_probe = 0.0
+        for child in self.children:  # start() saw each of them healthy
+            child.answered_at = time.monotonic()
         while not self.stopping.wait(0.2):
             now = time.monotonic()
             probe = now - last_probe >= LIVENESS_PROBE_S

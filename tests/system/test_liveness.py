@@ -134,3 +134,65 @@ def test_a_stopped_gateway_is_replaced(up):
 def test_liveness_flag_reaches_the_engine(up):
     assert f"--liveness-timeout {LIVENESS_S}" in " ".join(
         psutil.Process(up.pid("engine")).cmdline())
+
+
+def test_a_killed_engine_core_is_replaced(up):
+    streams = Streams(up)
+    core = _core_of(up.pid("engine"))
+    core.kill()
+    tic = time.monotonic()
+    ended = _check_streams(streams, tic, 10)
+    back = _serving_again(up, tic, 60)
+    print(f"\n[reliability] kill -9 engine core: streams ended with an error after "
+          f"{ended:.1f}s, serving again after {back:.1f}s")
+
+
+@pytest.fixture
+def vlm_up(tiny_vlm, tmp_path):
+    u = Up("--model", str(tiny_vlm), "--liveness-timeout", str(LIVENESS_S), cache=tmp_path)
+    u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving")
+    yield u
+    u.stop()
+
+
+@pytest.mark.parametrize("fault", ["kill", "suspend"])
+def test_a_media_worker_fault_under_image_load(vlm_up, fault):
+    """Image requests keep being answered while one of the two media workers
+    is killed or stopped; a stopped one is replaced after the liveness
+    timeout, and none is left behind."""
+    from ..test_multimodal_e2e import noise_png, png_url
+
+    images = [png_url(noise_png(64, 48, seed=k)) for k in range(8)]
+    client = vlm_up.client()
+
+    def ask(k: int) -> str:
+        r = client.chat.completions.create(model="default", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[k]}},
+                                         {"type": "text", "text": "What is it?"}]}])
+        return r.choices[0].finish_reason
+
+    assert ask(0) == "length"
+    mark = len(vlm_up.lines)
+    worker = psutil.Process(vlm_up.pid("media-0"))
+    getattr(worker, fault)()
+    tic = time.monotonic()
+    outcomes = []
+    for k in range(1, 8):
+        try:
+            outcomes.append(ask(k))
+        except openai.APIError as e:
+            outcomes.append(f"error {e}")
+    took = time.monotonic() - tic
+    if fault == "suspend":
+        vlm_up.wait_for(r"media-0 answered no health check", after=mark, timeout=LIVENESS_S + 10)
+    assert wait_until(lambda: _gone(worker), 15)
+    new = vlm_up.pid("media-0", after=mark)
+    assert new != worker.pid
+    try:
+        assert ask(0) == "length"
+    except openai.APIError:
+        raise AssertionError(vlm_up.text()[-6000:]) from None
+    print(f"\n[reliability] {fault} a media worker under image requests: "
+          f"{outcomes.count('length')}/7 answered in {took:.1f}s; errors: "
+          f"{[o for o in outcomes if o != 'length']}")
+    assert outcomes.count("length") >= 5, outcomes

@@ -27,8 +27,10 @@ CONCURRENCY = 8
 
 @pytest.fixture(scope="module")
 def up(tiny_vlm, tmp_path_factory):
+    # Small caches, so that they fill early in the run and what follows
+    # shows any growth beyond them.
     u = Up("--model", str(tiny_vlm), "--prefix-cache-bytes", str(4 << 20),
-           cache=tmp_path_factory.mktemp("cache"))
+           "--allocator-cache-bytes", str(32 << 20), cache=tmp_path_factory.mktemp("cache"))
     u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving")
     yield u
     u.stop()
@@ -49,6 +51,17 @@ def _tree_rss(pid: int) -> dict[str, int]:
                 cmd.split(" -m ")[1].split()[0] if " -m " in cmd else cmd.split()[0])
         out[f"{name}-{len([k for k in out if k.startswith(name)])}"] = rss
     return out
+
+
+ACCOUNTED = ("active_memory_bytes", "allocator_cache_bytes", "prefix_cache_bytes",
+             "kv_bytes", "core_rss_bytes")
+
+
+def _accounting(port: int) -> dict[str, int]:
+    """The engine's own memory accounting, from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {name: int(float(line.split()[-1])) for line in text.splitlines()
+            for name in ACCOUNTED if line.startswith(f"vllm_mlx_engine_{name} ")}
 
 
 def _one(client: httpx.Client, i: int, images: list[str]) -> int:
@@ -80,6 +93,7 @@ def test_memory_levels_off_under_mixed_traffic(up, request):
     total = request.config.getoption("soak_requests")
     images = [png_url(noise_png(64 + 16 * k, 48 + 16 * k, seed=k)) for k in range(6)]
     samples: list[tuple[int, dict[str, int]]] = []
+    accounts: list[dict[str, int]] = []
     done = [0]
     lock = threading.Lock()
     statuses: dict[int, int] = {}
@@ -93,6 +107,7 @@ def test_memory_levels_off_under_mixed_traffic(up, request):
             done[0] += 1
             if done[0] % every == 0:
                 samples.append((done[0], _tree_rss(up.proc.pid)))
+                accounts.append(_accounting(up.port))
 
     order = list(range(total))
     random.Random(0).shuffle(order)
@@ -107,6 +122,9 @@ def test_memory_levels_off_under_mixed_traffic(up, request):
     for name in sorted(last[1]):
         series = [s[1].get(name, 0) / 1e6 for s in samples]
         lines.append(f"[reliability]   {name}: " + " ".join(f"{v:.0f}" for v in series))
+    for name in ACCOUNTED:
+        lines.append(f"[reliability]   engine {name}: "
+                     + " ".join(f"{a.get(name, 0) / 1e6:.0f}" for a in accounts))
     print("\n".join(lines))
     for name, rss in last[1].items():
         before = first[1].get(name)
