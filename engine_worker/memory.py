@@ -46,14 +46,18 @@ class MemoryBudget:
     limit: int
     weights: int
     kv_per_token: int
+    # Freed buffers MLX may keep for reuse (keep_allocator_cache): resident
+    # though no array uses them, so the budget sets them aside too.
+    allocator_cache: int = 0
 
     def request_bytes(self, n_tokens: int) -> int:
         return n_tokens * self.kv_per_token
 
     @property
     def for_requests(self) -> int:
-        """What the limit leaves beside the weights."""
-        return self.limit - self.weights
+        """What the limit leaves beside the weights and the buffer cache:
+        the KV of admitted requests and the prefix cache share it."""
+        return self.limit - self.weights - self.allocator_cache
 
 
 def keep_allocator_cache(limit: int) -> None:

@@ -227,6 +227,7 @@ class Engine:
                 cache_bytes = int(self.memory.limit * DEFAULT_ALLOCATOR_CACHE_FRACTION)
             if cache_bytes > 0:
                 keep_allocator_cache(cache_bytes)
+                self.memory.allocator_cache = cache_bytes
             self._gen = self._new_generator()
             self._prefix = self._new_prefix_cache()
             if self.settings.warmup:
@@ -542,15 +543,15 @@ class Engine:
         return self.memory.request_bytes(len(r.prompt) + r.max_tokens)
 
     def _make_room(self, requests_bytes: int) -> bool:
-        """Whether weights + `requests_bytes` of KV + the prefix cache fit the
-        limit, evicting cached prefixes first if that is what it takes."""
-        over = self.memory.weights + requests_bytes - self.memory.limit
+        """Whether weights + the buffer cache + `requests_bytes` of KV + the
+        prefix cache fit the limit, evicting cached prefixes first if that is
+        what it takes."""
+        over = requests_bytes - self.memory.for_requests
         if self._prefix is not None:
             over += self._prefix.nbytes
             if over > 0:
                 self._prefix.shrink(over)
-                over = self.memory.weights + requests_bytes + self._prefix.nbytes \
-                    - self.memory.limit
+                over = requests_bytes + self._prefix.nbytes - self.memory.for_requests
         return over <= 0
 
     def _guarded(self, state: _Running) -> tuple:

@@ -337,8 +337,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidRequest(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) needs "
                 f"{need} bytes of KV cache, more than the {memory.for_requests} bytes the "
-                f"engine's memory limit of {memory.limit} leaves beside the weights; "
-                f"lower max_tokens")
+                f"engine's memory limit of {memory.limit} leaves beside the weights and "
+                f"MLX's buffer cache; lower max_tokens")
         sampling = sampling_from_proto(request.sampling)
         try:
             sampling.validate(facts.vocab_size)

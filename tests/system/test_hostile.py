@@ -146,3 +146,33 @@ def test_request_size_caps_are_set_by_flags_and_checked_before_the_items(gateway
     assert r.status_code == 400 and "more than the 8" in r.json()["error"]["message"]
     r, took = post(100_000)
     assert r.status_code == 400 and took < 2, took
+
+
+def test_malformed_and_oversized_grpc_messages(tiny_model, tmp_path):
+    """Bytes that are no GenerateRequest, and a message over the engine's
+    96 MiB cap, are refused; the engine serves on."""
+    import grpc
+
+    from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES
+    from vllm_mlx.v1 import engine_pb2 as pb
+
+    engine = start_engine(tiny_model, tmp_path)
+    try:
+        with grpc.insecure_channel(engine.address, options=[
+                ("grpc.max_send_message_length", -1)]) as channel:
+            raw = channel.unary_stream("/vllm_mlx.v1.Engine/Generate")
+            for garbage in (b"\xff\xff\xff\xff", b"\x12\x05abc", b"\x0a" + b"\xff" * 64):
+                with pytest.raises(grpc.RpcError) as info:
+                    list(raw(garbage, timeout=10))
+                # grpc.aio's own answer to bytes it cannot parse
+                assert info.value.code() == grpc.StatusCode.UNKNOWN
+                assert "Error parsing message" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                list(raw(pb.GenerateRequest(text="x" * (MAX_GRPC_MESSAGE_BYTES + 1024))
+                         .SerializeToString(), timeout=30))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        reply = list(engine.stub.Generate(pb.GenerateRequest(text="hi", max_tokens=3),
+                                          timeout=30))
+        assert reply[-1].finished and reply[-1].completion_tokens == 3
+    finally:
+        engine.stop()
