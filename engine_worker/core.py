@@ -7,6 +7,7 @@ work never holds the GIL that the decode loop needs (measured in
 docs/benchmarks.md).
 """
 
+import atexit
 import dataclasses
 import gc
 import logging
@@ -19,7 +20,7 @@ from multiprocessing.connection import Connection
 
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
-from engine_worker.scheduler import Engine
+from engine_worker.scheduler import FAULT_INJECTION, Engine
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.shared_tensors import SharedTensors, take
 
@@ -45,6 +46,8 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
     # dies); a Ctrl-C sent to the whole process group must not kill it mid-step.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    if FAULT_INJECTION:  # tests: a library exit hook that never returns, as OpenBLAS's did
+        atexit.register(threading.Event().wait)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
