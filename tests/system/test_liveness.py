@@ -118,17 +118,21 @@ def test_a_stopped_engine_front_end_is_replaced(up):
           f"{fast * 1000:.0f} ms, serving again after {back:.1f}s")
 
 
-def test_a_stopped_gateway_is_replaced(up):
+@pytest.mark.parametrize("fault", ["suspend", "kill"])
+def test_a_stopped_or_killed_gateway_is_replaced(up, fault):
+    streams = Streams(up)
     gateway = psutil.Process(up.pid("gateway"))
     mark = len(up.lines)
-    gateway.suspend()
+    getattr(gateway, fault)()
     tic = time.monotonic()
-    up.wait_for(r"gateway answered no health check", after=mark, timeout=LIVENESS_S + 10)
+    if fault == "suspend":
+        up.wait_for(r"gateway answered no health check", after=mark, timeout=LIVENESS_S + 10)
     assert up.pid("gateway", after=mark) != gateway.pid
+    ended = _check_streams(streams, tic, LIVENESS_S + 10)  # their connections went with it
     back = _serving_again(up, tic, 60)
     assert wait_until(lambda: _gone(gateway), 10)
-    print(f"\n[reliability] SIGSTOP gateway (liveness {LIVENESS_S:.0f}s): serving again "
-          f"after {back:.1f}s")
+    print(f"\n[reliability] {fault} gateway (liveness {LIVENESS_S:.0f}s): streams ended "
+          f"with an error after {ended:.1f}s, serving again after {back:.1f}s")
 
 
 def test_liveness_flag_reaches_the_engine(up):
