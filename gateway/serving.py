@@ -229,8 +229,22 @@ class SSEResponse(StreamingResponse):
             await run_then_stop(partial(self.listen_for_disconnect, receive))
 
 
+# JSON leaves these characters unescaped, but str.splitlines ends a line at
+# each, and so do clients that read SSE with it (httpx's iter_lines): a token
+# holding one split its event in two, and the client read garbage.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def one_line(data: bytes) -> bytes:
+    """JSON bytes with the line breaks that splitlines sees escaped."""
+    for raw, escaped in _LINE_BREAKS:
+        data = data.replace(raw, escaped)
+    return data
+
+
 def sse(obj: BaseModel) -> bytes:
-    return b"data: " + obj.model_dump_json().encode() + b"\n\n"
+    return b"data: " + one_line(obj.model_dump_json().encode()) + b"\n\n"
 
 
 _HOLE = "\x00vllm-mlx-text\x00"
@@ -247,7 +261,8 @@ class TextChunk:
         self._before, self._after = sse(chunk).split(json.dumps(_HOLE).encode())
 
     def __call__(self, text: str) -> bytes:
-        return self._before + json.dumps(text, ensure_ascii=False).encode() + self._after
+        return self._before + one_line(json.dumps(text, ensure_ascii=False).encode()) \
+            + self._after
 
 
 def _lp(value: float) -> float:

@@ -847,3 +847,23 @@ def test_chat_template_kwargs_cannot_set_tokenizer_arguments(http, kwargs, name)
     r = http.post("/v1/chat/completions", json={**CHAT_OK, "chat_template_kwargs": kwargs})
     assert r.status_code == 400, r.text
     assert repr(name) in r.json()["error"]["message"]
+
+
+def test_sse_events_survive_unicode_line_breaks(gateway):
+    """U+0085, U+2028 and U+2029 are legal unescaped in JSON, but httpx's
+    iter_lines (str.splitlines) ends a line at each: an event holding one,
+    in the echo here or in generated text, must still be one line."""
+    from gateway.schemas import ChatCompletionChunk, ChatChunkChoice, ChatDelta
+    from gateway.serving import _HOLE, TextChunk
+
+    prompt = "a\u2028b\x85c\u2029d"
+    with httpx.Client(base_url=gateway.url, timeout=60) as c, c.stream(
+            "POST", "/v1/completions", json={"model": SERVED, "prompt": prompt, "echo": True,
+                                             "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == prompt
+    event = TextChunk(ChatCompletionChunk(id="x", created=0, model="m", choices=[
+        ChatChunkChoice(index=0, delta=ChatDelta(content=_HOLE))]))(prompt)
+    assert len([line for line in event.decode().splitlines() if line]) == 1
+    assert json.loads(event.decode()[6:])["choices"][0]["delta"]["content"] == prompt
