@@ -853,7 +853,7 @@ def test_sse_events_survive_unicode_line_breaks(gateway):
     """U+0085, U+2028 and U+2029 are legal unescaped in JSON, but httpx's
     iter_lines (str.splitlines) ends a line at each: an event holding one,
     in the echo here or in generated text, must still be one line."""
-    from gateway.schemas import ChatCompletionChunk, ChatChunkChoice, ChatDelta
+    from gateway.schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
     from gateway.serving import _HOLE, TextChunk
 
     prompt = "a\u2028b\x85c\u2029d"
