@@ -12,6 +12,7 @@ from vllm_mlx.supervisor import OPENBLAS_CANDIDATES
 from vllm_mlx.v1 import engine_pb2 as pb
 
 from ..conftest import start_engine, wait_until
+from .processes import engine_core, gone
 
 
 def openblas_env() -> dict[str, str]:
@@ -19,20 +20,6 @@ def openblas_env() -> dict[str, str]:
     preloaded, whose thread shutdown is where an orphaned core hung."""
     found = [p for p in OPENBLAS_CANDIDATES if os.path.exists(p)]
     return {"LD_PRELOAD": found[0]} if found else {}
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return p.status() == psutil.STATUS_ZOMBIE  # nothing left but its exit status
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _core_of(front: psutil.Process) -> psutil.Process:
-    cores = [c for c in front.children() if "spawn_main" in " ".join(c.cmdline())
-             and "resource_tracker" not in " ".join(c.cmdline())]
-    assert len(cores) == 1, [c.cmdline() for c in front.children()]
-    return cores[0]
 
 
 @pytest.mark.parametrize("model", ["tiny_model", "smollm2_folder"])
@@ -45,7 +32,7 @@ def test_a_killed_front_end_leaves_no_engine_core(model, request, tmp_path):
     engine = start_engine(request.getfixturevalue(model), tmp_path,
                           env={**openblas_env(), "VLLM_MLX_FAULT_INJECTION": "1"})
     front = psutil.Process(engine.proc.pid)
-    core = _core_of(front)
+    core = engine_core(front.pid)
 
     def stream() -> None:
         req = pb.GenerateRequest(text="hello", max_tokens=1500, ignore_eos=True)
@@ -63,9 +50,9 @@ def test_a_killed_front_end_leaves_no_engine_core(model, request, tmp_path):
     os.kill(front.pid, signal.SIGKILL)
     engine.proc.wait(timeout=10)
     try:
-        assert wait_until(lambda: _gone(core), timeout=20), \
+        assert wait_until(lambda: gone(core), timeout=20), \
             f"the engine core (pid {core.pid}) outlived its front end"
     finally:
-        if not _gone(core):
+        if not gone(core):
             core.kill()
         engine.channel.close()

@@ -15,14 +15,20 @@ import pytest
 
 from ..conftest import wait_until
 from ..test_supervisor import Up, chat
+from .processes import engine_core, gone
 
 LIVENESS_S = 3.0
 
 
+def _started(model, cache) -> Up:
+    u = Up("--model", str(model), "--liveness-timeout", str(LIVENESS_S), cache=cache)
+    u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving")
+    return u
+
+
 @pytest.fixture
 def up(tiny_model, tmp_path):
-    u = Up("--model", str(tiny_model), "--liveness-timeout", str(LIVENESS_S), cache=tmp_path)
-    u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-llama")
+    u = _started(tiny_model, tmp_path)
     yield u
     u.stop()
 
@@ -52,19 +58,6 @@ class Streams:
         self.ended.append((outcome, time.monotonic()))
 
 
-def _core_of(pid: int) -> psutil.Process:
-    return next(c for c in psutil.Process(pid).children()
-                if "spawn_main" in " ".join(c.cmdline())
-                and "resource_tracker" not in " ".join(c.cmdline()))
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _serving_again(up, since: float, limit: float) -> float:
     def ok() -> bool:
         try:
@@ -84,11 +77,11 @@ def _check_streams(streams: Streams, since: float, limit: float) -> float:
 
 def test_a_stopped_engine_core_is_replaced(up):
     streams = Streams(up)
-    core = _core_of(up.pid("engine"))
+    core = engine_core(up.pid("engine"))
     core.suspend()
     tic = time.monotonic()
     ended = _check_streams(streams, tic, LIVENESS_S + 10)
-    assert wait_until(lambda: _gone(core), 10), "the stopped core was left behind"
+    assert wait_until(lambda: gone(core), 10), "the stopped core was left behind"
     back = _serving_again(up, tic, 60)
     print(f"\n[reliability] SIGSTOP engine core (liveness {LIVENESS_S:.0f}s): streams "
           f"ended with an error after {ended:.1f}s, serving again after {back:.1f}s")
@@ -97,7 +90,7 @@ def test_a_stopped_engine_core_is_replaced(up):
 def test_a_stopped_engine_front_end_is_replaced(up):
     streams = Streams(up)
     front = psutil.Process(up.pid("engine"))
-    core = _core_of(front.pid)
+    core = engine_core(front.pid)
     mark = len(up.lines)
     front.suspend()
     tic = time.monotonic()
@@ -111,7 +104,7 @@ def test_a_stopped_engine_front_end_is_replaced(up):
     if r.status_code == 503:
         assert fast < 1.5, fast
     up.wait_for(r"engine answered no health check", after=mark, timeout=LIVENESS_S + 10)
-    assert wait_until(lambda: _gone(front) and _gone(core), 15)
+    assert wait_until(lambda: gone(front) and gone(core), 15)
     back = _serving_again(up, tic, 60)
     print(f"\n[reliability] SIGSTOP engine front end (liveness {LIVENESS_S:.0f}s): streams "
           f"ended with an error after {ended:.1f}s, new request {r.status_code} in "
@@ -130,7 +123,7 @@ def test_a_stopped_or_killed_gateway_is_replaced(up, fault):
     assert up.pid("gateway", after=mark) != gateway.pid
     ended = _check_streams(streams, tic, LIVENESS_S + 10)  # their connections went with it
     back = _serving_again(up, tic, 60)
-    assert wait_until(lambda: _gone(gateway), 10)
+    assert wait_until(lambda: gone(gateway), 10)
     print(f"\n[reliability] {fault} gateway (liveness {LIVENESS_S:.0f}s): streams ended "
           f"with an error after {ended:.1f}s, serving again after {back:.1f}s")
 
@@ -142,7 +135,7 @@ def test_liveness_flag_reaches_the_engine(up):
 
 def test_a_killed_engine_core_is_replaced(up):
     streams = Streams(up)
-    core = _core_of(up.pid("engine"))
+    core = engine_core(up.pid("engine"))
     core.kill()
     tic = time.monotonic()
     ended = _check_streams(streams, tic, 10)
@@ -153,8 +146,7 @@ def test_a_killed_engine_core_is_replaced(up):
 
 @pytest.fixture
 def vlm_up(tiny_vlm, tmp_path):
-    u = Up("--model", str(tiny_vlm), "--liveness-timeout", str(LIVENESS_S), cache=tmp_path)
-    u.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving")
+    u = _started(tiny_vlm, tmp_path)
     yield u
     u.stop()
 
@@ -189,7 +181,7 @@ def test_a_media_worker_fault_under_image_load(vlm_up, fault):
     took = time.monotonic() - tic
     if fault == "suspend":
         vlm_up.wait_for(r"media-0 answered no health check", after=mark, timeout=LIVENESS_S + 10)
-    assert wait_until(lambda: _gone(worker), 15)
+    assert wait_until(lambda: gone(worker), 15)
     new = vlm_up.pid("media-0", after=mark)
     assert new != worker.pid
     try:
