@@ -1,2 +1,2 @@
 """The media worker: fetches, decodes and preprocesses the images and videos of
-a request, in a process of its own (shared/DESIGN.md)."""
+a request, in a process of its own (docs/architecture.md)."""

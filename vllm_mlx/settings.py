@@ -73,7 +73,7 @@ DEFAULT_MEDIA_PORT = 50061  # media worker k listens on DEFAULT_MEDIA_PORT + k
 
 @dataclass
 class MediaSettings:
-    """Limits and guards of the media workers (shared/DESIGN.md, failure and
+    """Limits and guards of the media workers (docs/architecture.md, failure and
     input rules). Every refusal is INVALID_ARGUMENT naming the item and why."""
 
     model: str                     # the processor of this model prepares the tensors
