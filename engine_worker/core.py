@@ -55,7 +55,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
     def send(message: tuple) -> None:
         # Plain pickle: Connection.send's own pickler (with its per-call
-        # reducer table) took 8 of a step's 23 us on an H200 (probe_pipe.py).
+        # reducer table) took 8 of a step's 23 us on an H200 (docs/benchmarks.md).
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with send_lock:
             conn.send_bytes(data)
@@ -83,7 +83,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
             # What loading made (modules, the model's Python objects, the
             # tokenizer) lives as long as this process: out of the cyclic
             # collector's view, a full collection during decoding takes a
-            # quarter of the time (scripts/probe_gc.py, docs/benchmarks.md).
+            # quarter of the time (docs/benchmarks.md).
             gc.freeze()
         send(("ready", None if error is None else f"{type(error).__name__}: {error}",
               engine.memory))
