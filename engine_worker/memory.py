@@ -7,14 +7,14 @@ Each admitted request reserves KV for its whole prompt plus max_tokens: a
 request never runs out of room halfway.
 """
 
-import importlib
 import os
-import types
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
+
+from engine_worker import mlx_compat
 
 DEFAULT_LIMIT_FRACTION = 0.9
 # Of the memory limit, what MLX's allocator may keep of freed buffers for reuse.
@@ -71,11 +71,5 @@ def keep_allocator_cache(limit: int) -> None:
     the emptying was for. For this process only: mlx-lm's generate module
     gets a view of mlx.core whose clear_cache does nothing.
     """
-    # (mlx_lm.generate, the attribute, is the function of that name)
-    generate = importlib.import_module("mlx_lm.generate")
     mx.set_cache_limit(limit)
-    if getattr(generate.mx, "clear_cache", None) is mx.clear_cache:
-        view = types.ModuleType(mx.__name__)
-        view.__dict__.update(vars(mx))
-        view.clear_cache = lambda: None
-        generate.mx = view
+    mlx_compat.keep_freed_buffers_in_generate()

@@ -10,7 +10,7 @@ pass, and rows that did not ask cost nothing more.
 
 The generator's prompt batch is one object for its life (mlx-lm extends it
 with each admitted group), so installing once per generator is enough, as
-with decode.install.
+with mlx_compat.install_decode_step.
 """
 
 from collections.abc import Callable

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache, trim_prompt_cache
 
+from engine_worker import mlx_compat
 from engine_worker.memory import device_memory
 from engine_worker.vision import MediaRows
 
@@ -90,7 +91,7 @@ def batch_kv(layers: list) -> list[tuple] | None:
     BatchKVCache (vision models' MediaRows)."""
     if not layers or not all(type(c) is BatchKVCache and c.keys is not None for c in layers):
         return None
-    return [(c.keys, c.values, c.left_padding, c._idx) for c in layers]
+    return [(c.keys, c.values, c.left_padding, mlx_compat.kv_end(c)) for c in layers]
 
 
 def finished_rows(kv: list[tuple], rows: list[int]) -> list[BatchRow]:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import psutil
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from engine_worker import decode, prefill
+from engine_worker import mlx_compat, prefill
 from engine_worker.memory import (
     DEFAULT_ALLOCATOR_CACHE_FRACTION,
     DEFAULT_LIMIT_FRACTION,
@@ -203,7 +203,7 @@ class Engine:
         # the generator's life) with `filter`, right after the step that
         # wrote their last KV: the batch's rows and KV as they were then are
         # what `_keep_kv` copies finished rows from.
-        decoding = gen._generation_batch
+        decoding = mlx_compat.decoding_batch(gen)
         drop_rows = type(decoding).filter
 
         def filter_noting_kv(keep: list[int]) -> None:
@@ -213,8 +213,8 @@ class Engine:
             drop_rows(decoding, keep)
 
         decoding.filter = filter_noting_kv
-        decode.install(decoding, self._logprob_uids)
-        prefill.install(gen._prompt_batch, self._prompt_scores)
+        mlx_compat.install_decode_step(decoding, self._logprob_uids)
+        prefill.install(mlx_compat.prompt_batch(gen), self._prompt_scores)
         return gen
 
     def _run(self) -> None:
@@ -265,14 +265,12 @@ class Engine:
                 spent["idle"] += clock() - t1
                 continue
             try:
-                counters = getattr(self._gen, "_counters", None)  # mlx-lm's own timing
-                prompt_time = counters.prompt_time if counters else 0.0
+                prompt_time = mlx_compat.prompt_seconds(self._gen)  # mlx-lm's own timing
                 self._dropped_from = None
                 prompt_responses, responses = self._gen.next()
                 self._evaluate_copies()
                 t2 = clock()
-                if counters:
-                    spent["prefill"] += counters.prompt_time - prompt_time
+                spent["prefill"] += mlx_compat.prompt_seconds(self._gen) - prompt_time
                 self._note_prefill(prompt_responses)
                 self._handle(responses)
             except Exception as e:  # a failure we cannot pin on one request

@@ -98,7 +98,7 @@ def _mlx_lm_reference(model_path, prompts, params) -> list[tuple[list[int], list
      [True, False, True, False]),
 ])
 def test_the_decode_step_gives_what_mlx_lms_gives(engine, tiny_model, kinds, wants_logprobs):
-    """The engine's own decode step (decode.py) skips work no request asked
+    """The engine's own decode step (mlx_compat.py) skips work no request asked
     for; every row still gets the tokens, and the log-probabilities where
     asked, that mlx-lm's step gives it."""
     params = [SamplingParams(**k) for k in kinds]
