@@ -6,20 +6,26 @@ import logging
 from engine_worker.server import serve
 from vllm_mlx import lifeline
 from vllm_mlx.engine_args import add_engine_arguments
-from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST, EngineSettings
+from vllm_mlx.flags import HelpFormatter
+from vllm_mlx.settings import EngineSettings
 
 
-def parse_args(argv: list[str] | None = None) -> EngineSettings:
-    ap = argparse.ArgumentParser(prog="vllm-mlx-engine", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineSettings(model="")
+    ap = argparse.ArgumentParser(prog="vllm-mlx-engine", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="a local mlx-lm model folder")
-    ap.add_argument("--served-model-name")
-    ap.add_argument("--host", default=DEFAULT_HOST,
-                    help="address to listen on (default loopback)")
-    ap.add_argument("--port", type=int, default=DEFAULT_ENGINE_PORT)
-    ap.add_argument("--prefill-batch-size", type=int, default=8)
-    ap.add_argument("--prefill-step-size", type=int, default=2048)
-    ap.add_argument("--no-warmup", dest="warmup", action="store_false")
-    ap.add_argument("--stream-interval-ms", type=float, default=0.0,
+    ap.add_argument("--served-model-name", help="the model's name in the API "
+                                                "(default: the folder's name)")
+    ap.add_argument("--host", default=d.host, help="address to listen on")
+    ap.add_argument("--port", type=int, default=d.port, help="gRPC port")
+    ap.add_argument("--prefill-batch-size", type=int, default=d.prefill_batch_size,
+                    help="prompts prefilled together")
+    ap.add_argument("--prefill-step-size", type=int, default=d.prefill_step_size,
+                    help="tokens of a long prompt prefilled per step")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="report ready without warming the kernels up")
+    ap.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_s * 1000,
                     help="after the first token, send at most one message per stream "
                          "per interval (0: one per decode step)")
     ap.add_argument("--mllm", action="store_true",
@@ -29,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
                     metavar="HOST:PORT",
                     help="a media worker that prepares images and videos (repeatable)")
     add_engine_arguments(ap)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> EngineSettings:
+    a = build_parser().parse_args(argv)
     return EngineSettings(
         model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
         max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,

@@ -10,30 +10,31 @@ import tempfile
 
 import uvicorn
 
-from gateway.config import API_KEY_ENV, DEFAULT_GATEWAY_PORT, SETTINGS_ENV, GatewaySettings
+from gateway.config import API_KEY_ENV, SETTINGS_ENV, GatewaySettings
 from vllm_mlx import lifeline
-from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST
+from vllm_mlx.flags import HelpFormatter
 
 
-def parse_args(argv: list[str] | None = None) -> GatewaySettings:
-    ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
-    ap.add_argument("--engine", default=f"{DEFAULT_HOST}:{DEFAULT_ENGINE_PORT}",
-                    help="the engine's gRPC address (host:port)")
-    ap.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default loopback)")
-    ap.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT)
-    ap.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+def build_parser() -> argparse.ArgumentParser:
+    d = GatewaySettings()
+    ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__,
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--engine", default=d.engine, help="the engine's gRPC address (host:port)")
+    ap.add_argument("--host", default=d.host, help="address to listen on")
+    ap.add_argument("--port", type=int, default=d.port, help="HTTP port")
+    # Not shown in --help: its default may be a secret from the environment.
+    ap.add_argument("--api-key", default=argparse.SUPPRESS,
                     help=f"require this key on every route but /health (or set {API_KEY_ENV})")
     ap.add_argument("--served-model-name",
                     help="the model name clients use (default: the engine's)")
     ap.add_argument("--model-alias", action="append", default=[], metavar="ALIAS",
                     help="another name accepted for the model; repeatable")
-    ap.add_argument("--workers", type=int, default=1,
+    ap.add_argument("--workers", type=int, default=d.workers,
                     help="gateway processes sharing the port")
-    ap.add_argument("--request-timeout", type=float, default=600.0,
+    ap.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                     help="seconds one generation may take before a 504")
-    ap.add_argument("--max-choices", type=int, default=128,
+    ap.add_argument("--max-choices", type=int, default=d.max_choices,
                     help="most choices (n x prompts) in one request")
-    d = GatewaySettings()
     g = ap.add_argument_group("connection guards (per gateway process)")
     g.add_argument("--max-connections", type=int, default=d.max_connections,
                    help="open connections; past it new ones get a 503")
@@ -45,22 +46,31 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
                    help="seconds for a request's headers to arrive (408 after)")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                    help="seconds a request body may pause (408 after)")
-    g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
+    g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="request line and headers (431 past it)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                    help="larger bodies get a 413 before they are read")
     r = ap.add_argument_group("request size caps")
-    r.add_argument("--max-messages", type=int, default=d.max_messages)
+    r.add_argument("--max-messages", type=int, default=d.max_messages,
+                   help="messages in one chat request")
     r.add_argument("--max-content-parts", type=int, default=d.max_content_parts,
                    help="content parts in one message")
-    r.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
+    r.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="stop strings in one request")
     r.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
                    help="characters of one prompt or message (tokens of a token-id prompt)")
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--log-level", default=d.log_level, help="uvicorn's and the gateway's")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> GatewaySettings:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error("--workers must be at least 1")
     return GatewaySettings(
-        engine=a.engine, host=a.host, port=a.port, api_key=a.api_key,
+        engine=a.engine, host=a.host, port=a.port,
+        api_key=getattr(a, "api_key", None) or os.environ.get(API_KEY_ENV) or None,
         served_model_name=a.served_model_name, model_aliases=a.model_alias,
         workers=a.workers, request_timeout_s=a.request_timeout, max_choices=a.max_choices,
         max_connections=a.max_connections,

@@ -6,19 +6,27 @@ import os
 
 from media_worker.server import serve
 from vllm_mlx import lifeline
+from vllm_mlx.flags import HelpFormatter
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_settings
-from vllm_mlx.settings import DEFAULT_HOST, DEFAULT_MEDIA_PORT, MediaSettings
+from vllm_mlx.settings import MediaSettings
 
 MEDIA_NICENESS = 19
 
 
-def parse_args(argv: list[str] | None = None) -> MediaSettings:
-    ap = argparse.ArgumentParser(prog="python -m media_worker", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    d = MediaSettings(model="")
+    ap = argparse.ArgumentParser(prog="python -m media_worker", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True,
                     help="the served model's folder (its processor prepares the media)")
-    ap.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default loopback)")
-    ap.add_argument("--port", type=int, default=DEFAULT_MEDIA_PORT)
+    ap.add_argument("--host", default=d.host, help="address to listen on")
+    ap.add_argument("--port", type=int, default=d.port, help="gRPC port")
     add_media_arguments(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> MediaSettings:
+    ap = build_parser()
     a = ap.parse_args(argv)
     check_media_arguments(ap, a)
     return media_settings(a, a.model, a.host, a.port)

@@ -24,13 +24,16 @@ def add_media_arguments(ap: argparse.ArgumentParser) -> None:
                    help="largest download, data URL or local file")
     g.add_argument("--media-fetch-timeout", type=float, default=d.fetch_timeout_s,
                    help="seconds one URL fetch may take in all, redirects included")
-    g.add_argument("--max-media-redirects", type=int, default=d.max_redirects)
+    g.add_argument("--max-media-redirects", type=int, default=d.max_redirects,
+                   help="redirects one URL fetch may follow")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest width x height of an image or video frame")
-    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds,
+                   help="longest video accepted")
     g.add_argument("--default-video-fps", type=float, default=d.default_video_fps,
                    help="frames sampled per second when a request does not say")
-    g.add_argument("--default-video-max-frames", type=int, default=d.default_video_max_frames)
+    g.add_argument("--default-video-max-frames", type=int, default=d.default_video_max_frames,
+                   help="frames sampled at most when a request does not say")
     g.add_argument("--max-video-fps", type=float, default=d.max_video_fps,
                    help="the most frames per second a request may ask for")
     g.add_argument("--max-video-frames", type=int, default=d.max_video_frames,

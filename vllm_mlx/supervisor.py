@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vllm_mlx import lifeline
 from vllm_mlx.engine_args import add_engine_arguments, engine_worker_argv
+from vllm_mlx.flags import HelpFormatter
 from vllm_mlx.health import answers, wait_for_serving
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
 from vllm_mlx.settings import DEFAULT_HOST, LIVENESS_PROBE_S
@@ -129,28 +130,38 @@ def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-mlx-up", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", help="model folder, Hugging Face repo id or .gguf file "
                                     "(default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--host", default=DEFAULT_HOST, help="HTTP address (default loopback)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
-    ap.add_argument("--gateway-workers", type=int, default=1)
+    ap.add_argument("--host", default=DEFAULT_HOST, help="HTTP address")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port")
+    ap.add_argument("--gateway-workers", type=int, default=1,
+                    help="gateway processes sharing the port")
     ap.add_argument("--media-workers", type=int,
                     help="media worker processes (default: 2 for a vision-language model, "
                          "else 0)")
     ap.add_argument("--mllm", action="store_true",
                     help="serve the model as vision-language (detected from its config "
                          "otherwise)")
-    ap.add_argument("--api-key", default=os.environ.get("VLLM_MLX_API_KEY"))
-    ap.add_argument("--served-model-name")
+    # Not shown in --help: its default may be a secret from the environment.
+    ap.add_argument("--api-key", default=argparse.SUPPRESS,
+                    help="require this key on every route but /health (or set "
+                         "VLLM_MLX_API_KEY)")
+    ap.add_argument("--served-model-name", help="the model's name in the API")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
     add_engine_arguments(ap)
     add_media_arguments(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser()
     a = ap.parse_args(argv)
+    a.api_key = getattr(a, "api_key", None) or os.environ.get("VLLM_MLX_API_KEY")
     check_media_arguments(ap, a)
     if a.media_workers is not None and a.media_workers < 0:
         ap.error("--media-workers must be at least 0")
