@@ -4,10 +4,10 @@ import argparse
 import logging
 
 from engine_worker.server import serve
-from vllm_mlx import lifeline
 from vllm_mlx.engine_args import add_engine_arguments
 from vllm_mlx.flags import HelpFormatter
 from vllm_mlx.settings import EngineSettings
+from vllm_mlx.supervision import lifeline
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ from multiprocessing.connection import Connection
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
 from engine_worker.scheduler import FAULT_INJECTION, Engine
+from vllm_mlx.ipc.shared_tensors import SharedTensors, take
 from vllm_mlx.settings import EngineSettings
-from vllm_mlx.shared_tensors import SharedTensors, take
 
 log = logging.getLogger("engine")
 

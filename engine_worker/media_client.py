@@ -6,7 +6,7 @@ nor decoded again. http(s) URLs and paths go to a worker every time: what
 they point at can change.
 
 The tensors never pass through this process: each item arrives as a
-shared-memory segment that the media worker wrote (vllm_mlx.shared_tensors)
+shared-memory segment that the media worker wrote (vllm_mlx.ipc.shared_tensors)
 and that this process then owns, counting its users (the requests in flight
 that carry it, and the cache) and unlinking it when the last one lets go.
 """
@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vllm_mlx.shared_tensors import Layout, exists, free_segments, unlink
+from vllm_mlx.ipc.shared_tensors import Layout, exists, free_segments, unlink
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
 

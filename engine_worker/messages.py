@@ -48,7 +48,7 @@ class Request:
     # Vision-language models: each image or video of the prompt, in prompt
     # order, as its processor's tensors by name (pixel_values, image_grid_thw,
     # ...); the prompt already holds each item's placeholder tokens. From the
-    # front end they cross the pipe as vllm_mlx.shared_tensors.SharedTensors.
+    # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors.
     media: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 

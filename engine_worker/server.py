@@ -26,9 +26,9 @@ from engine_worker.sampling import SamplingError, SamplingParams
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from engine_worker.vision import ONE_MEDIA_KIND
-from vllm_mlx.grpc_server import listen
+from vllm_mlx.ipc.grpc_server import listen
+from vllm_mlx.ipc.shared_tensors import SharedTensors
 from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, EngineSettings
-from vllm_mlx.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
 from vllm_mlx.v1 import media_pb2 as mpb

@@ -11,8 +11,8 @@ import tempfile
 import uvicorn
 
 from gateway.config import API_KEY_ENV, SETTINGS_ENV, GatewaySettings
-from vllm_mlx import lifeline
 from vllm_mlx.flags import HelpFormatter
+from vllm_mlx.supervision import lifeline
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,10 @@ import logging
 import os
 
 from media_worker.server import serve
-from vllm_mlx import lifeline
 from vllm_mlx.flags import HelpFormatter
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_settings
 from vllm_mlx.settings import MediaSettings
+from vllm_mlx.supervision import lifeline
 
 MEDIA_NICENESS = 19
 

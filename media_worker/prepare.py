@@ -17,8 +17,8 @@ from media_worker.images import decode_image
 from media_worker.processor import Prepared, Preprocessor
 from media_worker.sources import read_source
 from media_worker.video import decode_video
+from vllm_mlx.ipc.shared_tensors import free_segments, write_segment
 from vllm_mlx.settings import MediaSettings
-from vllm_mlx.shared_tensors import free_segments, write_segment
 from vllm_mlx.v1 import media_pb2 as pb
 
 _KINDS = {pb.MEDIA_KIND_IMAGE: "image", pb.MEDIA_KIND_VIDEO: "video"}

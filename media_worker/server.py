@@ -12,9 +12,9 @@ import psutil
 from media_worker.errors import MediaError
 from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
-from vllm_mlx.grpc_server import listen
+from vllm_mlx.ipc.grpc_server import listen
+from vllm_mlx.ipc.shared_tensors import SegmentLedger, free_segments
 from vllm_mlx.settings import MediaSettings
-from vllm_mlx.shared_tensors import SegmentLedger, free_segments
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 

@@ -199,7 +199,7 @@ def core_pids(front_end_pid: int) -> list[int]:
 
 
 def start_engine(model: Path, port: int, flags: list[str]) -> subprocess.Popen:
-    from vllm_mlx.health import wait_for_serving
+    from vllm_mlx.supervision.health import wait_for_serving
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine_worker", "--model", str(model), "--port", str(port),

@@ -199,7 +199,7 @@ def bench_decoders(clip: bytes, reps: int) -> dict:
 def bench_grpc(model: Path, clip: bytes, reps: int) -> dict:
     import grpc
 
-    from vllm_mlx.health import wait_for_serving
+    from vllm_mlx.supervision.health import wait_for_serving
     from vllm_mlx.v1 import media_pb2 as pb
     from vllm_mlx.v1 import media_pb2_grpc
 

@@ -218,8 +218,9 @@ def main() -> None:
         model = Path(tmp) / "tiny-vlm"
         make_test_models.build_vlm_model(model)
         log = open(Path(tmp) / "up.log", "w+")
-        up = subprocess.Popen([sys.executable, "-m", "vllm_mlx.supervisor", "--model", str(model),
-                               "--port", str(a.port), "--engine-port", str(a.engine_port)],
+        up = subprocess.Popen([sys.executable, "-m", "vllm_mlx.supervision.supervisor",
+                               "--model", str(model), "--port", str(a.port),
+                               "--engine-port", str(a.engine_port)],
                               stdout=log, stderr=subprocess.STDOUT,
                               cwd=ROOT)
         try:

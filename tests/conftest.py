@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from vllm_mlx.health import wait_for_serving
+from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory) -> Path:
-    from vllm_mlx.gguf_import import import_gguf
+    from vllm_mlx.model_files.gguf_import import import_gguf
 
     return import_gguf(SMOLLM2, tmp_path_factory.mktemp("smollm2") / "mlx", dtype="float32")
 

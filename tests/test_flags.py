@@ -11,7 +11,7 @@ from gateway.__main__ import build_parser as gateway_parser
 from gateway.config import GatewaySettings
 from media_worker.__main__ import build_parser as media_parser
 from vllm_mlx.settings import EngineSettings, MediaSettings
-from vllm_mlx.supervisor import build_parser as supervisor_parser
+from vllm_mlx.supervision.supervisor import build_parser as supervisor_parser
 
 # Flag dests whose settings field has another name.
 ALIASES = {"media_fetch_timeout": "fetch_timeout_s", "max_media_redirects": "max_redirects",

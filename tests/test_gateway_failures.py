@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from vllm_mlx.health import wait_for_serving
+from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2 as pb
 
 from .conftest import ROOT, start_engine, start_gateway, wait_until

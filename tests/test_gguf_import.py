@@ -24,8 +24,8 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
-from vllm_mlx.gguf_header import read_gguf_header  # noqa: E402
-from vllm_mlx.gguf_import import GGUFImportError, import_gguf  # noqa: E402
+from vllm_mlx.model_files.gguf_header import read_gguf_header  # noqa: E402
+from vllm_mlx.model_files.gguf_import import GGUFImportError, import_gguf  # noqa: E402
 
 from .conftest import SMOLLM2, needs_smollm2  # noqa: E402
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, free_port, serve_http, terminate
-from vllm_mlx.health import wait_for_serving
+from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -503,7 +503,7 @@ def test_items_in_shared_memory_equal_the_inline_ones(strict, clip):
     segment of its own, whose owner is the caller: the same arrays as an
     inline reply, and gone once the caller unlinks them."""
     from tests.test_shared_tensors import segment_exists
-    from vllm_mlx.shared_tensors import SharedTensors, take, unlink
+    from vllm_mlx.ipc.shared_tensors import SharedTensors, take, unlink
 
     items = [image_url(data_url(png((320, 240)), "image/png")),
              video_item(1, 0, url=data_url(clip, "video/mp4"))]
@@ -532,7 +532,7 @@ def test_segments_of_a_caller_that_died_are_freed(strict):
     no chance) does not leave them in memory until a reboot: the worker frees
     them within seconds, and leaves a live caller's alone."""
     from tests.test_shared_tensors import segment_exists
-    from vllm_mlx.shared_tensors import unlink
+    from vllm_mlx.ipc.shared_tensors import unlink
 
     item = image_url(data_url(png((64, 48)), "image/png"))
     mine = strict.stub.Prepare(pb.PrepareRequest(

@@ -15,8 +15,8 @@ pytest.importorskip("gguf")
 from mlx_lm import load  # noqa: E402
 
 from tests.test_gguf_import import IDS, SMOLLM2, needs_smollm2, write_tiny_gguf  # noqa: E402
-from vllm_mlx import model_source  # noqa: E402
-from vllm_mlx.model_source import ModelNotFound, resolve_model  # noqa: E402
+from vllm_mlx.model_files import model_source  # noqa: E402
+from vllm_mlx.model_files.model_source import ModelNotFound, resolve_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

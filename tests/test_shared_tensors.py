@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from vllm_mlx.shared_tensors import SharedTensors, take, unlink, write_segment
+from vllm_mlx.ipc.shared_tensors import SharedTensors, take, unlink, write_segment
 
 MEDIA = [{"pixel_values": np.arange(3 * 1176, dtype=np.float32).reshape(3, 1176),
           "image_grid_thw": np.array([[1, 2, 6]], dtype=np.int64)},

@@ -17,6 +17,8 @@ from vllm_mlx.cli import to_supervisor_argv
 
 from .conftest import ROOT, free_port, wait_until
 
+SUPERVISOR = "vllm_mlx.supervision.supervisor"
+
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -45,7 +47,7 @@ class Up:
         self.port = free_port()
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_mlx.supervisor", "--port", str(self.port), *args],
+            [sys.executable, "-m", SUPERVISOR, "--port", str(self.port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "VLLM_MLX_CACHE": str(cache), **(env or {})})
         threading.Thread(target=self._read, daemon=True).start()
@@ -221,7 +223,7 @@ def test_sigkill_of_the_supervisor_leaves_no_orphan(tiny_model, tmp_path):
 def test_unknown_model_fails_fast_saying_what_was_tried(tmp_path):
     tic = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_mlx.supervisor", "--model", "no-such-org/no-such-model",
+        [sys.executable, "-m", SUPERVISOR, "--model", "no-such-org/no-such-model",
          "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={**os.environ, "VLLM_MLX_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, free_port, start_engine, terminate
-from vllm_mlx.health import wait_for_serving
+from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import media_pb2 as mpb
 

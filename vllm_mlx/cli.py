@@ -7,7 +7,7 @@
 
 import sys
 
-from vllm_mlx import supervisor
+from vllm_mlx.supervision import supervisor
 
 
 def to_supervisor_argv(argv: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ import threading
 import psutil
 import pytest
 
-from vllm_mlx.supervisor import OPENBLAS_CANDIDATES
+from vllm_mlx.supervision.supervisor import OPENBLAS_CANDIDATES
 from vllm_mlx.v1 import engine_pb2 as pb
 
 from ..conftest import start_engine, wait_until

