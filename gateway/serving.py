@@ -435,17 +435,14 @@ async def completion(gens: list[Generation], ctx: Context, prompt_of: list[int],
     ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
     out = []
     for i, c in enumerate(choices):
-        start, offset = _prompt_choice(i, c, ctx, _echoed(echo, prompt_of[i], c), logprobs)
-        if logprobs:
-            lps = completion_logprobs(c.logprobs, offset)[0]
-            if start.logprobs is not None:
-                for name in type(lps).model_fields:
-                    getattr(start.logprobs, name).extend(getattr(lps, name))
-            else:
-                start.logprobs = lps
-        start.text += "".join(c.text)
-        start.finish_reason = c.finish_reason
-        out.append(start)
+        prefix = _echoed(echo, prompt_of[i], c)
+        # An echoed prompt's tokens come first, with the text offsets from 0.
+        lps = completion_logprobs((c.prompt_logprobs if prefix else []) + c.logprobs,
+                                  0)[0] if logprobs else None
+        out.append(CompletionChoice(
+            index=i, text=prefix + "".join(c.text), logprobs=lps,
+            finish_reason=c.finish_reason,
+            prompt_logprobs=prompt_logprobs(c.prompt_logprobs) if ctx.prompt_logprobs else None))
     return Completion(id=ctx.id, created=ctx.created, model=ctx.model, choices=out, usage=usage)
 
 
