@@ -8,7 +8,6 @@ docs/benchmarks.md).
 """
 
 import atexit
-import dataclasses
 import gc
 import logging
 import os
@@ -18,11 +17,12 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from engine_worker.loop import Loop
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
-from engine_worker.scheduler import FAULT_INJECTION, Engine
+from engine_worker.stats import as_dict
 from vllm_mlx.ipc.shared_tensors import SharedTensors, take
-from vllm_mlx.settings import EngineSettings
+from vllm_mlx.settings import EngineSettings, fault_injection
 
 log = logging.getLogger("engine")
 
@@ -46,7 +46,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
     # dies); a Ctrl-C sent to the whole process group must not kill it mid-step.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    if FAULT_INJECTION:  # tests: a library exit hook that never returns, as OpenBLAS's did
+    if fault_injection():  # tests: a library exit hook that never returns, as OpenBLAS's did
         atexit.register(threading.Event().wait)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -69,7 +69,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         stats = None
         if not outputs or now - last_stats[0] > 0.1:
             last_stats[0] = now
-            stats = dataclasses.asdict(engine.stats)
+            stats = as_dict(loop.stats)
         send(("outputs", *outputs.to_wire(), stats))
 
     def refuse(r: Request, e: Exception) -> None:
@@ -86,9 +86,9 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
             # quarter of the time (docs/benchmarks.md).
             gc.freeze()
         send(("ready", None if error is None else f"{type(error).__name__}: {error}",
-              engine.memory))
+              loop.memory))
 
-    engine = Engine(settings, lambda s: load_model(facts), publish, on_ready)
+    loop = Loop(settings, lambda s: load_model(facts), publish, on_ready)
 
     def read_requests() -> None:
         try:
@@ -102,13 +102,13 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                         refuse(item, e)
                         continue
                     try:
-                        engine.submit(item)
+                        loop.submit(item)
                     except (QueueFull, DuplicateRequest) as e:  # the front end checks first
                         refuse(item, e)
                 elif kind == "abort":
-                    engine.abort(*item)
+                    loop.abort(*item)
                 elif kind == "clear_prefix_cache":
-                    engine.clear_prefix_cache()
+                    loop.clear_prefix_cache()
                 else:
                     break
         except (EOFError, OSError):
@@ -116,12 +116,12 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
             timer = threading.Timer(ORPHAN_GRACE_S, _exit_now, args=(1,))
             timer.daemon = True
             timer.start()
-        engine.stop()
+        loop.stop()
 
     threading.Thread(target=read_requests, name="core-reader", daemon=True).start()
     code = 0
     try:
-        engine.run()
+        loop.run()
     except BaseException:  # e.g. the last send, into a pipe whose reader died
         log.exception("engine core stopped")
         code = 1

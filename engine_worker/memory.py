@@ -73,3 +73,34 @@ def keep_allocator_cache(limit: int) -> None:
     """
     mx.set_cache_limit(limit)
     mlx_compat.keep_freed_buffers_in_generate()
+
+
+def set_up_memory(model: nn.Module, max_memory: int | None,
+                  allocator_cache_bytes: int | None) -> MemoryBudget:
+    """The budget of a freshly loaded model (its weights are MLX's live
+    memory now), with MLX's allocator cache set aside inside the limit."""
+    limit = max_memory or int(device_memory() * DEFAULT_LIMIT_FRACTION)
+    budget = MemoryBudget(limit, mx.get_active_memory(), kv_bytes_per_token(model))
+    if budget.for_requests <= 0:
+        raise MemoryError(f"the weights take {budget.weights} bytes, more than the "
+                          f"memory limit of {limit} bytes")
+    cache_bytes = allocator_cache_bytes
+    if cache_bytes is None:
+        cache_bytes = int(limit * DEFAULT_ALLOCATOR_CACHE_FRACTION)
+    if cache_bytes > 0:
+        keep_allocator_cache(cache_bytes)
+        budget.allocator_cache = cache_bytes
+    return budget
+
+
+def make_room(budget: MemoryBudget, prefix_cache, requests_bytes: int) -> bool:
+    """Whether weights + the buffer cache + `requests_bytes` of KV + the
+    prefix cache fit the limit, evicting cached prefixes first if that is
+    what it takes."""
+    over = requests_bytes - budget.for_requests
+    if prefix_cache is not None:
+        over += prefix_cache.nbytes
+        if over > 0:
+            prefix_cache.shrink(over)
+            over = requests_bytes + prefix_cache.nbytes - budget.for_requests
+    return over <= 0

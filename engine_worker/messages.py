@@ -1,7 +1,7 @@
 """What crosses between the engine's front end and its core: requests in,
 each decode step's outputs out, and the refusals either side raises.
 
-The front end (server.py) and the core (core.py, scheduler.py) meet here
+The front end (server.py) and the core (core.py, loop.py) meet here
 only; both pickle these over one pipe, once per request and once per step.
 """
 

@@ -7,7 +7,7 @@ between releases, so they are used here and nowhere else (a test scans the
 code for private names), this module was written against the versions in
 WRITTEN_FOR (pyproject.toml pins them), and importing it checks that those
 are the ones installed. To move to a new mlx-lm: bump the pins, then the
-scheduler tests (which compare the decode step with mlx-lm's own) and
+loop tests (which compare the decode step with mlx-lm's own) and
 tests/test_mlx_compat.py say what broke.
 
 The decode step is mlx-lm's, less the work no request asked for. mlx-lm's

@@ -6,6 +6,7 @@ gets `None`, so an all-greedy batch samples in one batched argmax.
 """
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -127,3 +128,44 @@ def _output_penalties(presence: float, frequency: float, prompt_len: int,
         return logits
 
     return penalize
+
+
+def guarded(params: SamplingParams, prompt_len: int, failed: Callable[[str], None],
+            inject_fault: bool = False) -> tuple[Sampler | None, list[LogitsProcessor]]:
+    """The request's sampler and processors, wrapped so that one raising
+    reports it through `failed` and lets the step go on: one request fails,
+    not the whole batch. `inject_fault`: a processor that raises after two
+    generated tokens (tests, through VLLM_MLX_FAULT_INJECTION)."""
+    sampler = make_sampler(params)
+    processors = make_processors(params, prompt_len)
+    if inject_fault:
+        processors.append(_fault_after(prompt_len + 2))
+
+    def guard_processor(p: LogitsProcessor) -> LogitsProcessor:
+        def run(tokens: mx.array, logits: mx.array) -> mx.array:
+            try:
+                return p(tokens, logits)
+            except Exception as e:
+                failed(f"logits processor failed: {e}")
+                return logits
+        return run
+
+    def guard_sampler(s: Sampler) -> Sampler:
+        def run(logprobs: mx.array) -> mx.array:
+            try:
+                return s(logprobs)
+            except Exception as e:
+                failed(f"sampler failed: {e}")
+                return mx.argmax(logprobs, axis=-1)
+        return run
+
+    return (guard_sampler(sampler) if sampler else None,
+            [guard_processor(p) for p in processors])
+
+
+def _fault_after(n_tokens: int) -> LogitsProcessor:
+    def fault(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size > n_tokens:
+            raise RuntimeError("injected fault")
+        return logits
+    return fault

@@ -4,7 +4,7 @@ For each model and concurrency, the raw generator (in a process of its own)
 and the engine (a real engine process, driven by an asyncio gRPC client)
 generate the same prompts with greedy decoding and EOS ignored, so both
 produce exactly concurrency x max_tokens tokens. A third column, "core", is
-the engine's scheduler fed directly in the raw process (no gRPC, all requests
+the engine loop fed directly in the raw process (no gRPC, all requests
 at once), to tell the loop's own cost from the rest. All processes stay up for
 a whole model; for each concurrency each runs the workload once untimed
 (kernels for new shapes compile on first use), then rounds alternate. The
@@ -45,7 +45,7 @@ def vocab_of(model: Path) -> int:
 # -- raw mlx-lm and the engine loop without gRPC, in a process of their own --------
 # (`bench_engine.py raw --model M`). It reads "raw C" or "core C" per line on
 # stdin and answers with tokens/s, so all three can alternate while warm.
-# "core" is the engine's scheduler fed directly, all C requests at once: the
+# "core" is the engine loop fed directly, all C requests at once: the
 # gap between it and raw is the engine loop's own cost, the gap between it and
 # the gRPC engine is transport, front end and arrival pattern.
 
@@ -56,10 +56,10 @@ def raw_worker(model: Path, max_tokens: int) -> None:
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
+    from engine_worker.loop import Loop
     from engine_worker.messages import Request
     from engine_worker.model import load_model, read_facts
     from engine_worker.sampling import SamplingParams
-    from engine_worker.scheduler import Engine
     from vllm_mlx.settings import EngineSettings
 
     m, _ = load(str(model))
@@ -83,7 +83,7 @@ def raw_worker(model: Path, max_tokens: int) -> None:
 
     # The core runs mlx-lm's allocator cache handling (allocator_cache_bytes=0):
     # the engine's own would apply to the raw generator in this process too.
-    core = Engine(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False,
+    core = Loop(EngineSettings(model=str(model), max_num_seqs=64, prefix_cache=False,
                                  allocator_cache_bytes=0),
                   lambda s: load_model(read_facts(s.model)), publish)
     core.start()

@@ -7,21 +7,21 @@ import random
 import httpx
 import pytest
 
+from engine_worker.loop import Loop
 from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine
 from vllm_mlx.settings import EngineSettings
 from vllm_mlx.v1 import engine_pb2 as pb
 
 from .conftest import start_engine, start_gateway, wait_until
-from .test_scheduler import Collector, run, tokens_of
+from .test_loop import Collector, run, tokens_of
 
 
-def make_engine(model, **settings) -> Engine:
+def make_engine(model, **settings) -> Loop:
     collector = Collector()
     s = EngineSettings(model=str(model), max_num_seqs=8, max_queue=64, warmup=False, **settings)
-    e = Engine(s, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(s, lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector
@@ -102,7 +102,7 @@ def test_eviction_under_a_small_budget(tiny_model, plain):
         for i in range(5):
             prompt = ids(120, seed=200 + i)
             assert greedy(e, f"ev-{i}", prompt) == greedy(plain, f"ev-ref-{i}", prompt)
-            assert e._prefix.nbytes <= budget
+            assert e.stats.cache_bytes <= budget
         assert wait_until(lambda: e.stats.cache_evictions > 0, timeout=5)
         assert 0 < e.stats.cache_bytes <= budget
         # The newest entry survived and still serves exact output.
@@ -115,14 +115,14 @@ def test_eviction_under_a_small_budget(tiny_model, plain):
 
 
 def test_untrimmable_cache_types_turn_reuse_off(tiny_model, monkeypatch, caplog):
-    import engine_worker.scheduler as scheduler
-    monkeypatch.setattr(scheduler, "can_reuse", lambda model: False)
+    import engine_worker.loop as loop
+    monkeypatch.setattr(loop, "can_reuse", lambda model: False)
     e = make_engine(tiny_model)
     try:
         prompt = ids(40, seed=8)
         greedy(e, "r1", prompt)
         greedy(e, "r2", prompt)
-        assert e._prefix is None and e.stats.cache_hits == 0
+        assert e.stats.cache_hits == e.stats.cache_misses == e.stats.cache_bytes == 0
     finally:
         e.stop()
     assert "prefix cache off" in caplog.text
@@ -142,7 +142,7 @@ def test_images_key_the_cache_apart(tiny_vlm):
             e.submit(r)
             outs.append(tokens_of(e.collector.wait(r.request_id)))
         assert outs[0] != outs[1] and outs[0] == outs[2]
-        assert e.stats.cache_hits == 0 and e._prefix is not None and len(e._prefix) == 0
+        assert e.stats.cache_hits == e.stats.cache_misses == e.stats.cache_bytes == 0
     finally:
         e.stop()
 
@@ -262,13 +262,15 @@ def test_kept_kv_holds_only_its_own_bytes(tiny_model):
         one_round("warm")
         # The finished rows' copies are evaluated once the engine is idle
         # too, so that no batch's whole KV outlives it.
-        assert wait_until(lambda: not engine._copies_to_evaluate, timeout=10)
+        # (An idle pass of the loop has begun once its idle time grows.)
+        idle = engine.stats.loop_seconds["idle"]
+        assert wait_until(lambda: engine.stats.loop_seconds["idle"] > idle, timeout=10)
         mx.synchronize()
-        active, kept = mx.get_active_memory(), engine._prefix.nbytes
+        active, kept = mx.get_active_memory(), engine.stats.cache_bytes
         for r in range(4):
             one_round(f"r{r}")
         mx.synchronize()
-        grown, kept_more = mx.get_active_memory() - active, engine._prefix.nbytes - kept
+        grown, kept_more = mx.get_active_memory() - active, engine.stats.cache_bytes - kept
         assert kept_more > 0
         assert grown < 2 * kept_more + (1 << 20), (grown, kept_more)
     finally:
@@ -296,7 +298,7 @@ def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeyp
     together, then one, then the last: each time the finished rows are
     gathered in one copy per layer (finished_rows), and each row must still
     be exactly its own KV, padding excluded."""
-    from engine_worker import scheduler
+    from engine_worker import batch
 
     gathered = []
 
@@ -304,8 +306,8 @@ def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeyp
         gathered.append(len(rows))
         return gather(kv, rows)
 
-    gather = scheduler.finished_rows
-    monkeypatch.setattr(scheduler, "finished_rows", counted)
+    gather = batch.finished_rows
+    monkeypatch.setattr(batch, "finished_rows", counted)
     prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
     lengths = [12, 12, 20, 30]
     for i, (p, n) in enumerate(zip(prompts, lengths)):

@@ -2,7 +2,6 @@
 random-weight VLMs: media requests join the same batch as text requests, each
 keeps its own image, and batching changes nothing any request gets."""
 
-import threading
 import time
 from pathlib import Path
 
@@ -10,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine_worker.admission import Admission
+from engine_worker.loop import Loop
 from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine
 from tests.conftest import make_test_models
-from tests.test_scheduler import Collector, tokens_of
+from tests.test_loop import Collector, tokens_of
 from vllm_mlx.settings import EngineSettings
 
 IMAGE_PAD = "<|image_pad|>"
@@ -68,10 +68,11 @@ def picture(w, h, seed) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def start_engine(path, **settings) -> Engine:
+def start_engine(path, after_step=None, admission=None, **settings) -> Loop:
     collector = Collector()
     s = EngineSettings(model=str(path), max_num_seqs=8, max_queue=64, **settings)
-    e = Engine(s, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(s, lambda s: load_model(read_facts(s.model)), collector.publish,
+             after_step=after_step, admission=admission)
     e.start()
     assert e.ready.wait(60) and e.load_error is None, e.load_error
     e.collector = collector
@@ -146,23 +147,13 @@ def test_image_request_joins_mid_decode(vlm_engine):
     image = picture(120, 90, 4)
     alone = run(vlm_engine, p.request("solo", "Look.", images=[image], max_tokens=30))
     text_alone = run(vlm_engine, p.request("solo-text", "Once upon a time", max_tokens=40))
-    seen = threading.Event()
-    first = vlm_engine.collector.publish
-
-    def publish(batch):
-        first(batch)
-        seen.set()
-
-    vlm_engine._publish = publish
-    try:
-        vlm_engine.submit(p.request("long-text", "Once upon a time", max_tokens=40))
-        seen.clear()
-        assert seen.wait(10)
-        vlm_engine.submit(p.request("joined", "Look.", images=[image], max_tokens=30))
-        joined = tokens_of(vlm_engine.collector.wait("joined"))
-        text_joined = tokens_of(vlm_engine.collector.wait("long-text"))
-    finally:
-        vlm_engine._publish = first
+    seen = vlm_engine.collector.published
+    vlm_engine.submit(p.request("long-text", "Once upon a time", max_tokens=40))
+    seen.clear()
+    assert seen.wait(10)
+    vlm_engine.submit(p.request("joined", "Look.", images=[image], max_tokens=30))
+    joined = tokens_of(vlm_engine.collector.wait("joined"))
+    text_joined = tokens_of(vlm_engine.collector.wait("long-text"))
     assert joined == alone
     assert text_joined == text_alone
 
@@ -236,74 +227,69 @@ def test_chunked_prefill_keeps_image_rows_apart(vlm_engine, tiny_vlm):
         e.stop()
 
 
+class RecordingAdmission(Admission):
+    """The default policy, noting each group it admits and whether a text
+    request was still waiting for its first token then."""
+
+    def __init__(self, settings: EngineSettings):
+        super().__init__(settings.max_num_seqs, settings.prefill_batch_size,
+                         settings.admit_window_s)
+        self.groups: list[tuple[list[str], bool]] = []
+
+    def choose(self, batch, cost, fits):
+        decision = super().choose(batch, cost, fits)
+        if decision.admit:
+            self.groups.append(([r.request_id for r in decision.admit],
+                                batch.text_awaiting_first))
+        return decision
+
+
 def test_media_requests_join_one_per_step_after_text_first_tokens(tiny_vlm):
     """Image requests waiting together are encoded one per step, so decode
     steps run between encodes; a text request behind them joins first, and
     no encoder runs while a text request waits for its first token."""
-    e = start_engine(tiny_vlm)
     p = Prompter(tiny_vlm)
+    policy = RecordingAdmission(EngineSettings(model="", max_num_seqs=8))
+    burst = [p.request(f"img-{i}", "Describe.", images=[picture(40 + 10 * i, 30, i)])
+             for i in range(3)] + [p.request("text", "Hello there")]
+
+    def after_step(prompt_responses, responses):
+        while burst:  # on the loop's thread: all four wait together
+            e.submit(burst.pop(0))
+
+    e = start_engine(tiny_vlm, after_step=after_step, admission=policy)
     try:
-        groups: list[list[str]] = [[]]
-        awaiting_at_encode: dict[str, set] = {}
-        initial, insert, step = e._initial_cache, e._gen.insert, e._gen.next
-
-        def recording_initial(r):
-            groups[-1].append(r.request_id)
-            if r.media:
-                awaiting_at_encode[r.request_id] = set(e._awaiting_first)
-            return initial(r)
-
-        def recording_insert(*args, **kwargs):
-            groups.append([])
-            return insert(*args, **kwargs)
-
-        burst = [p.request(f"img-{i}", "Describe.", images=[picture(40 + 10 * i, 30, i)])
-                 for i in range(3)] + [p.request("text", "Hello there")]
-
-        def next_step():
-            out = step()
-            while burst:  # on the engine thread: all four wait together
-                e.submit(burst.pop(0))
-            return out
-
-        e._initial_cache, e._gen.insert, e._gen.next = (recording_initial, recording_insert,
-                                                        next_step)
         e.submit(p.request("first", "Hi", max_tokens=16))
         for rid in ("first", "img-0", "img-1", "img-2", "text"):
             e.collector.wait(rid)
     finally:
         e.stop()
-    admitted = [g for g in groups if g]
+    admitted = [ids for ids, _ in policy.groups]
     assert admitted == [["first"], ["text"], ["img-0"], ["img-1"], ["img-2"]], admitted
-    assert awaiting_at_encode == {f"img-{i}": set() for i in range(3)}
+    assert not any(text_waiting for ids, text_waiting in policy.groups[2:])
 
 
 def test_steady_text_traffic_does_not_starve_a_media_request(tiny_vlm):
     """A text request arriving at every step keeps one waiting for its first
     token all the time; the image request still joins, once it has been held
     back for MEDIA_HOLD_MAX_S."""
-    from engine_worker.scheduler import MEDIA_HOLD_MAX_S
+    from engine_worker.admission import MEDIA_HOLD_MAX_S
 
-    e = start_engine(tiny_vlm)
     p = Prompter(tiny_vlm)
+    policy = RecordingAdmission(EngineSettings(model="", max_num_seqs=8))
     limit = 3000
+    sent = [0]
+
+    def image_admitted() -> bool:
+        return any("img" in ids for ids, _ in policy.groups)
+
+    def after_step(prompt_responses, responses):
+        if sent[0] < limit and not image_admitted():
+            e.submit(p.request(f"t-{sent[0]}", "Hi", max_tokens=2))
+            sent[0] += 1
+
+    e = start_engine(tiny_vlm, after_step=after_step, admission=policy)
     try:
-        sent, admitted_after = [0], []
-        initial, step = e._initial_cache, e._gen.next
-
-        def recording_initial(r):
-            if r.media:
-                admitted_after.append(sent[0])
-            return initial(r)
-
-        def next_step():
-            out = step()
-            if sent[0] < limit and not admitted_after:
-                e.submit(p.request(f"t-{sent[0]}", "Hi", max_tokens=2))
-                sent[0] += 1
-            return out
-
-        e._initial_cache, e._gen.next = recording_initial, next_step
         e.submit(p.request("warm", "Hi", max_tokens=2))
         e.collector.wait("warm")
         tic = time.monotonic()
@@ -312,5 +298,6 @@ def test_steady_text_traffic_does_not_starve_a_media_request(tiny_vlm):
         waited = time.monotonic() - tic
     finally:
         e.stop()
-    assert admitted_after and admitted_after[0] < limit, "text traffic starved the image"
-    assert admitted_after[0] > 0 and waited >= MEDIA_HOLD_MAX_S * 0.9
+    # Text requests stop once the image is in: sent[0] is how many came first.
+    assert image_admitted() and sent[0] < limit, "text traffic starved the image"
+    assert sent[0] > 0 and waited >= MEDIA_HOLD_MAX_S * 0.9

@@ -1,5 +1,6 @@
 """Settings shared by the command-line entry points and the worker processes."""
 
+import os
 from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"
@@ -96,3 +97,12 @@ class MediaSettings:
     default_video_max_frames: int = 16
     max_video_fps: float = 30.0
     max_video_frames: int = 64
+
+# Tests set VLLM_MLX_FAULT_INJECTION=1 to make engine faults happen on cue
+# (a request whose id starts "fault-" fails inside the batch; the core's exit
+# hangs as OpenBLAS's once did). Never set in production.
+FAULT_INJECTION_ENV = "VLLM_MLX_FAULT_INJECTION"
+
+
+def fault_injection() -> bool:
+    return os.environ.get(FAULT_INJECTION_ENV) == "1"

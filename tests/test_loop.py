@@ -2,17 +2,16 @@
 what each request would get alone."""
 
 import importlib
-import queue
 import threading
 import time
 
 import pytest
 
-from engine_worker import scheduler
+from engine_worker import admission
+from engine_worker.loop import Loop
 from engine_worker.messages import Output, Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from engine_worker.scheduler import Engine
 from vllm_mlx.settings import EngineSettings
 
 
@@ -22,13 +21,15 @@ class Collector:
     def __init__(self):
         self.outputs: dict[str, list[Output]] = {}
         self.done: dict[str, threading.Event] = {}
-        self.q = queue.SimpleQueue()
+        self.published = threading.Event()  # set after every publish
 
     def publish(self, batch):
         for out in batch:
             self.outputs.setdefault(out.request_id, []).append(out)
             if out.finish_reason:
                 self.done.setdefault(out.request_id, threading.Event()).set()
+        if len(batch):
+            self.published.set()
 
     def wait(self, request_id, timeout=60) -> list[Output]:
         ev = self.done.setdefault(request_id, threading.Event())
@@ -40,7 +41,7 @@ class Collector:
 def engine(tiny_model):
     collector = Collector()
     settings = EngineSettings(model=str(tiny_model), max_num_seqs=8, max_queue=64)
-    e = Engine(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector
@@ -122,23 +123,13 @@ def test_mid_decode_joins_keep_outputs(engine):
     """Requests inserted while others are decoding (the '[rope] offset' crash
     seen in other servers) get exactly their solo output."""
     alone = [tokens_of(run(engine, f"solo-{i}", p, max_tokens=40)) for i, p in enumerate(PROMPTS)]
-    seen = threading.Event()
-    first = engine.collector.publish
-
-    def publish(batch):  # join new requests as soon as decoding has started
-        first(batch)
-        seen.set()
-
-    engine._publish = publish
-    try:
-        engine.submit(Request("join-0", PROMPTS[0], 40, SamplingParams()))
-        for i, p in enumerate(PROMPTS[1:], start=1):
-            seen.clear()
-            assert seen.wait(10)
-            engine.submit(Request(f"join-{i}", p, 40, SamplingParams()))
-        joined = [tokens_of(engine.collector.wait(f"join-{i}")) for i in range(len(PROMPTS))]
-    finally:
-        engine._publish = first
+    seen = engine.collector.published  # join new requests as soon as decoding has started
+    engine.submit(Request("join-0", PROMPTS[0], 40, SamplingParams()))
+    for i, p in enumerate(PROMPTS[1:], start=1):
+        seen.clear()
+        assert seen.wait(10)
+        engine.submit(Request(f"join-{i}", p, 40, SamplingParams()))
+    joined = [tokens_of(engine.collector.wait(f"join-{i}")) for i in range(len(PROMPTS))]
     assert joined == alone
 
 
@@ -194,19 +185,12 @@ def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
     is seen at a known point). Returns the sizes of the prefill passes."""
     sizes = _recorded_prefill_sizes(monkeypatch)
     collector = Collector()
-    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, **engine_settings),
-               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, **engine_settings),
+             lambda s: load_model(read_facts(s.model)), collector.publish,
+             after_step=lambda prompt_responses, responses: feed(e, prompt_responses, responses))
     e.start()
     try:
         assert e.ready.wait(60) and e.load_error is None
-        step = e._gen.next
-
-        def next_step():
-            prompt_responses, responses = step()
-            feed(e, prompt_responses, responses)
-            return prompt_responses, responses
-
-        e._gen.next = next_step
         e.submit(Request("first", [5, 17, 33, 40], 48, SamplingParams()))
         collector.wait("first")
         for rid in list(collector.done):
@@ -250,12 +234,12 @@ def test_trickle_waits_for_a_whole_prefill_batch(tiny_model, monkeypatch, window
     assert sizes == expected
 
 
-def _burst(e: Engine, collector: Collector, tag: str) -> None:
+def _burst(e: Loop, collector: Collector, tag: str) -> None:
     """One request per prompt: the first arrives alone (the engine has taken
     it in), the rest follow at once; returns when all have finished."""
     rs = [Request(f"{tag}-{i}", p, 4, SamplingParams()) for i, p in enumerate(PROMPTS)]
     e.submit(rs[0])
-    while not e._inbox.empty():
+    while not e.stats.waiting + e.stats.running:  # the loop has taken it in
         time.sleep(0)
     for r in rs[1:]:
         e.submit(r)
@@ -269,10 +253,10 @@ def test_an_idle_engine_gathers_a_burst_within_the_window(tiny_model, monkeypatc
     starting a pass for the first request alone."""
     sizes = _recorded_prefill_sizes(monkeypatch)
     # A gap this machine's scheduling cannot exceed between two submits.
-    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", 0.05)
+    monkeypatch.setattr(admission, "IDLE_GATHER_GAP_S", 0.05)
     collector = Collector()
-    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
-               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
+             lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     try:
         assert e.ready.wait(60) and e.load_error is None
@@ -287,11 +271,11 @@ def test_every_burst_is_gathered_not_only_the_first(tiny_model, monkeypatch):
     burst, once the window has passed, is gathered too, not cut after its
     first arrival."""
     sizes = _recorded_prefill_sizes(monkeypatch)
-    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", 0.05)
+    monkeypatch.setattr(admission, "IDLE_GATHER_GAP_S", 0.05)
     window = 0.2
     collector = Collector()
-    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=window),
-               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=window),
+             lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     try:
         assert e.ready.wait(60) and e.load_error is None
@@ -310,10 +294,10 @@ def test_a_lone_user_is_not_held_but_a_burst_after_it_is_gathered(tiny_model, mo
     the one after it is gathered again."""
     sizes = _recorded_prefill_sizes(monkeypatch)
     gap = 0.5
-    monkeypatch.setattr(scheduler, "IDLE_GATHER_GAP_S", gap)
+    monkeypatch.setattr(admission, "IDLE_GATHER_GAP_S", gap)
     collector = Collector()
-    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
-               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, admit_window_s=60.0),
+             lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
 
     def timed(rid: str) -> float:
@@ -356,9 +340,9 @@ def test_prefill_passes_leave_freed_buffers_for_reuse(tiny_model, monkeypatch):
     monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", measured)
     limit = 64 * 2**20
     collector = Collector()
-    e = Engine(EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False,
-                              allocator_cache_bytes=limit),
-               lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False,
+                            allocator_cache_bytes=limit),
+             lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     previous = None
     try:
@@ -418,7 +402,7 @@ def test_prompt_logprobs_from_chunked_padded_prefill(tiny_model):
     collector = Collector()
     settings = EngineSettings(model=str(tiny_model), max_num_seqs=8, prefill_step_size=4,
                               warmup=False)
-    e = Engine(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector

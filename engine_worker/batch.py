@@ -1,0 +1,273 @@
+"""The running batch: mlx-lm's BatchGenerator and the requests inside it.
+
+`insert` puts admitted requests in (each starting from its longest cached
+prefix), `step` takes one decode step and turns its tokens into outputs,
+`remove` takes one out early. Finished requests' KV goes to the prefix cache.
+Only the loop's thread calls it.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from engine_worker import mlx_compat, prefill
+from engine_worker.admission import BatchState
+from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
+from engine_worker.prefix_cache import PrefixCache, batch_kv, finished_rows
+from engine_worker.sampling import guarded
+from engine_worker.vision import BatchedVisionLM
+from vllm_mlx.settings import EngineSettings, fault_injection
+from vllm_mlx.v1 import engine_pb2 as pb
+
+log = logging.getLogger("engine")
+
+FAULT_INJECTION = fault_injection()
+
+
+@dataclass
+class _Running:
+    request: Request
+    failure: str = ""  # set by a guarded sampler or processor that raised
+
+    def failed(self, message: str) -> None:
+        self.failure = self.failure or message
+
+
+class Batch:
+    def __init__(self, settings: EngineSettings, model, prefix: PrefixCache | None,
+                 kv_bytes: Callable[[Request], int], stats: pb.Stats,
+                 finish: Callable[[Request, Output], None]):
+        """`kv_bytes(request)`: the KV a request reserves; `finish(request,
+        output)`: a request's last output (the loop's bookkeeping)."""
+        self.settings, self.model, self.prefix = settings, model, prefix
+        self._kv_bytes, self._stats, self._finish = kv_bytes, stats, finish
+        self.running: dict[int, _Running] = {}  # BatchGenerator uid -> state
+        self.state = BatchState()  # what admission needs, as the last step left it
+        self._logprob_uids: set[int] = set()  # running requests that asked for logprobs
+        # Running requests that asked for their prompt's logprobs, until their
+        # first token carries them out.
+        self._prompt_scores: dict[int, prefill.PromptScores] = {}
+        self._awaiting_first: set[int] = set()  # text requests without a token yet
+        self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
+        self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
+        self.gen = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        s = self.settings
+        gen = BatchGenerator(self.model, completion_batch_size=s.max_num_seqs,
+                             prefill_batch_size=min(s.prefill_batch_size, s.max_num_seqs),
+                             prefill_step_size=s.prefill_step_size)
+        # mlx-lm drops finished rows from its decoding batch (one object for
+        # the generator's life) with `filter`, right after the step that
+        # wrote their last KV: the batch's rows and KV as they were then are
+        # what `_keep_kv` copies finished rows from.
+        decoding = mlx_compat.decoding_batch(gen)
+        drop_rows = type(decoding).filter
+
+        def filter_noting_kv(keep: list[int]) -> None:
+            if self._dropped_from is None:  # the step's own, not a later removal's
+                kv = batch_kv(decoding.prompt_cache)
+                self._dropped_from = kv and (list(decoding.uids), kv)
+            drop_rows(decoding, keep)
+
+        decoding.filter = filter_noting_kv
+        mlx_compat.install_decode_step(decoding, self._logprob_uids)
+        prefill.install(mlx_compat.prompt_batch(gen), self._prompt_scores)
+        return gen
+
+    def admission_state(self) -> BatchState:
+        s = self.state
+        s.running, s.text_awaiting_first = len(self.running), bool(self._awaiting_first)
+        s.kv_reserved = sum(self._kv_bytes(st.request) for st in self.running.values())
+        return s
+
+    def insert(self, requests: list[Request]) -> None:
+        # Each prompt prefills only what follows its longest cached prefix.
+        batch, caches, cached = [], [], []
+        for r in requests:
+            try:
+                cache, n = self._initial_cache(r)
+            except Exception as e:  # bad media tensors: this request only
+                log.exception("request %s: encoding its media failed", r.request_id)
+                self._finish(r, Output(r.request_id, None, "error",
+                                       error=f"encoding the media failed: {e}"))
+                continue
+            state = _Running(r)
+            fault = FAULT_INJECTION and r.request_id.startswith("fault-")
+            batch.append((r, state, guarded(r.sampling, len(r.prompt), state.failed, fault)))
+            caches.append(cache)
+            cached.append(n)
+        if not batch:
+            return
+        uids = self.gen.insert(
+            [r.prompt[n:] for (r, _, _), n in zip(batch, cached)],
+            max_tokens=[r.max_tokens for r, _, _ in batch],
+            caches=caches,
+            # The tokens each cache holds: the batch keeps them with the KV,
+            # and penalties look back over them as over any prompt.
+            all_tokens=[r.prompt[:n] for (r, _, _), n in zip(batch, cached)],
+            samplers=[g[0] for _, _, g in batch],
+            logits_processors=[g[1] for _, _, g in batch],
+            stop_sequences=[StopSequences([(t,) for t in r.stop_token_ids]) for r, _, _ in batch],
+        )
+        for uid, (r, state, _) in zip(uids, batch):
+            self.running[uid] = state
+            if r.logprobs:
+                self._logprob_uids.add(uid)
+            if r.prompt_logprobs is not None:
+                self._prompt_scores[uid] = prefill.PromptScores(r.prompt, r.prompt_logprobs)
+            if not r.media:
+                self._awaiting_first.add(uid)
+            self._stats.prompt_tokens_total += len(r.prompt)
+
+    def _initial_cache(self, r: Request) -> tuple[list | None, int]:
+        """The cache a request starts from and how many prompt tokens it
+        holds. Media requests start empty: their token ids alone do not say
+        which image they hold, so they neither use nor feed the prefix cache."""
+        if r.media:
+            if not isinstance(self.model, BatchedVisionLM):
+                raise ValueError("this model takes text only")
+            return self.model.cache_for(r.prompt, r.media), 0
+        if self.prefix is None or r.prompt_logprobs is not None:
+            return None, 0  # scoring the prompt needs its whole prompt pass
+        return self.prefix.fetch(r.prompt)
+
+    def step(self) -> tuple[list, list]:
+        """One generator step: what mlx-lm returns, for `handle`."""
+        prompt_time = mlx_compat.prompt_seconds(self.gen)  # mlx-lm's own timing
+        self._dropped_from = None
+        prompt_responses, responses = self.gen.next()
+        self.evaluate_copies()
+        self._stats.loop_seconds["prefill"] += mlx_compat.prompt_seconds(self.gen) - prompt_time
+        return prompt_responses, responses
+
+    def handle(self, prompt_responses: list, responses: list, outbox: StepOutputs) -> None:
+        """Turn a step's tokens into outputs; plain tokens go straight into
+        `outbox`'s columns."""
+        self._note_prefill(prompt_responses)
+        self._handle(responses, outbox)
+
+    def _note_prefill(self, prompt_responses) -> None:
+        # The loop inserts plain prompts, which mlx-lm splits into two
+        # segments (all but the last token, then the last token): one whose
+        # first segment has just ended moves to decoding on the next step.
+        staying = [p for p in prompt_responses if not p.end_of_prompt]
+        self._stats.prefill_passes += bool(staying)
+        self.state.prefilling = len(staying)
+        self.state.prefill_turning = any(p.end_of_segment for p in staying)
+
+    def _handle(self, responses, outbox: StepOutputs) -> None:
+        running = self.running
+        ids, tokens = outbox.ids, outbox.tokens
+        produced = 0
+        finished_kv = []
+        awaiting = self._awaiting_first
+        for resp in responses:
+            state = running.get(resp.uid)
+            if state is None:
+                continue
+            awaiting.discard(resp.uid)
+            produced += 1
+            r = state.request
+            if state.failure:
+                if resp.finish_reason is None:
+                    self.gen.remove([resp.uid])
+                self._finish_uid(resp.uid, "error", error=state.failure)
+                continue
+            try:
+                logprob = (_logprob(resp.logprobs, resp.token, r.top_logprobs)
+                           if r.logprobs else None)
+            except Exception as e:  # this request only
+                log.exception("request %s failed", r.request_id)
+                if resp.finish_reason is None:
+                    self.gen.remove([resp.uid])
+                self._finish_uid(resp.uid, "error", error=str(e))
+                continue
+            scores = self._prompt_scores.pop(resp.uid, None) if self._prompt_scores else None
+            prompt_logprobs = None if scores is None else scores.scored
+            if resp.finish_reason is None:
+                if logprob is None and scores is None:  # plain: straight into the columns
+                    ids.append(r.request_id)
+                    tokens.append(resp.token)
+                else:
+                    outbox.add(Output(r.request_id, resp.token, None, logprob,
+                                      prompt_logprobs=prompt_logprobs))
+            else:
+                if not r.media:  # token ids alone do not say which image it saw
+                    finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
+                self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob,
+                                 prompt_logprobs=prompt_logprobs)
+        self._keep_kv(finished_kv, in_step=True)
+        self._stats.generation_tokens_total += produced
+
+    def remove(self, request_id: str, keep_kv: bool) -> bool:
+        """End a running request early (finish reason "abort"). `keep_kv`: its
+        KV may serve later prompts."""
+        for uid, state in self.running.items():
+            if state.request.request_id == request_id:
+                keep_kv = keep_kv and self.prefix is not None and not state.request.media
+                kept = self.gen.remove([uid], return_prompt_caches=keep_kv)
+                if keep_kv and uid in kept:
+                    cache, tokens = kept[uid]
+                    self._keep_kv([(tokens, cache, uid)])
+                self._finish_uid(uid, "abort")
+                return True
+        return False
+
+    def fail_all(self, message: str) -> None:
+        for uid in list(self.running):
+            self._finish_uid(uid, "error", error=message)
+
+    def restart(self, message: str) -> None:
+        """After a step failed as a whole: fail every request, start afresh."""
+        self.fail_all(message)
+        self.gen = self._new_generator()
+        self._note_prefill([])
+
+    def _keep_kv(self, finished: list[tuple[list[int] | None, list | None, int]],
+                 in_step: bool = False) -> None:
+        """Offer finished requests' KV (of prompt + completion; with their
+        uids) to later ones. `in_step`: the step just taken finished them."""
+        dropped_from, self._dropped_from = self._dropped_from, None
+        if self.prefix is None or not finished:
+            return
+        if in_step and dropped_from is not None:
+            # One copy per layer for all of them, not one per layer and row.
+            uids, kv = dropped_from
+            row_of = {uid: i for i, uid in enumerate(uids)}
+            rows = finished_rows(kv, [row_of[uid] for _, _, uid in finished])
+            # Evaluated after the next step: the KV they copy comes from the
+            # step still in flight, and evaluating now waited for it (0.4 ms
+            # a time on the 2-core CPU, whatever the number of rows).
+            self._copies_to_evaluate += [a for keys, values, _ in rows[0].layers
+                                         for a in (keys, values)]
+            finished = [(t, row, uid) for (t, _, uid), row in zip(finished, rows)]
+        entries = [(t, c) for t, c, _ in finished if t and c]
+        if entries:
+            self.prefix.insert(entries)
+
+    def evaluate_copies(self) -> None:
+        if self._copies_to_evaluate:
+            mx.async_eval(self._copies_to_evaluate)
+            self._copies_to_evaluate = []
+
+    def _finish_uid(self, uid: int, reason: str, token: int | None = None,
+                    logprob: TokenLogprob | None = None, error: str = "",
+                    prompt_logprobs: list[TokenLogprob] | None = None) -> None:
+        self._awaiting_first.discard(uid)
+        self._logprob_uids.discard(uid)
+        self._prompt_scores.pop(uid, None)
+        r = self.running.pop(uid).request
+        self._finish(r, Output(r.request_id, token, reason, logprob, error, prompt_logprobs))
+
+
+def _logprob(logprobs: mx.array, token: int, k: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        ids = mx.argpartition(-logprobs, k - 1)[:k]
+        values = logprobs[ids]
+        top = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
+    return TokenLogprob(token, logprobs[token].item(), top)
