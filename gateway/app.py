@@ -11,21 +11,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from gateway import metrics, serving, translate
+from gateway import metrics, serving, sse, translate
 from gateway.auth import APIKeyMiddleware
 from gateway.config import GatewaySettings
 from gateway.engine_client import EngineClient
 from gateway.errors import APIError, EngineUnavailable, NotFound, install_handlers
-from gateway.schemas import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ErrorResponse,
-    Health,
-    Model,
-    ModelList,
-)
+from gateway.responses import ChatCompletion, Completion, ErrorResponse, Health, Model, ModelList
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("gateway")
 
@@ -118,11 +110,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if len(requests) > 1:
             await engine.admit(len(requests))
         gens = [engine.generate(r, "messages", "top_logprobs") for r in requests]
-        await serving.race_disconnect(request, serving.start(gens))
+        await sse.race_disconnect(request, serving.start(gens))
         headers = {"X-Request-Id": rid}
         if body.stream:
-            return serving.SSEResponse(serving.chat_stream(gens, ctx, body.logprobs), headers)
-        result = await serving.race_disconnect(
+            return sse.SSEResponse(serving.chat_stream(gens, ctx, body.logprobs), headers)
+        result = await sse.race_disconnect(
             request, serving.chat_completion(gens, ctx, body.logprobs))
         response = _json(result)
         response.headers.update(headers)
@@ -146,12 +138,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if len(pairs) > 1:
             await engine.admit(len(pairs))
         gens = [engine.generate(r, "prompt", "logprobs") for _, r in pairs]
-        await serving.race_disconnect(request, serving.start(gens))
+        await sse.race_disconnect(request, serving.start(gens))
         headers = {"X-Request-Id": rid}
         if body.stream:
-            return serving.SSEResponse(
+            return sse.SSEResponse(
                 serving.completion_stream(gens, ctx, prompt_of, echo, logprobs), headers)
-        result = await serving.race_disconnect(
+        result = await sse.race_disconnect(
             request, serving.completion(gens, ctx, prompt_of, echo, logprobs))
         response = _json(result)
         response.headers.update(headers)

@@ -2,44 +2,28 @@
 produce into OpenAI responses: whole objects, or Server-Sent Events."""
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TypeVar
-
-import anyio
-from fastapi import Request
-from pydantic import BaseModel
-from starlette.responses import StreamingResponse
 
 from gateway.engine_client import Generation
-from gateway.errors import APIError, ClientClosed, EngineFailed, sse_error
+from gateway.errors import APIError, EngineFailed, sse_error
+from gateway.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from gateway.metrics import Timer
-from gateway.schemas import (
+from gateway.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
     ChatMessage,
-    ChatTokenLogprob,
-    ChoiceLogprobs,
     Completion,
     CompletionChoice,
-    CompletionLogprobs,
-    PromptLogprob,
-    PromptLogprobs,
-    TopLogprob,
     Usage,
 )
+from gateway.sse import DONE, TEXT_HOLE, TextChunk, sse
 from vllm_mlx.v1 import engine_pb2 as pb
 
-T = TypeVar("T")
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-# OpenAI's stand-in for a log-probability of minus infinity; JSON has none.
-MIN_LOGPROB = -9999.0
-DONE = b"data: [DONE]\n\n"
 
 
 @dataclass
@@ -180,150 +164,6 @@ async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, pb.Generate
         cancel_all(gens)
 
 
-# -- client disconnects --------------------------------------------------------------
-
-async def until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """`work`'s result, unless the client goes away first: then `work` is
-    cancelled (and with it its engine calls) and ClientClosed raised.
-    uvicorn does not cancel a handler whose client left, so this does."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
-    if task.cancelled():
-        raise ClientClosed("the client closed the connection")
-    return task.result()
-
-
-class SSEResponse(StreamingResponse):
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]):
-        super().__init__(content, headers={"Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", **headers})
-
-    async def __call__(self, scope, receive, send) -> None:
-        # Starlette only listens for a disconnect on ASGI spec < 2.4 and
-        # otherwise notices it at the next write; a request that waits in
-        # the engine's queue writes nothing for a long time. Always listen,
-        # so a departed client's stream is cancelled at once.
-        async with anyio.create_task_group() as tg:
-            async def run_then_stop(func) -> None:
-                await func()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(run_then_stop, partial(self.stream_response, send))
-            await run_then_stop(partial(self.listen_for_disconnect, receive))
-
-
-# JSON leaves these characters unescaped, but str.splitlines ends a line at
-# each, and so do clients that read SSE with it (httpx's iter_lines): a token
-# holding one split its event in two, and the client read garbage.
-_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
-                (b"\xe2\x80\xa9", b"\\u2029"))
-
-
-def one_line(data: bytes) -> bytes:
-    """JSON bytes with the line breaks that splitlines sees escaped."""
-    for raw, escaped in _LINE_BREAKS:
-        data = data.replace(raw, escaped)
-    return data
-
-
-def sse(obj: BaseModel) -> bytes:
-    return b"data: " + one_line(obj.model_dump_json().encode()) + b"\n\n"
-
-
-_HOLE = "\x00vllm-mlx-text\x00"
-
-
-class TextChunk:
-    """The SSE event of a chunk that carries only new text, made once per
-    choice from the pydantic model (still the one schema) with a hole where
-    the text goes: filling it costs a string join instead of building and
-    serializing two models per message, the bulk of the gateway's work per
-    token."""
-
-    def __init__(self, chunk: BaseModel):
-        self._before, self._after = sse(chunk).split(json.dumps(_HOLE).encode())
-
-    def __call__(self, text: str) -> bytes:
-        return self._before + one_line(json.dumps(text, ensure_ascii=False).encode()) \
-            + self._after
-
-
-def _lp(value: float) -> float:
-    return value if value > MIN_LOGPROB else MIN_LOGPROB  # also maps NaN
-
-
-def _bytes(lp) -> list[int]:
-    # The engine's raw bytes: the decoded text of a token holding part of a
-    # UTF-8 character is U+FFFD.
-    return list(lp.token_bytes or lp.token.encode("utf-8", "surrogatepass"))
-
-
-def chat_logprobs(lps) -> ChoiceLogprobs:
-    return ChoiceLogprobs(content=[
-        ChatTokenLogprob(token=lp.token, logprob=_lp(lp.logprob), bytes=_bytes(lp),
-                         top_logprobs=[TopLogprob(token=t.token, logprob=_lp(t.logprob),
-                                                  bytes=_bytes(t)) for t in lp.top])
-        for lp in lps])
-
-
-def completion_logprobs(lps, offset: int) -> tuple[CompletionLogprobs, int]:
-    """Legacy-style logprobs; the sampled token is always among the top
-    ones, as OpenAI documents. The prompt's first token (echoed) has null
-    for both. Returns the text offset after these tokens."""
-    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for lp in lps:
-        out.tokens.append(lp.token)
-        out.text_offset.append(offset)
-        offset += len(lp.token)
-        if not lp.HasField("logprob"):
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            continue
-        out.token_logprobs.append(_lp(lp.logprob))
-        top: dict[str, float] = {}
-        # Different ids can decode to the same string (a lone byte reads as
-        # U+FFFD); the more likely one, listed first, keeps the key.
-        for t in lp.top:
-            top.setdefault(t.token, _lp(t.logprob))
-        top.setdefault(lp.token, _lp(lp.logprob))
-        out.top_logprobs.append(top)
-    return out, offset
-
-
-def prompt_logprobs(lps) -> PromptLogprobs:
-    """vLLM's prompt_logprobs: by token id, the prompt token and its top
-    alternatives (ranked 1..k)."""
-    out: PromptLogprobs = []
-    for lp in lps:
-        if not lp.HasField("logprob"):
-            out.append(None)
-            continue
-        entry = {str(lp.token_id): PromptLogprob(logprob=_lp(lp.logprob), rank=lp.rank,
-                                                 decoded_token=lp.token)}
-        for rank, t in enumerate(lp.top, 1):
-            entry.setdefault(str(t.token_id), PromptLogprob(
-                logprob=_lp(t.logprob), rank=rank, decoded_token=t.token))
-        out.append(entry)
-    return out
-
-
 def _usage(prompt_tokens: int, choices: list[Choice]) -> Usage:
     completion = sum(c.completion_tokens for c in choices)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
@@ -358,7 +198,7 @@ async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
     choices = [Choice() for _ in gens]
     text_chunks = [TextChunk(ChatCompletionChunk(
         id=ctx.id, created=ctx.created, model=ctx.model,
-        choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=_HOLE))]))
+        choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=TEXT_HOLE))]))
         for i in range(len(gens))]
     # Events due together leave in one write (one trip through starlette's
     # send path and one syscall each, the gateway's main cost per event).
@@ -457,7 +297,7 @@ async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: lis
     offsets = [0] * len(gens)
     text_chunks = [TextChunk(Completion(
         id=ctx.id, created=ctx.created, model=ctx.model,
-        choices=[CompletionChoice(index=i, text=_HOLE, finish_reason=None)]))
+        choices=[CompletionChoice(index=i, text=TEXT_HOLE, finish_reason=None)]))
         for i in range(len(gens))]
     events = []  # due together: one write (see chat_stream)
     started = [False] * len(gens)

@@ -10,23 +10,21 @@ N processes.
 
 import json
 
-from gateway.errors import InvalidRequest
-from gateway.schemas import (
+from gateway.chat_messages import (
     AssistantMessage,
-    ChatCompletionRequest,
-    CompletionRequest,
     FilePart,
     ImagePathPart,
     ImageURLPart,
     InputAudioPart,
     Message,
     RefusalPart,
-    SamplingFields,
     TextPart,
     ToolMessage,
     VideoPathPart,
     VideoURLPart,
 )
+from gateway.errors import InvalidRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import media_pb2
 

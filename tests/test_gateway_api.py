@@ -853,8 +853,8 @@ def test_sse_events_survive_unicode_line_breaks(gateway):
     """U+0085, U+2028 and U+2029 are legal unescaped in JSON, but httpx's
     iter_lines (str.splitlines) ends a line at each: an event holding one,
     in the echo here or in generated text, must still be one line."""
-    from gateway.schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
-    from gateway.serving import _HOLE, TextChunk
+    from gateway.responses import ChatChunkChoice, ChatCompletionChunk, ChatDelta
+    from gateway.sse import TEXT_HOLE, TextChunk
 
     prompt = "a\u2028b\x85c\u2029d"
     with httpx.Client(base_url=gateway.url, timeout=60) as c, c.stream(
@@ -864,6 +864,6 @@ def test_sse_events_survive_unicode_line_breaks(gateway):
     assert all(line.startswith("data: ") for line in lines), lines
     assert json.loads(lines[0][6:])["choices"][0]["text"] == prompt
     event = TextChunk(ChatCompletionChunk(id="x", created=0, model="m", choices=[
-        ChatChunkChoice(index=0, delta=ChatDelta(content=_HOLE))]))(prompt)
+        ChatChunkChoice(index=0, delta=ChatDelta(content=TEXT_HOLE))]))(prompt)
     assert len([line for line in event.decode().splitlines() if line]) == 1
     assert json.loads(event.decode()[6:])["choices"][0]["delta"]["content"] == prompt

@@ -98,6 +98,7 @@ class MediaSettings:
     max_video_fps: float = 30.0
     max_video_frames: int = 64
 
+
 # Tests set VLLM_MLX_FAULT_INJECTION=1 to make engine faults happen on cue
 # (a request whose id starts "fault-" fails inside the batch; the core's exit
 # hangs as OpenBLAS's once did). Never set in production.
