@@ -2,9 +2,10 @@
 
 The gRPC front end (server.py) starts it and talks to it over one pipe:
 requests and aborts go in; once per decode step, that step's outputs and the
-engine's stats come out. Keeping gRPC in another process means its per-message
-work never holds the GIL that the decode loop needs (measured in
-docs/benchmarks.md).
+engine's stats come out. Keeping gRPC in another process means its per-request
+work never holds the GIL that the decode loop needs, whatever the load; on an
+H100 the split left the engine's speed where it was
+(docs/benchmarks.md): it is kept for that isolation.
 """
 
 import atexit

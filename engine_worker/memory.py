@@ -66,7 +66,7 @@ def keep_allocator_cache(limit: int) -> None:
 
     On CUDA, emptying it frees device memory, which waits for the device,
     and the next steps allocate it all again: an image request's prefill
-    steps took 123 ms instead of 17 ms, and quiet decode steps 14% longer
+    steps took 123 ms instead of 17 ms, and quiet decode steps 16% longer
     (docs/benchmarks.md). The limit keeps the cache bounded, which is what
     the emptying was for. For this process only: mlx-lm's generate module
     gets a view of mlx.core whose clear_cache does nothing.

@@ -80,6 +80,45 @@ class Timer:
         GENERATION_TOKENS.labels(self.endpoint).inc(completion_tokens)
 
 
+# Every field of the engine's Stats message (engine.proto says what each
+# means) and the metric it becomes: name (after vllm_mlx_engine_), kind, help.
+# Counters restart from zero with the engine process.
+ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
+    "running": ("running", "gauge", "Requests in the engine's running batch"),
+    "waiting": ("waiting", "gauge", "Requests in the engine's queue (queue depth)"),
+    "in_flight": ("in_flight", "gauge",
+                  "Requests the engine holds: running, waiting, or on their way in"),
+    "generation_tokens_per_s": ("generation_tokens_per_second", "gauge",
+                                "Engine decode throughput over the last few seconds"),
+    "prompt_tokens_total": ("prompt_tokens", "counter", "Prompt tokens the engine admitted"),
+    "generation_tokens_total": ("generation_tokens", "counter", "Tokens the engine generated"),
+    "requests_total": ("requests", "counter", "Requests the engine accepted"),
+    "requests_rejected": ("requests_rejected", "counter",
+                          "Requests refused because the queue was full"),
+    "cache_hits": ("prefix_cache_hits", "counter",
+                   "Requests that reused cached KV for part of their prompt"),
+    "cache_misses": ("prefix_cache_misses", "counter", "Requests that found no cached prefix"),
+    "cache_tokens_reused": ("prefix_cache_tokens_reused", "counter",
+                            "Prompt tokens served from the prefix cache instead of prefilled"),
+    "cache_evictions": ("prefix_cache_evictions", "counter",
+                        "Prefix-cache entries dropped to stay under its byte budget"),
+    "cache_bytes": ("prefix_cache_bytes", "gauge", "KV bytes held by the engine's prefix cache"),
+    "weights_bytes": ("weights_bytes", "gauge", "Bytes of the model's weights"),
+    "kv_bytes": ("kv_bytes", "gauge", "KV bytes of the requests in the batch"),
+    "allocator_cache_bytes": ("allocator_cache_bytes", "gauge",
+                              "Freed buffers MLX keeps for reuse"),
+    "active_memory_bytes": ("active_memory_bytes", "gauge", "Bytes of MLX's live arrays"),
+    "peak_memory_bytes": ("peak_memory_bytes", "gauge", "Most bytes MLX's arrays ever took"),
+    "rss_bytes": ("core_rss_bytes", "gauge", "Resident memory of the engine core process"),
+    "memory_limit_bytes": ("memory_limit_bytes", "gauge",
+                           "The limit weights + reserved KV + prefix cache are kept under"),
+    "steps": ("steps", "counter", "Decode steps the engine loop took"),
+    "prefill_passes": ("prefill_passes", "counter", "Decode steps that also ran a prompt pass"),
+    "loop_seconds": ("loop_seconds", "counter",
+                     "Where the engine loop's time went, by phase (see engine.proto)"),
+}
+
+
 class _EngineCollector:
     def __init__(self, stats: pb.Stats | None):
         self.stats = stats
@@ -90,41 +129,17 @@ class _EngineCollector:
         yield up
         if self.stats is None:
             return
-        s = self.stats
-        for name, value, doc in (
-                ("running", s.running, "Requests in the engine's running batch"),
-                ("waiting", s.waiting, "Requests in the engine's queue (queue depth)"),
-                ("generation_tokens_per_second", s.generation_tokens_per_s,
-                 "Engine decode throughput over the last few seconds")):
-            g = GaugeMetricFamily(f"vllm_mlx_engine_{name}", doc)
-            g.add_metric([], value)
-            yield g
-        for name, value, doc in (
-                ("prefix_cache_bytes", s.cache_bytes, "KV bytes held by the engine's prefix cache"),
-                ("weights_bytes", s.weights_bytes, "Bytes of the model's weights"),
-                ("kv_bytes", s.kv_bytes, "KV bytes of the requests in the batch"),
-                ("allocator_cache_bytes", s.allocator_cache_bytes,
-                 "Freed buffers MLX keeps for reuse"),
-                ("active_memory_bytes", s.active_memory_bytes, "Bytes of MLX's live arrays"),
-                ("memory_limit_bytes", s.memory_limit_bytes,
-                 "The limit weights + reserved KV + prefix cache are kept under"),
-                ("core_rss_bytes", s.rss_bytes, "Resident memory of the engine core process")):
-            g = GaugeMetricFamily(f"vllm_mlx_engine_{name}", doc)
-            g.add_metric([], value)
-            yield g
-        # Counters of the engine process: they restart from zero with it.
-        for name, value, doc in (
-                ("prefix_cache_hits", s.cache_hits,
-                 "Requests that reused cached KV for part of their prompt"),
-                ("prefix_cache_misses", s.cache_misses,
-                 "Requests that found no cached prefix"),
-                ("prefix_cache_tokens_reused", s.cache_tokens_reused,
-                 "Prompt tokens served from the prefix cache instead of prefilled"),
-                ("prefix_cache_evictions", s.cache_evictions,
-                 "Prefix-cache entries dropped to stay under its byte budget")):
-            c = CounterMetricFamily(f"vllm_mlx_engine_{name}", doc)
-            c.add_metric([], value)
-            yield c
+        for field, (name, kind, doc) in ENGINE_METRICS.items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            value = getattr(self.stats, field)
+            if field == "loop_seconds":
+                metric = family(f"vllm_mlx_engine_{name}", doc, labels=["phase"])
+                for phase, seconds in sorted(value.items()):
+                    metric.add_metric([phase], seconds)
+            else:
+                metric = family(f"vllm_mlx_engine_{name}", doc)
+                metric.add_metric([], value)
+            yield metric
 
 
 def render(stats: pb.Stats | None) -> bytes:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     lifeline.watch()  # end with vllm-mlx-up, however it ends
     # Decoding is throughput work; the engine and gateway are latency work.
     # Where they share too few cores, the scheduler should favour them
-    # (docs/benchmarks.md: text latency while images are decoded).
+    # (docs/benchmarks.md, "What we learned": media).
     os.nice(MEDIA_NICENESS)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

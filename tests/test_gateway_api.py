@@ -686,6 +686,26 @@ def test_metrics(http, client):
     assert "vllm_mlx_engine_running " in text and "vllm_mlx_engine_waiting " in text
 
 
+def test_every_engine_stat_is_a_metric(http, client):
+    """The proto's Stats defines the engine's figures once: /metrics exports
+    each field, with the value GetStats reports."""
+    from gateway.metrics import ENGINE_METRICS
+
+    assert set(ENGINE_METRICS) == {f.name for f in pb.Stats.DESCRIPTOR.fields}
+    chat(client, max_tokens=3)
+    text = http.get("/metrics").text
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith("vllm_mlx_engine_")}
+    for field, (name, kind, _) in ENGINE_METRICS.items():
+        metric = f"vllm_mlx_engine_{name}" + ("_total" if kind == "counter" else "")
+        if field == "loop_seconds":
+            assert lines[metric + '{phase="step"}'] > 0
+        else:
+            assert metric in lines, metric
+    assert lines["vllm_mlx_engine_steps_total"] >= 3
+    assert lines["vllm_mlx_engine_generation_tokens_total"] >= 3
+
+
 def test_the_engine_accounts_for_its_memory(engine, client):
     """Weights, the batch's KV, the prefix cache and MLX's buffer cache, with
     the core's resident set, in GetStats and /metrics; the accounted parts
