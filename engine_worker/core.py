@@ -21,7 +21,6 @@ from multiprocessing.connection import Connection
 from engine_worker.loop import Loop
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
-from engine_worker.stats import as_dict
 from vllm_mlx.ipc.shared_tensors import SharedTensors, take
 from vllm_mlx.settings import EngineSettings, fault_injection
 
@@ -70,7 +69,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
         stats = None
         if not outputs or now - last_stats[0] > 0.1:
             last_stats[0] = now
-            stats = as_dict(loop.stats)
+            stats = loop.stats.SerializeToString()
         send(("outputs", *outputs.to_wire(), stats))
 
     def refuse(r: Request, e: Exception) -> None:

@@ -23,7 +23,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vllm_mlx.ipc.error_info import error_info
 from vllm_mlx.ipc.shared_tensors import Layout, exists, free_segments, unlink
+from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as mpb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -48,7 +50,8 @@ COOLDOWN_S = 10.0
 
 
 class MediaRefused(ValueError):
-    """A worker refused item `index` (INVALID_ARGUMENT); the message is its reason."""
+    """A worker refused item `index` of the request (-1: no one item, e.g. the
+    call itself); the message is its reason."""
 
     def __init__(self, index: int, reason: str):
         super().__init__(reason)
@@ -222,7 +225,7 @@ class MediaClient:
                 raise MediaUnavailable(f"the media worker at {self.addresses[k]} {e}") from None
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise _refusal(e.details() or "", indices) from None
+                    raise _refusal(e, indices) from None
                 if e.code() in RETRY_CODES:
                     self._cooldown[k] = loop.time() + COOLDOWN_S
                 if e.code() in RETRY_CODES and n + 1 < len(attempts):
@@ -286,9 +289,12 @@ def release(items: list[PreparedItem]) -> None:
         it.release()
 
 
-def _refusal(details: str, indices: list[int]) -> MediaRefused:
-    """'item N: reason' (N counting the items sent) -> the request's item index."""
-    head, sep, reason = details.partition(": ")
-    if sep and head.startswith("item ") and head[5:].isdigit() and int(head[5:]) < len(indices):
-        return MediaRefused(indices[int(head[5:])], reason)
-    return MediaRefused(indices[0] if len(indices) == 1 else -1, details)
+def _refusal(e: grpc.aio.AioRpcError, indices: list[int]) -> MediaRefused:
+    """The worker's refusal, its item (counting the items sent) turned into
+    the request's item index; -1 when it names no item."""
+    info = error_info(e)
+    index = -1
+    if (info is not None and info.code == epb.ERROR_CODE_MEDIA_REFUSED
+            and info.HasField("item") and info.item < len(indices)):
+        index = indices[info.item]
+    return MediaRefused(index, e.details() or "")

@@ -21,7 +21,12 @@ from mlx_lm.sample_utils import (
 
 
 class SamplingError(ValueError):
-    """A sampling parameter out of range; the message names the field."""
+    """A sampling parameter out of range: `field` names it (as in
+    SamplingParams), the message says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -44,25 +49,26 @@ class SamplingParams:
         if self.top_k >= vocab_size:
             self.top_k = 0
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.penalty_context_size is None or self.penalty_context_size > 0,
-             "penalty_context_size must be > 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("penalty_context_size",
+             self.penalty_context_size is None or self.penalty_context_size > 0, "must be > 0"),
         ]
-        for ok, message in checks:
+        for name, ok, why in checks:
             if not ok:
-                raise SamplingError(message)
+                raise SamplingError(name, f"{name} {why}")
         for token, bias in self.logit_bias.items():
             if not 0 <= token < vocab_size:
-                raise SamplingError(f"logit_bias token {token} is outside the vocabulary "
-                                    f"(0..{vocab_size - 1})")
+                raise SamplingError("logit_bias", f"logit_bias token {token} is outside the "
+                                                  f"vocabulary (0..{vocab_size - 1})")
             if not -100 <= bias <= 100:
-                raise SamplingError(f"logit_bias value {bias} must be in [-100, 100]")
+                raise SamplingError("logit_bias", f"logit_bias value {bias} must be in "
+                                                  "[-100, 100]")
 
     @property
     def is_greedy(self) -> bool:

@@ -62,11 +62,3 @@ def read_prefix_cache(stats: pb.Stats, cache) -> None:
     stats.cache_tokens_reused, stats.cache_evictions = cache.tokens_reused, cache.evictions
     stats.cache_bytes = cache.nbytes
 
-
-def as_dict(stats: pb.Stats) -> dict:
-    """Field by field, every field present (zeros too), for the pipe."""
-    out = {}
-    for f in stats.DESCRIPTOR.fields:
-        value = getattr(stats, f.name)
-        out[f.name] = dict(value) if f.message_type is not None else value
-    return out

@@ -1,5 +1,6 @@
 """The gateway's only way to the engine: the generated grpc.aio client, with a
-deadline on every call and engine failures turned into `APIError`s."""
+deadline on every call and engine failures turned into `APIError`s (by the
+ErrorInfo the engine attaches: gateway/errors.py's from_grpc)."""
 
 import asyncio
 import logging
@@ -10,7 +11,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import (
-    RETRY_AFTER_S,
     APIError,
     EngineUnavailable,
     InvalidRequest,
@@ -176,8 +176,7 @@ class EngineClient:
         in_flight = (await self.stats()).in_flight
         if in_flight + choices > capacity:
             raise RateLimited(f"the engine has room for {capacity - in_flight} more requests, "
-                              f"not {choices}; retry later",
-                              headers={"Retry-After": str(RETRY_AFTER_S)})
+                              f"not {choices}; retry later")
 
     async def clear_prefix_cache(self) -> None:
         await self._unary(self._stub.ClearPrefixCache, pb.ClearPrefixCacheRequest())

@@ -4,10 +4,12 @@ Code anywhere in the gateway raises `APIError` (or lets FastAPI raise its
 validation errors); the handlers installed by `install_handlers` are the only
 code that turns an exception into an HTTP body. Streams that already sent
 their headers put the same envelope in a `data:` event (`sse_error`).
+A failed engine call becomes one by its ErrorInfo (errors.proto), through
+the tables ENGINE_ERRORS (what went wrong) and ENGINE_FIELDS (which field):
+never by reading the engine's message.
 """
 
 import logging
-import re
 from typing import Any
 
 import grpc
@@ -16,10 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vllm_mlx.ipc.error_info import error_info
+from vllm_mlx.v1 import errors_pb2 as epb
+
 log = logging.getLogger("gateway")
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+# Seconds a client should wait after a 429: the queue drains at the pace of
+# whole requests, so "soon" is the best the gateway can say.
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -78,9 +86,15 @@ class ClientClosed(APIError):
 
 
 class RateLimited(APIError):
+    """Tells the client when to retry (Retry-After), unless told otherwise."""
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, param, code,
+                         {"Retry-After": str(RETRY_AFTER_S)} if headers is None else headers)
 
 
 class EngineFailed(APIError):
@@ -99,52 +113,98 @@ class EngineTimeout(APIError):
     code = "timeout"
 
 
-# Seconds a client should wait after a 429: the queue drains at the pace of
-# whole requests, so "soon" is the best the gateway can say.
-RETRY_AFTER_S = 1
+# What the engine's ErrorCode (errors.proto) is to an OpenAI client: the
+# error class (HTTP status, type, code) and, where the class's code does not
+# say enough, a code of its own, plus the words the engine's message follows.
+ENGINE_ERRORS: dict[int, tuple[type[APIError], str | None, str]] = {
+    epb.ERROR_CODE_INVALID_ARGUMENT: (InvalidRequest, None, ""),
+    epb.ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: (InvalidRequest, "context_length_exceeded", ""),
+    epb.ERROR_CODE_KV_BUDGET_EXCEEDED: (InvalidRequest, None, ""),
+    epb.ERROR_CODE_UNSUPPORTED: (InvalidRequest, "unsupported_content", ""),
+    epb.ERROR_CODE_MEDIA_REFUSED: (InvalidRequest, None, ""),
+    epb.ERROR_CODE_OVERLOADED: (RateLimited, None, ""),
+    epb.ERROR_CODE_DUPLICATE_REQUEST_ID: (Conflict, None, ""),
+    epb.ERROR_CODE_LOADING: (EngineUnavailable, None, "the engine is unavailable: "),
+    epb.ERROR_CODE_MEDIA_UNAVAILABLE: (EngineUnavailable, None, "the engine is unavailable: "),
+    epb.ERROR_CODE_INTERNAL: (EngineFailed, None, "the engine failed the request (INTERNAL): "),
+}
 
-# Engine INVALID_ARGUMENT details name what is wrong in the engine's own
-# words; these map them back to the OpenAI field the client sent.
-_ENGINE_PARAMS: list[tuple[str, str]] = [
-    (r"^(messages\[\d+\]\.content\[\d+\]):", r"\1"),  # a media part the engine refused
-    (r"bytes of KV cache", "max_tokens"),
-    (r"context length|prompt is empty|^token id|larger than max", "{prompt}"),
-    (r"stop token id", "stop_token_ids"),
-    (r"^stop", "stop"),
-    (r"template_kwargs", "chat_template_kwargs"),
-    (r"chat|template|messages|role", "messages"),
-    (r"^top_logprobs|logprobs", "{logprobs}"),
-    (r"^(temperature|top_p|top_k|min_p|repetition_penalty|presence_penalty|"
-     r"frequency_penalty|logit_bias|seed)", r"\1"),
-]
+# Failures without an ErrorInfo, by gRPC status: the gRPC layer's own (a
+# message over the size cap, a deadline, a connection gone), never the engine's
+# code. What is not here is a 500.
+GRPC_ERRORS: dict[grpc.StatusCode, tuple[type[APIError], str]] = {
+    # The size cap: the only RESOURCE_EXHAUSTED gRPC raises by itself.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (InvalidRequest, "the request is too large for the "
+                                                         "engine: "),
+    grpc.StatusCode.UNAVAILABLE: (EngineUnavailable, "the engine is unavailable: "),
+    grpc.StatusCode.CANCELLED: (EngineUnavailable, "the engine is unavailable: "),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (EngineTimeout, "the engine did not answer in time: "),
+}
+
+# GenerateRequest fields (ErrorInfo.field) as the OpenAI request names them;
+# {prompt} and {logprobs} stand for the endpoint's own ("messages" and
+# "top_logprobs" for chat, "prompt" and "logprobs" for completions). A
+# "sampling." path is the SamplingParams field's own name, a
+# "chat.messages[i]..." path is mapped by openai_param.
+ENGINE_FIELDS: dict[str, str | None] = {
+    "input": "{prompt}",
+    "chat": "{prompt}",
+    "chat.messages": "messages",
+    "chat.template_kwargs_json": "chat_template_kwargs",
+    "chat.continue_final_message": "continue_final_message",
+    "chat.add_generation_prompt": "add_generation_prompt",
+    "max_tokens": "max_tokens",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "logprobs": "{logprobs}",
+    "top_logprobs": "{logprobs}",
+    "prompt_logprobs": "prompt_logprobs",
+    "ignore_eos": "ignore_eos",
+    "include_stop_in_output": "include_stop_str_in_output",
+    "echo": "echo",
+    "request_id": None,  # the gateway's own, from X-Request-Id
+}
+# Parts of a message (translate.py keeps every content part, in order, once
+# any is an image or video) are the OpenAI message's content list.
+_MESSAGE_FIELDS = {"parts": "content"}
 
 
-def engine_param(details: str, prompt_field: str, logprobs_field: str) -> str | None:
-    for pattern, param in _ENGINE_PARAMS:
-        m = re.search(pattern, details)
-        if m:
-            return m.expand(param).format(prompt=prompt_field, logprobs=logprobs_field)
+def openai_param(field: str, prompt_field: str, logprobs_field: str) -> str | None:
+    """The OpenAI request field for an ErrorInfo.field path."""
+    if not field:
+        return None
+    if field in ENGINE_FIELDS:
+        param = ENGINE_FIELDS[field]
+        return None if param is None else param.format(prompt=prompt_field,
+                                                       logprobs=logprobs_field)
+    head, _, rest = field.partition(".")
+    if head == "sampling" and rest:
+        return rest
+    if head == "chat" and rest.startswith("messages["):
+        out = []
+        for step in rest.split("."):
+            name, bracket, index = step.partition("[")
+            out.append(_MESSAGE_FIELDS.get(name, name) + bracket + index)
+        return ".".join(out)
     return None
 
 
 def from_grpc(e: grpc.RpcError, prompt_field: str = "prompt",
               logprobs_field: str = "logprobs") -> APIError:
-    """The HTTP error for a failed engine call."""
+    """The HTTP error for a failed engine call: by its ErrorInfo when the
+    engine attached one, else by the gRPC status alone."""
     code, details = e.code(), e.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(details, param=engine_param(details, prompt_field, logprobs_field))
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "larger than max" in details:  # gRPC's message size cap, not the queue
-            return InvalidRequest(f"the request is too large for the engine: {details}",
-                                  param=prompt_field)
-        return RateLimited(details or "the engine is overloaded; retry later",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return Conflict(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return EngineTimeout(f"the engine did not answer in time: {details}")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return EngineUnavailable(f"the engine is unavailable: {details}")
+    info = error_info(e)
+    if info is not None and info.code in ENGINE_ERRORS:
+        kind, openai_code, lead = ENGINE_ERRORS[info.code]
+        if kind is EngineFailed:
+            log.error("the engine failed a request: %s", details)
+        return kind(lead + details, param=openai_param(info.field, prompt_field, logprobs_field),
+                    code=openai_code)
+    if code in GRPC_ERRORS:
+        kind, lead = GRPC_ERRORS[code]
+        param = prompt_field if kind is InvalidRequest else None
+        return kind(lead + details, param=param)
     log.error("engine call failed: %s %s", code, details)
     return EngineFailed(f"the engine failed the request ({code.name}): {details}")
 

@@ -1,5 +1,6 @@
 """The media worker's gRPC server: Prepare runs each item on a thread pool so
-decoding never blocks the event loop that answers health checks."""
+decoding never blocks the event loop that answers health checks. A call it
+fails carries an ErrorInfo (vllm_mlx.ipc.error_info) naming the item."""
 
 import asyncio
 import logging
@@ -12,9 +13,11 @@ import psutil
 from media_worker.errors import MediaError
 from media_worker.prepare import PreparedCache, pack, prepare_item
 from media_worker.processor import Preprocessor
+from vllm_mlx.ipc.error_info import abort
 from vllm_mlx.ipc.grpc_server import listen
 from vllm_mlx.ipc.shared_tensors import SegmentLedger, free_segments
 from vllm_mlx.settings import MediaSettings
+from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -35,16 +38,16 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareResponse:
         if self.pre is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the media worker is still loading")
+            await abort(context, epb.ERROR_CODE_LOADING, "the media worker is still loading")
         if not request.items:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no media items given")
+            await abort(context, epb.ERROR_CODE_INVALID_ARGUMENT, "no media items given", "items")
         if request.shared_memory and not await self._is_caller(request.owner_pid, context.peer()):
             # The ledger frees a dead owner's segments; those of a made-up
             # owner (0, or a live process that is not the caller) would
             # never be freed.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"owner_pid {request.owner_pid} is not the calling process: "
-                                f"shared-memory replies need their owner's real pid")
+            await abort(context, epb.ERROR_CODE_INVALID_ARGUMENT,
+                        f"owner_pid {request.owner_pid} is not the calling process: "
+                        f"shared-memory replies need their owner's real pid", "owner_pid")
         loop = asyncio.get_running_loop()
         tasks = [loop.run_in_executor(self.pool, prepare_item, item, self.settings, self.pre,
                                       self.cache)
@@ -61,11 +64,11 @@ class MediaService(media_pb2_grpc.MediaWorkerServicer):
             error = tasks[i].exception()
             if isinstance(error, MediaError):
                 log.info("request %s item %d refused: %s", request.request_id, i, error)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"item {i}: {error}")
+                await abort(context, epb.ERROR_CODE_MEDIA_REFUSED, str(error), "items", i)
             log.error("request %s item %d failed", request.request_id, i, exc_info=error)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"item {i}: internal error while preparing the media "
-                                f"({type(error).__name__})")
+            await abort(context, epb.ERROR_CODE_INTERNAL,
+                        f"internal error while preparing the media ({type(error).__name__})",
+                        "items", i)
         results = [t.result() for t in tasks]
         log.info("request %s: %d item(s) in %.3f s", request.request_id, len(results),
                  max(r.prepare_seconds for r in results))

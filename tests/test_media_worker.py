@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, free_port, serve_http, terminate
+from vllm_mlx.ipc.error_info import error_info
 from vllm_mlx.supervision.health import wait_for_serving
+from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
 
@@ -121,10 +123,14 @@ class Worker:
         return self.stub.Prepare(pb.PrepareRequest(request_id="t", items=list(items)),
                                  timeout=timeout)
 
-    def refusal(self, *items: pb.MediaSource, timeout: float = 30) -> str:
+    def refusal(self, *items: pb.MediaSource, timeout: float = 30, item: int = 0) -> str:
+        """The reason item `item` was refused, which the call's ErrorInfo names."""
         with pytest.raises(grpc.RpcError) as err:
             self.prepare(*items, timeout=timeout)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        info = error_info(err.value)
+        assert info is not None and info.code == epb.ERROR_CODE_MEDIA_REFUSED, info
+        assert info.HasField("item") and info.item == item, info
         return err.value.details()
 
     def stop(self) -> None:
@@ -324,9 +330,9 @@ def test_animated_gif_takes_the_first_frame(strict):
 def test_corrupt_and_truncated_images_are_refused(strict):
     data = image_bytes(Image.effect_noise((256, 256), 60).convert("RGB"), "PNG")
     reason = strict.refusal(image_url(data_url(data[: len(data) // 2], "image/png")))
-    assert reason.startswith("item 0: ") and "truncated or corrupt" in reason
+    assert "truncated or corrupt" in reason
     reason = strict.refusal(image_url(data_url(b"this is not an image" * 10, "image/png")))
-    assert reason == "item 0: not a recognised image format"
+    assert reason == "not a recognised image format"
 
 
 def test_pixel_bomb_is_refused_from_the_header(strict):
@@ -350,7 +356,7 @@ def test_pixel_bomb_is_refused_from_the_header(strict):
 ])
 def test_bad_urls_are_refused(strict, url, words):
     reason = strict.refusal(image_url(url))
-    assert reason.startswith("item 0: ") and words in reason, reason
+    assert words in reason, reason
 
 
 def test_data_url_over_the_byte_cap_is_refused(strict):
@@ -470,7 +476,7 @@ def test_video_by_path_and_url(strict, open_worker, media_dirs, http_port):
 
 def test_bad_videos_are_refused(strict, clip):
     reason = strict.refusal(video_item(url=data_url(clip[: len(clip) // 2], "video/mp4")))
-    assert "video" in reason and reason.startswith("item 0: ")
+    assert "video" in reason
     mkv = video_bytes(3, 10, fmt="matroska")
     assert "truncated" in strict.refusal(video_item(url=data_url(mkv[: len(mkv) // 2],
                                                                  "video/x-matroska")))
@@ -494,8 +500,8 @@ def test_two_items_in_one_call(strict, clip):
     assert [i.kind for i in items] == [IMAGE, VIDEO]
     assert items[1].frames == 6
     assert items[0].placeholder_token_id != items[1].placeholder_token_id
-    reason = strict.refusal(img, image_url("data:image/png;base64,AAAA"))
-    assert reason.startswith("item 1: ")
+    reason = strict.refusal(img, image_url("data:image/png;base64,AAAA"), item=1)
+    assert not reason.startswith("item"), reason  # the index is data, not text
 
 
 def test_items_in_shared_memory_equal_the_inline_ones(strict, clip):
@@ -578,6 +584,8 @@ def test_shared_memory_needs_the_callers_own_pid(strict, owner):
                 items=[image_url(data_url(png((32, 32)), "image/png"))]), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not the calling process" in info.value.details()
+        assert error_info(info.value) == epb.ErrorInfo(code=epb.ERROR_CODE_INVALID_ARGUMENT,
+                                                       field="owner_pid")
     finally:
         bystander.kill()
         bystander.wait()

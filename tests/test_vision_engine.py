@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, free_port, start_engine, terminate
+from vllm_mlx.ipc.error_info import error_info
 from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2 as pb
+from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as mpb
 
 
@@ -104,6 +106,23 @@ def test_media_refusal_names_the_part(vlm_stack):
                                   timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("messages[0].content[1]: "), e.value.details()
+    assert error_info(e.value) == epb.ErrorInfo(
+        code=epb.ERROR_CODE_MEDIA_REFUSED, field="chat.messages[0].parts[1]", item=0)
+
+
+def test_media_refusal_names_the_part_behind_a_cached_one(vlm_stack):
+    """The worker is sent only what the cache lacks (here the second image,
+    its item 0); the refusal still names the request's own part."""
+    engine, _ = vlm_stack
+    cached = data_url(50, 50, 7)
+    generate(engine.stub, chat(image_part(cached)))
+    with pytest.raises(grpc.RpcError) as e:
+        list(engine.stub.Generate(chat(image_part(cached), pb.ContentPart(text="and"),
+                                       image_part("data:image/png;base64,bm90IGFuIGltYWdl")),
+                                  timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(e.value) == epb.ErrorInfo(
+        code=epb.ERROR_CODE_MEDIA_REFUSED, field="chat.messages[0].parts[2]", item=1)
 
 
 def test_resent_data_url_is_not_prepared_again(vlm_stack, tmp_path):
@@ -118,6 +137,7 @@ def test_resent_data_url_is_not_prepared_again(vlm_stack, tmp_path):
     with pytest.raises(grpc.RpcError) as e:  # a new image needs a worker
         list(engine.stub.Generate(chat(image_part(data_url(70, 70, 4))), timeout=30))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(e.value).code == epb.ERROR_CODE_MEDIA_UNAVAILABLE
 
 
 def test_media_to_a_text_model_is_refused(engine):
@@ -128,6 +148,8 @@ def test_media_to_a_text_model_is_refused(engine):
                                        image_part(data_url(20, 20, 1))), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("messages[0].content[1]: this model takes text only")
+    assert error_info(e.value) == epb.ErrorInfo(
+        code=epb.ERROR_CODE_UNSUPPORTED, field="chat.messages[0].parts[1]", item=0)
 
 
 def _segments() -> set[str]:

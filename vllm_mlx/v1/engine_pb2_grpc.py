@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class EngineStub:
-    """Missing associated documentation comment in .proto file."""
+    """A failed call carries an ErrorInfo (errors.proto) under the trailing
+    metadata key "vllm-mlx-error-bin": its code says what went wrong, its field
+    which GenerateRequest field is at fault.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +65,10 @@ class EngineStub:
 
 
 class EngineServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A failed call carries an ErrorInfo (errors.proto) under the trailing
+    metadata key "vllm-mlx-error-bin": its code says what went wrong, its field
+    which GenerateRequest field is at fault.
+    """
 
     def Generate(self, request, context):
         """Streams one generation: each message carries the tokens generated since
@@ -137,7 +143,10 @@ def add_EngineServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Engine:
-    """Missing associated documentation comment in .proto file."""
+    """A failed call carries an ErrorInfo (errors.proto) under the trailing
+    metadata key "vllm-mlx-error-bin": its code says what went wrong, its field
+    which GenerateRequest field is at fault.
+    """
 
     @staticmethod
     def Generate(request,

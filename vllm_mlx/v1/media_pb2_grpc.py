@@ -45,8 +45,10 @@ class MediaWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prepare(self, request, context):
-        """All items of one request; fails as a whole with INVALID_ARGUMENT (the
-        message starts "item N: ", N counting from 0) when any item is refused.
+        """All items of one request; fails as a whole with INVALID_ARGUMENT when
+        any item is refused: the ErrorInfo (errors.proto) under the trailing
+        metadata key "vllm-mlx-error-bin" has code ERROR_CODE_MEDIA_REFUSED and
+        the refused item's index in `items` (from 0), the message the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
