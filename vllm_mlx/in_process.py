@@ -21,9 +21,6 @@ from engine_worker.media_client import MediaRefused, PreparedItem
 from engine_worker.model import load_model, load_tokenizer, read_facts
 from engine_worker.request_builder import RequestBuilder
 from engine_worker.text_output import TokenStream
-from media_worker.errors import MediaError
-from media_worker.prepare import PreparedCache, prepare_item
-from media_worker.processor import Preprocessor
 from vllm_mlx.ipc.shared_tensors import take, unlink, write_segment
 from vllm_mlx.settings import EngineSettings, MediaSettings
 from vllm_mlx.v1 import engine_pb2 as pb
@@ -35,12 +32,19 @@ class LocalMedia:
     media worker's, item by item on a worker thread."""
 
     def __init__(self, model_path: str, settings: MediaSettings):
+        # Imported here: text models never need the decoders (PyAV, Pillow).
+        from media_worker.prepare import PreparedCache
+        from media_worker.processor import Preprocessor
+
         self.settings = settings
         self.preprocessor = Preprocessor(model_path)
         self.cache = PreparedCache()
 
     async def prepare(self, request_id: str, sources: list[mpb.MediaSource],
                       timeout: float | None) -> list[PreparedItem]:
+        from media_worker.errors import MediaError
+        from media_worker.prepare import prepare_item
+
         items: list[PreparedItem] = []
         try:
             for i, source in enumerate(sources):
