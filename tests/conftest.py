@@ -15,20 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from vllm_mlx.bench import test_models as make_test_models
 from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_test_models = _load_script("make_test_models")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

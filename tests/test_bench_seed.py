@@ -63,10 +63,10 @@ def test_vision_sweeps_quick(tiny_vlm, tmp_path, mode, rows):
 
 
 def test_video_from_a_local_file(tiny_vlm, tmp_path):
-    from vllm_mlx.bench.seed_mode import _video_bytes
+    from vllm_mlx.bench.inputs import encode_clip
 
     video = tmp_path / "clip.mp4"
-    video.write_bytes(_video_bytes(seconds=3, fps=4, size=(96, 64)))
+    video.write_bytes(encode_clip(3, 4, 96, 64))
     out = tmp_path / "v.json"
     bench("--model", str(tiny_vlm), "--video", "--quick", "--max-tokens", "2",
           "--video-path", str(video), "--warmup", "0", "--output", str(out))

@@ -31,7 +31,7 @@ IMAGE, VIDEO = pb.MEDIA_KIND_IMAGE, pb.MEDIA_KIND_VIDEO
 FETCH_TIMEOUT_S = 1.5
 MAX_BYTES = 3_000_000
 MAX_PIXELS = 4_000_000
-# The tiny model's processor (scripts/make_test_models.py): Qwen2-VL patches.
+# The tiny model's processor (vllm_mlx/bench/test_models.py): Qwen2-VL patches.
 PATCH, TEMPORAL, MERGE = 14, 2, 2
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])

@@ -16,7 +16,8 @@ SUBCOMMANDS = {
     "engine": ("vllm_mlx.bench.engine", "the engine over gRPC vs raw mlx-lm's BatchGenerator"),
     "gateway": ("vllm_mlx.bench.gateway", "the gateway's HTTP + SSE vs the engine's gRPC alone"),
     "cache": ("vllm_mlx.bench.cache", "time to first token, prefix-cache miss vs hit"),
-    "media": ("vllm_mlx.bench.media", "text latency while images are prepared"),
+    "media": ("vllm_mlx.bench.media", "text latency while images are prepared, and what "
+                                      "preparing images and video costs"),
 }
 SEED_MODE = "vllm_mlx.bench.seed_mode"
 

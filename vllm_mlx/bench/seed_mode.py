@@ -9,8 +9,6 @@ real JPEG and MP4 files decoded by the same code as the media workers'.
 """
 
 import argparse
-import base64
-import io
 import os
 import resource
 import sys
@@ -18,6 +16,7 @@ import time
 from pathlib import Path
 
 from vllm_mlx.bench import report
+from vllm_mlx.bench.inputs import data_url, encode_clip, jpeg, photo_like
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import media_pb2 as mpb
 
@@ -41,6 +40,7 @@ VIDEO_CONFIGS = [(2, 0.5), (4, 1.0), (6, 1.0), (8, 2.0), (12, 2.0), (16, 2.0), (
                  (32, 4.0)]
 QUICK_VIDEO_CONFIGS = [(2, 0.5), (8, 2.0), (16, 2.0)]
 GENERATED_VIDEO_SECONDS = 10
+GENERATED_VIDEO_FPS = 8
 GB = 1e9
 
 
@@ -178,19 +178,7 @@ def _vision(engine, args: argparse.Namespace) -> dict:
 
 
 def _image_url(width: int, height: int, seed: int) -> str:
-    """A JPEG with structure (gradients and noise), as a data: URL."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                     (x + y) * 127 // max(width + height - 2, 1)], axis=-1)
-    noise = rng.integers(0, 48, (height, width, 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(buf, "JPEG",
-                                                                        quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_url(jpeg(photo_like(width, height, seed), 85))
 
 
 def _video_source(args: argparse.Namespace) -> dict:
@@ -198,32 +186,8 @@ def _video_source(args: argparse.Namespace) -> dict:
         return {"path": str(Path(args.video_path).resolve())}
     if args.video_url:
         return {"url": args.video_url}
-    return {"url": "data:video/mp4;base64," + base64.b64encode(_video_bytes()).decode()}
-
-
-def _video_bytes(seconds: int = GENERATED_VIDEO_SECONDS, fps: int = 8,
-                 size: tuple[int, int] = (320, 240)) -> bytes:
-    """An H.264 MP4 of a square moving across a gradient."""
-    import av
-    import numpy as np
-
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    background = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 96)], -1)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(seconds * fps):
-            frame = background.copy()
-            left = (i * 7) % (w - 40)
-            frame[h // 3: h // 3 + 40, left: left + 40] = (250, 250, 250)
-            image = av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")
-            for packet in stream.encode(image):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    clip = encode_clip(GENERATED_VIDEO_SECONDS, GENERATED_VIDEO_FPS, 320, 240)
+    return {"url": data_url(clip, "video/mp4")}
 
 
 def _resources() -> dict:

@@ -6,7 +6,8 @@ tokens each with greedy decoding and EOS ignored, once straight over gRPC and
 once through the gateway as OpenAI streaming completions (httpx, or the
 `openai` SDK with `--client openai`), in alternating rounds after one untimed
 warm-up of each. Reported: median aggregate tokens/s, median time to first
-token (per stream, then median over rounds), and the ratios.
+token (per stream, then median over rounds), the ratios, and the CPU each
+process spent per 1,000 tokens (Linux).
 
 `--prompt-form` picks what the prompt is: token ids (`ids`, identical engine
 work on both paths), raw text (`text`), chat messages (`chat`, templated and
@@ -15,7 +16,7 @@ by the client with the model's tokenizer, per request inside the timed run,
 and sent as token ids (`chat-ids`: what a gateway that owned templating would
 do). `chat` vs `chat-ids` measures where templating should live.
 
-    python scripts/bench_gateway.py --out bench-gateway.json
+    vllm-mlx-bench gateway --model smollm2-135m --output bench-gateway.json
 
 `--ttft-probes N` measures what the gateway adds to time to first token
 under load instead: at each concurrency C, C-1 streams keep generating
@@ -30,26 +31,64 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from vllm_mlx.bench import report
+from vllm_mlx.bench.workloads import (
+    PROMPT_LEN,
+    default_cache,
+    has_proc,
+    model_folder,
+    model_name,
+    ports,
+    prompts,
+    start_engine,
+    start_gateway,
+    tree_cpu_seconds,
+    vocab_of,
+)
 
-PROMPT_LEN = 32
 WORDS = "the quick brown fox jumps over a lazy dog while café culture thrives".split()
+PROBE_WARMUPS = 5
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="tiny",
+                    help="a test-model shape (tiny, smollm2-135m: built on first use) or a "
+                         "model folder")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64],
+                    help="streams generating at once")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per request")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per concurrency")
+    ap.add_argument("--prompt-form", choices=["ids", "text", "chat", "chat-ids"],
+                    default="ids", help="what a prompt is (see above)")
+    ap.add_argument("--client", choices=["httpx", "openai"], default="httpx",
+                    help="the HTTP client (openai: the OpenAI SDK, installed apart)")
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes sharing each run's streams (both paths), so "
+                         "that one Python client's CPU does not limit what is measured")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run both paths at once in every round, half the streams each "
+                         "(at least one each), on fresh prompts per round")
+    ap.add_argument("--ttft-probes", type=int, default=0,
+                    help="measure added time to first token with this many probes per path "
+                         "beside concurrency-1 gateway streams (see above)")
+    ap.add_argument("--engine-flags", default="",
+                    help="extra engine flags, one string (--engine-flags=\"--no-prefix-cache\")")
+    ap.add_argument("--cache", type=Path, default=default_cache(),
+                    help="where test models are built")
+    ap.add_argument("--engine-port", type=int, default=0, help="the engine's; 0: a free port")
+    ap.add_argument("--port", type=int, default=0, help="the gateway's; 0: a free port")
 
 
 def make_prompts(n: int, vocab: int, form: str, seed: int = 0) -> list:
-    rng = random.Random(seed)
     if form == "ids":
-        return [[rng.randrange(10, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
+        return prompts(n, vocab, seed)
+    rng = random.Random(seed)
     texts = [" ".join(rng.choice(WORDS) for _ in range(PROMPT_LEN)) for _ in range(n)]
     if form == "text":
         return texts
@@ -70,24 +109,8 @@ class Templater:
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+# One per process (this one, each client process), loaded before any timing.
 TEMPLATER: Templater | None = None
-
-
-def vocab_of(model: Path) -> int:
-    return json.loads((model / "config.json").read_text())["vocab_size"]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (uvicorn workers)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 class Run:
@@ -111,6 +134,7 @@ class Run:
 
 
 # -- the engine over gRPC ---------------------------------------------------------------
+
 
 async def grpc_run(address: str, prompts: list, form: str, max_tokens: int) -> Run:
     import grpc
@@ -149,6 +173,7 @@ async def grpc_run(address: str, prompts: list, form: str, max_tokens: int) -> R
 
 
 # -- the gateway over HTTP + SSE ---------------------------------------------------------
+
 
 def _body(p, form: str, max_tokens: int) -> tuple[str, dict]:
     common = {"model": "default", "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -221,6 +246,7 @@ async def http_run(url: str, prompts: list, form: str, max_tokens: int, client: 
 
 # -- time to first token under load, by probes ------------------------------------------
 
+
 def _background(url: str, prompts: list, max_tokens: int, stop_at: float) -> int:
     """Streams through the gateway, each sending its next request when the
     last ends, until stop_at; returns the requests completed."""
@@ -244,7 +270,8 @@ def _background(url: str, prompts: list, max_tokens: int, stop_at: float) -> int
     return asyncio.run(main())
 
 
-async def _probes(address: str, url: str, prompts: list) -> tuple[list[float], list[float]]:
+async def _probes(address: str, url: str, prompts: list,
+                  desc: str | None) -> tuple[list[float], list[float]]:
     """Time to first token of one request at a time, alternating gRPC and
     HTTP (max_tokens 4, fresh prompts), over connections kept open."""
     import grpc
@@ -259,7 +286,8 @@ async def _probes(address: str, url: str, prompts: list) -> tuple[list[float], l
             httpx.AsyncClient(base_url=url, timeout=3600) as client:
         stub = engine_pb2_grpc.EngineStub(channel)
         await channel.channel_ready()
-        for i, p in enumerate(prompts):
+        each = report.progress(prompts, desc) if desc else prompts
+        for i, p in enumerate(each):
             # Probes land at random points of the decode step.
             await asyncio.sleep(rng.uniform(0.0, 0.02))
             start = time.perf_counter()
@@ -280,8 +308,8 @@ async def _probes(address: str, url: str, prompts: list) -> tuple[list[float], l
     return grpc_ms, http_ms
 
 
-def ttft_probes(address: str, url: str, c: int, n_probes: int, a, pool) -> dict:
-    vocab = vocab_of(a.model_path)
+def ttft_probes(address: str, url: str, c: int, n_probes: int, vocab: int,
+                a: argparse.Namespace, pool, desc: str | None = None) -> dict:
     background = make_prompts(c - 1, vocab, "ids", seed=7 * c)
     probes = make_prompts(2 * n_probes, vocab, "ids", seed=11 * c + n_probes)
     # Long enough for every probe; the probes end the run, not the clock.
@@ -291,7 +319,7 @@ def ttft_probes(address: str, url: str, c: int, n_probes: int, a, pool) -> dict:
         for k in range(n):
             pool.apply_async(_background, (url, background[k::n], a.max_tokens, stop_at))
         time.sleep(2.0)  # the background streams are up and decoding
-    grpc_ms, http_ms = asyncio.run(_probes(address, url, probes))
+    grpc_ms, http_ms = asyncio.run(_probes(address, url, probes, desc))
     pairs = [h - g for g, h in zip(grpc_ms, http_ms)]
     return dict(concurrency=c, probes=len(pairs),
                 grpc_ttft_ms=statistics.median(grpc_ms), http_ttft_ms=statistics.median(http_ms),
@@ -300,44 +328,7 @@ def ttft_probes(address: str, url: str, c: int, n_probes: int, a, pool) -> dict:
                 grpc_ttft_ms_all=grpc_ms, http_ttft_ms_all=http_ms)
 
 
-# -- processes ---------------------------------------------------------------------------
-
-from bench_engine import start_engine  # noqa: E402  (scripts/ is on sys.path)
-
-
-def start_gateway(engine_port: int, port: int, workers: int) -> subprocess.Popen:
-    import httpx
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--engine", f"127.0.0.1:{engine_port}",
-         "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "VLLM_MLX_API_KEY"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the gateway exited while starting")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the gateway did not start")
-
-
-def build_model(shape: str, cache: Path) -> Path:
-    import make_test_models
-
-    out = cache / shape
-    if not (out / "config.json").exists():
-        make_test_models.build_text_model(out, shape=shape)
-    return out
-
-
-def _median_cpu(runs: list[Run]) -> dict[str, float]:
-    keys = runs[0].cpu_ms_per_1k.keys()
-    return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
+# -- client processes --------------------------------------------------------------------
 
 
 def mp_pool(n: int):
@@ -370,12 +361,17 @@ def _client_run(kind: str, target: str, prompts: list, form: str, max_tokens: in
     return run.tokens, run.ttft, run.started, run.ended, time.process_time() - cpu
 
 
-def measured(kind: str, target: str, prompts: list, a, pids: dict[str, int], pool) -> Run:
+def _median_cpu(runs: list[Run]) -> dict[str, float]:
+    keys = runs[0].cpu_ms_per_1k.keys()
+    return {k: round(statistics.median(r.cpu_ms_per_1k[k] for r in runs), 1) for k in keys}
+
+
+def measured(kind: str, target: str, prompts: list, a: argparse.Namespace, model: Path,
+             pids: dict[str, int], pool) -> Run:
     """One timed run, in this process or split evenly over the pool's client
     processes (started together; tokens/s over the span from the first
     start to the last end)."""
-    has_proc = Path("/proc/self/stat").exists()
-    before = {k: cpu_seconds(p) for k, p in pids.items()} if has_proc else {}
+    before = {k: tree_cpu_seconds(p) for k, p in pids.items()} if has_proc() else {}
     if pool is None:
         client_before = time.process_time()
         run = asyncio.run(grpc_run(target, prompts, a.prompt_form, a.max_tokens)
@@ -384,25 +380,25 @@ def measured(kind: str, target: str, prompts: list, a, pids: dict[str, int], poo
         client_cpu = time.process_time() - client_before
     else:
         n, start_at = a.client_procs, time.monotonic() + 0.2
-        model = str(a.model_path) if a.prompt_form == "chat-ids" else None
+        templater = str(model) if a.prompt_form == "chat-ids" else None
         parts = pool.starmap(_client_run, [
             (kind, target, prompts[k::n], a.prompt_form, a.max_tokens, a.client, start_at,
-             model) for k in range(n) if prompts[k::n]])
+             templater) for k in range(n) if prompts[k::n]])
         run = Run()
         run.tokens = sum(p[0] for p in parts)
         run.ttft = [t for p in parts for t in p[1]]
         run.started, run.ended = min(p[2] for p in parts), max(p[3] for p in parts)
         run.elapsed = run.ended - run.started
         client_cpu = sum(p[4] for p in parts)
-    if has_proc:
-        spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    if before:
+        spent = {k: tree_cpu_seconds(p) - before[k] for k, p in pids.items()}
         spent["client"] = client_cpu
         run.cpu_ms_per_1k = {k: 1e6 * v / run.tokens for k, v in spent.items()}
     return run
 
 
-def side_by_side(address: str, url: str, prompts: list, a, pids: dict[str, int],
-                 pool) -> tuple[Run, Run]:
+def side_by_side(address: str, url: str, prompts: list, a: argparse.Namespace, model: Path,
+                 pids: dict[str, int], pool) -> tuple[Run, Run]:
     """Both paths in the same round at the same time, half the streams each
     (at least one): the engine batches them together, so drift of the
     machine between rounds cancels, and what differs is what each path adds
@@ -411,16 +407,15 @@ def side_by_side(address: str, url: str, prompts: list, a, pids: dict[str, int],
     half = len(prompts) // 2
     per_path = max(1, a.client_procs // 2)
     start_at = time.monotonic() + 0.2
-    model = str(a.model_path) if a.prompt_form == "chat-ids" else None
+    templater = str(model) if a.prompt_form == "chat-ids" else None
     jobs = [(kind, target, ps[k::per_path], a.prompt_form, a.max_tokens, a.client, start_at,
-             model)
+             templater)
             for kind, target, ps in (("grpc", address, prompts[:half]),
                                      ("http", url, prompts[half:]))
             for k in range(per_path) if ps[k::per_path]]
-    has_proc = Path("/proc/self/stat").exists()
-    before = {k: cpu_seconds(p) for k, p in pids.items()} if has_proc else {}
+    before = {k: tree_cpu_seconds(p) for k, p in pids.items()} if has_proc() else {}
     parts = pool.starmap(_client_run, jobs)
-    spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()} if has_proc else {}
+    spent = {k: tree_cpu_seconds(p) - before[k] for k, p in pids.items()} if before else {}
     start = min(p[2] for p in parts)
     runs = []
     for kind in ("grpc", "http"):
@@ -437,121 +432,111 @@ def side_by_side(address: str, url: str, prompts: list, a, pids: dict[str, int],
     return runs[0], runs[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="a make_test_models.py shape")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--prompt-form", choices=["ids", "text", "chat", "chat-ids"],
-                    default="ids")
-    ap.add_argument("--client", choices=["httpx", "openai"], default="httpx")
-    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
-    ap.add_argument("--client-procs", type=int, default=1,
-                    help="client processes sharing each run's streams (both paths), so "
-                         "that one Python client's CPU does not limit what is measured")
-    ap.add_argument("--side-by-side", action="store_true",
-                    help="run both paths at once in every round, half the streams each "
-                         "(at least one each), on fresh prompts per round")
-    ap.add_argument("--ttft-probes", type=int, default=0,
-                    help="measure added time to first token with this many probes per path "
-                         "beside concurrency-1 gateway streams (see above)")
-    ap.add_argument("--cache", type=Path, default=ROOT / ".bench")
-    ap.add_argument("--engine-port", type=int, default=50927)
-    ap.add_argument("--port", type=int, default=50928)
-    ap.add_argument("--engine-flags", default="", help="extra engine flags, one string")
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
+# -- the runs ----------------------------------------------------------------------------
 
-    model = a.model_path = build_model(a.model, a.cache)
+
+def run(a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+
     global TEMPLATER
+    model = model_folder(a.model, a.cache)
     if a.prompt_form == "chat-ids":
         TEMPLATER = Templater(model)
-    engine = start_engine(model, a.engine_port, a.engine_flags.split())
-    gateway = None
-    results = []
-    pool = None
-    if a.side_by_side:
+    if a.side_by_side or a.ttft_probes:
         a.client_procs = max(2, a.client_procs)
-    if a.ttft_probes:
-        a.client_procs = max(2, a.client_procs)
-    if a.client_procs > 1:
-
-        pool = mp_pool(a.client_procs)
+    engine_port, port = ports(0, 2)
+    engine_port, port = a.engine_port or engine_port, a.port or port
+    address, url = f"127.0.0.1:{engine_port}", f"http://127.0.0.1:{port}"
+    engine = start_engine(model, engine_port, a.engine_flags.split())
+    gateway = pool = None
     try:
-        gateway = start_gateway(a.engine_port, a.port, a.workers)
-        address, url = f"127.0.0.1:{a.engine_port}", f"http://127.0.0.1:{a.port}"
-        pids = {"engine": engine.pid, "gateway": gateway.pid}
+        gateway = start_gateway(address, port, a.workers)
+        pool = mp_pool(a.client_procs) if a.client_procs > 1 else None
         if a.ttft_probes:
-            for c in a.concurrency:
-                ttft_probes(address, url, c, 5, a, pool)  # an untimed warm-up
-                pool.terminate()  # ends the background streams
-                pool = mp_pool(a.client_procs)
-                row = ttft_probes(address, url, c, a.ttft_probes, a, pool)
-                pool.terminate()
-                pool = mp_pool(a.client_procs)
-                results.append(row)
-                print(f"c={c:3d} TTFT p50 gRPC {row['grpc_ttft_ms']:.1f} ms, HTTP "
-                      f"{row['http_ttft_ms']:.1f} ms: added {row['added_ttft_ms']:.1f} ms "
-                      f"(median of {row['probes']} pairs {row['added_ttft_ms_paired']:.1f})",
-                      flush=True)
-        c_loop = [] if a.ttft_probes else a.concurrency
-        if c_loop:
-            print(f"{'conc':>4} {'grpc tok/s':>11} {'http tok/s':>11} {'ratio':>6} "
-                  f"{'grpc TTFT ms':>13} {'http TTFT ms':>13} {'added ms':>9}", flush=True)
-        for c in c_loop:
-            prompts = make_prompts(c, vocab_of(model), a.prompt_form)
-            grpc_runs, http_runs = [], []
-            for i in range(a.rounds + 1):  # the first of each is an untimed warm-up
-                if a.side_by_side:
-                    fresh = make_prompts(2 * max(1, c // 2), vocab_of(model), a.prompt_form,
-                                         seed=1000 * c + i)
-                    g, h = side_by_side(address, url, fresh, a, pids, pool)
-                else:
-                    g = measured("grpc", address, prompts, a, pids, pool)
-                    h = measured("http", url, prompts, a, pids, pool)
-                if i:
-                    grpc_runs.append(g)
-                    http_runs.append(h)
-            row = dict(
-                concurrency=c,
-                grpc_tps=statistics.median(r.tps for r in grpc_runs),
-                http_tps=statistics.median(r.tps for r in http_runs),
-                grpc_ttft_ms=statistics.median(r.ttft_ms for r in grpc_runs),
-                http_ttft_ms=statistics.median(r.ttft_ms for r in http_runs),
-                grpc_tps_all=[r.tps for r in grpc_runs], http_tps_all=[r.tps for r in http_runs],
-                grpc_ttft_ms_all=[r.ttft_ms for r in grpc_runs],
-                http_ttft_ms_all=[r.ttft_ms for r in http_runs],
-                grpc_cpu_ms_per_1k_tokens=_median_cpu(grpc_runs),
-                http_cpu_ms_per_1k_tokens=_median_cpu(http_runs))
-            row["tps_ratio"] = row["http_tps"] / row["grpc_tps"]
-            row["added_ttft_ms"] = row["http_ttft_ms"] - row["grpc_ttft_ms"]
-            results.append(row)
-            print(f"{c:4d} {row['grpc_tps']:11.1f} {row['http_tps']:11.1f} "
-                  f"{row['tps_ratio']:6.3f} {row['grpc_ttft_ms']:13.1f} "
-                  f"{row['http_ttft_ms']:13.1f} {row['added_ttft_ms']:9.1f}   "
-                  f"CPU ms/1k tok grpc {row['grpc_cpu_ms_per_1k_tokens']} "
-                  f"http {row['http_cpu_ms_per_1k_tokens']}", flush=True)
+            results, pool = probe_runs(address, url, vocab_of(model), a, pool)
+            print_probes(results)
+        else:
+            pids = {"engine": engine.pid, "gateway": gateway.pid}
+            results = [throughput(address, url, c, a, model, pids, pool)
+                       for c in a.concurrency]
+            print_throughput(results)
     finally:
         if pool is not None:
             pool.terminate()
-        for proc in (gateway, engine):
-            if proc is not None:
-                proc.terminate()
-                proc.wait()
-    if a.out:
-        import mlx.core as mx
-
-        a.out.write_text(json.dumps(dict(
-            machine=platform.platform(), processor=platform.machine(), cpus=os.cpu_count(),
-            device=str(mx.default_device()), model=a.model, max_tokens=a.max_tokens,
-            prompt_form=a.prompt_form, prompt_len=PROMPT_LEN, client=a.client,
-            gateway_workers=a.workers, client_procs=a.client_procs,
-            side_by_side=a.side_by_side, rounds=a.rounds, ttft_probes=a.ttft_probes,
-            engine_flags=a.engine_flags,
-            results=results), indent=2))
+        for child in (gateway, engine):
+            if child is not None:
+                child.stop()
+    return dict(cpus=os.cpu_count(), device=str(mx.default_device()),
+                model=model_name(a.model), concurrency=a.concurrency,
+                max_tokens=a.max_tokens, prompt_form=a.prompt_form, prompt_len=PROMPT_LEN,
+                client=a.client, gateway_workers=a.workers, client_procs=a.client_procs,
+                side_by_side=a.side_by_side, rounds=a.rounds, ttft_probes=a.ttft_probes,
+                engine_flags=a.engine_flags, results=results)
 
 
-if __name__ == "__main__":
-    main()
+def probe_runs(address: str, url: str, vocab: int, a: argparse.Namespace,
+               pool) -> tuple[list[dict], object]:
+    """Per concurrency, an untimed warm-up then the probes; the pool is
+    renewed after each, which ends its background streams."""
+    results = []
+    for c in a.concurrency:
+        for n, desc in ((PROBE_WARMUPS, None), (a.ttft_probes, f"probes c={c}")):
+            row = ttft_probes(address, url, c, n, vocab, a, pool, desc)
+            pool.terminate()
+            pool = mp_pool(a.client_procs)
+        results.append(row)
+    return results, pool
+
+
+def throughput(address: str, url: str, c: int, a: argparse.Namespace, model: Path,
+               pids: dict[str, int], pool) -> dict:
+    vocab = vocab_of(model)
+    prompts = make_prompts(c, vocab, a.prompt_form)
+    grpc_runs, http_runs = [], []
+    for i in report.progress(range(a.rounds + 1), f"c={c}"):
+        if a.side_by_side:
+            fresh = make_prompts(2 * max(1, c // 2), vocab, a.prompt_form, seed=1000 * c + i)
+            g, h = side_by_side(address, url, fresh, a, model, pids, pool)
+        else:
+            g = measured("grpc", address, prompts, a, model, pids, pool)
+            h = measured("http", url, prompts, a, model, pids, pool)
+        if i:  # the first of each is an untimed warm-up
+            grpc_runs.append(g)
+            http_runs.append(h)
+    row = dict(
+        concurrency=c,
+        grpc_tps=statistics.median(r.tps for r in grpc_runs),
+        http_tps=statistics.median(r.tps for r in http_runs),
+        grpc_ttft_ms=statistics.median(r.ttft_ms for r in grpc_runs),
+        http_ttft_ms=statistics.median(r.ttft_ms for r in http_runs),
+        grpc_tps_all=[r.tps for r in grpc_runs], http_tps_all=[r.tps for r in http_runs],
+        grpc_ttft_ms_all=[r.ttft_ms for r in grpc_runs],
+        http_ttft_ms_all=[r.ttft_ms for r in http_runs],
+        grpc_cpu_ms_per_1k_tokens=_median_cpu(grpc_runs),
+        http_cpu_ms_per_1k_tokens=_median_cpu(http_runs))
+    row["tps_ratio"] = row["http_tps"] / row["grpc_tps"]
+    row["added_ttft_ms"] = row["http_ttft_ms"] - row["grpc_ttft_ms"]
+    return row
+
+
+def _cpu(figures: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.0f}" for k, v in figures.items())
+
+
+def print_throughput(results: list[dict]) -> None:
+    print(report.banner("gateway (HTTP + SSE) vs the engine's gRPC alone, medians"))
+    print(report.table(
+        [[r["concurrency"], f"{r['grpc_tps']:.1f}", f"{r['http_tps']:.1f}",
+          f"{r['tps_ratio']:.3f}", f"{r['grpc_ttft_ms']:.1f}", f"{r['http_ttft_ms']:.1f}",
+          f"{r['added_ttft_ms']:.1f}", _cpu(r["grpc_cpu_ms_per_1k_tokens"]),
+          _cpu(r["http_cpu_ms_per_1k_tokens"])] for r in results],
+        ["conc", "grpc tok/s", "http tok/s", "ratio", "grpc TTFT ms", "http TTFT ms",
+         "added ms", "CPU ms/1k tok, grpc", "http"]))
+
+
+def print_probes(results: list[dict]) -> None:
+    print(report.banner("time to first token the gateway adds under load, probes (p50)"))
+    print(report.table(
+        [[r["concurrency"], r["probes"], f"{r['grpc_ttft_ms']:.1f}", f"{r['http_ttft_ms']:.1f}",
+          f"{r['added_ttft_ms']:.1f}", f"{r['added_ttft_ms_paired']:.1f}"] for r in results],
+        ["conc", "pairs", "gRPC TTFT ms", "HTTP TTFT ms", "added ms", "added, paired"]))

@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Build small random-weight test models fully offline: mlx-lm-loadable llama text models
 and mlx-vlm-loadable Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision-language models.
 
 The tokenizer is trained in-process on a built-in corpus and the weights are derived from a
 seed, so tests get reproducible models without touching the network or the Hugging Face hub.
 
-Usage: python scripts/make_test_models.py --out DIR [--shape tiny|smollm2-135m] [--seed N]
-       python scripts/make_test_models.py --out DIR --vlm [qwen2_vl|qwen2_5_vl|qwen3_vl]
+Usage: python -m vllm_mlx.bench.test_models --out DIR [--shape tiny|smollm2-135m] [--seed N]
+       python -m vllm_mlx.bench.test_models --out DIR --vlm [qwen2_vl|qwen2_5_vl|qwen3_vl]
 
 Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")`` and
 ``build_vlm_model(out_dir, family="qwen2_vl", seed=0)``.
