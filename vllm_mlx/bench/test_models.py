@@ -56,7 +56,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
     },
+    # Llama-3.2-1B's tensor shapes (its rope scaling left out: random weights
+    # read nothing from it), for timings of a model people run.
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
 }
+# mlx-lm's usual quantization: 4 bits in groups of 64.
+QUANT_GROUP_SIZE = 64
 
 # ChatML, Qwen2.5-style. Mentioning `<tool_call>` and `tool_call.name` makes mlx-lm infer its
 # "json_tools" tool parser, so tool-calling code paths can be exercised with this model too.
@@ -248,11 +264,12 @@ def random_parameters(shapes: list[tuple[str, tuple[int, ...]]], seed: int, hidd
 
 def build_text_model(
     out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32",
-    tokenizer: str = "bpe",
+    tokenizer: str = "bpe", bits: int | None = None,
 ) -> Path:
     """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``;
     `tokenizer`: "bpe" (byte-level, as GPT-2, Qwen and SmolLM2) or "spm"
-    (SentencePiece-style, as Llama 2 and Mistral)."""
+    (SentencePiece-style, as Llama 2 and Mistral); `bits`: quantized as
+    mlx-lm quantizes (4 or 8 bits, groups of 64)."""
     import mlx.core as mx
     from mlx_lm.models import llama
 
@@ -293,8 +310,23 @@ def build_text_model(
 
     model_args = llama.ModelArgs.from_dict(config)
     weights = init_weights(model_args, seed, dtype)
+    if bits is not None:
+        weights = _quantized(model_args, weights, bits)
+        config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": bits}
+        _write_json(out_dir / "config.json", config)
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out_dir
+
+
+def _quantized(args: Any, weights: dict[str, Any], bits: int) -> dict[str, Any]:
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    model = llama.Model(args)
+    model.load_weights(list(weights.items()))
+    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits)
+    return dict(tree_flatten(model.parameters()))
 
 
 # -- vision-language models ------------------------------------------------------------
@@ -587,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights")
     parser.add_argument("--vlm", nargs="?", const="qwen2_vl", choices=VLM_FAMILIES,
                         help="build a vision-language model of this family instead "
                              "(default family: qwen2_vl); --shape does not apply")
@@ -594,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.vlm:
         print(build_vlm_model(ns.out, family=ns.vlm, seed=ns.seed, dtype=ns.dtype))
     else:
-        print(build_text_model(ns.out, seed=ns.seed, shape=ns.shape, dtype=ns.dtype))
+        print(build_text_model(ns.out, seed=ns.seed, shape=ns.shape, dtype=ns.dtype,
+                               bits=ns.bits))
     return 0
 
 

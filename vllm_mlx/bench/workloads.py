@@ -51,7 +51,8 @@ def model_folder(spec: str, cache: Path) -> Path:
     the first time, or a model folder as it is."""
     from vllm_mlx.bench import test_models
 
-    if spec in test_models.SHAPES or spec == TINY_VLM:
+    shape, bits = _quantized_shape(spec)
+    if shape in test_models.SHAPES or spec == TINY_VLM:
         # Named by the builders' source too: a changed builder must not be
         # measured on a model an older one built.
         source = hashlib.sha256(Path(test_models.__file__).read_bytes()).hexdigest()[:10]
@@ -63,6 +64,8 @@ def model_folder(spec: str, cache: Path) -> Path:
             try:
                 if spec == TINY_VLM:
                     test_models.build_vlm_model(part)
+                elif bits:
+                    test_models.build_text_model(part, shape=shape, dtype="bfloat16", bits=bits)
                 else:
                     test_models.build_text_model(part, shape=spec)
                 part.rename(out)
@@ -75,8 +78,17 @@ def model_folder(spec: str, cache: Path) -> Path:
     path = Path(spec).expanduser()
     if not (path / "config.json").exists():
         raise SystemExit(f"{spec!r} is neither a test-model shape "
-                         f"({', '.join([*test_models.SHAPES, TINY_VLM])}) nor a model folder")
+                         f"({', '.join([*test_models.SHAPES, TINY_VLM])}, each also as "
+                         f"SHAPE-4bit or SHAPE-8bit) nor a model folder")
     return path.resolve()
+
+
+def _quantized_shape(spec: str) -> tuple[str, int | None]:
+    """"llama-3.2-1b-4bit" -> ("llama-3.2-1b", 4): a shape, quantized."""
+    for bits in (4, 8):
+        if spec.endswith(f"-{bits}bit"):
+            return spec.removesuffix(f"-{bits}bit"), bits
+    return spec, None
 
 
 def model_name(spec: str) -> str:
