@@ -87,6 +87,10 @@ class Generation:
     def finish_reason(self) -> str | None:
         return self.stream.finish_reason
 
+    def deliver(self, when: float, outputs: list) -> None:
+        """The loop's thread hands over this request's outputs of one step."""
+        self._outputs.put((when, outputs))
+
     def __iter__(self) -> Iterator[Delta]:
         while self.finish_reason is None:
             when, outputs = self._outputs.get()
@@ -166,7 +170,7 @@ class InProcessEngine:
             for rid, outs in by_request.items():
                 gen = self._requests.get(rid)
                 if gen is not None:
-                    gen._outputs.put((now, outs))
+                    gen.deliver(now, outs)
 
     def forget(self, request_id: str) -> None:
         with self._lock:
