@@ -72,6 +72,37 @@ def resolve_model(
     return folder
 
 
+# Small models only get a dense copy: a large 4-bit model would grow 8x on
+# disk and in memory.
+DENSE_COPY_MAX_BYTES = 512 << 20
+
+
+def is_vision_model(folder: Path) -> bool:
+    """What the engine will decide from the same config (it also checks that
+    mlx-vlm knows the model type, and refuses the model if not)."""
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("vision_config"))
+    except (OSError, ValueError):
+        return False
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def resolve_for_serving(spec: str | None, mllm: bool = False) -> Path:
+    """The folder the engine serves for `spec`: resolve_model's, or on a
+    Linux CPU its dense float copy for a small text model, which measured
+    several times faster than quantized weights there (docs/benchmarks.md).
+    Vision-language models load as they are (mlx-vlm)."""
+    path = resolve_model(spec)
+    dense = preferred_float_dtype()
+    vision = mllm or is_vision_model(path)
+    if dense and not vision and weights_bytes(path) < DENSE_COPY_MAX_BYTES:
+        path = resolve_model(str(path), dequantize_to=dense)
+    return path
+
+
 def _is_dense(folder: Path, dtype: str) -> bool:
     config = json.loads((folder / "config.json").read_text())
     quantized = "quantization" in config or "quantization_config" in config

@@ -7,7 +7,6 @@ its name.
 """
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -35,7 +34,6 @@ STOP_GRACE_S = 20.0
 # A child that has not answered once since it started (importing, listening)
 # gets at least this long before the liveness timeout applies.
 STARTUP_GRACE_S = 120.0
-DENSE_COPY_MAX_BYTES = 512 << 20
 OPENBLAS_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -126,10 +124,6 @@ def fast_cpu_env() -> tuple[dict[str, str], str]:
                 "for several times the speed)")
 
 
-def weights_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-mlx-up", description=__doc__,
                                  formatter_class=HelpFormatter)
@@ -170,15 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def is_vision_model(folder: Path) -> bool:
-    """What the engine will decide from the same config (it also checks that
-    mlx-vlm knows the model type, and refuses the model if not)."""
-    try:
-        return bool(json.loads((folder / "config.json").read_text()).get("vision_config"))
-    except (OSError, ValueError):
-        return False
-
-
 class Supervisor:
     def __init__(self, args: argparse.Namespace, model_path: Path, served_name: str):
         self.args = args
@@ -186,6 +171,8 @@ class Supervisor:
         self.engine_address = f"127.0.0.1:{args.engine_port or free_port()}"
         env, self.engine_config = fast_cpu_env()
         py = sys.executable
+        from vllm_mlx.model_files.model_source import is_vision_model
+
         vision = args.mllm or is_vision_model(model_path)
         n_media = args.media_workers if args.media_workers is not None else 2 * vision
         self.media = []
@@ -318,22 +305,11 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm_mlx.model_files.model_source import (
-        ModelNotFound,
-        preferred_float_dtype,
-        resolve_model,
-    )
+    from vllm_mlx.model_files.model_source import ModelNotFound, resolve_for_serving
 
     try:
         say(f"resolving model {args.model or '(embedded default: SmolLM2-135M-Instruct)'}")
-        path = resolve_model(args.model)
-        dense = preferred_float_dtype()
-        vision = args.mllm or is_vision_model(path)  # mlx-vlm loads these as they are
-        if dense and not vision and weights_bytes(path) < DENSE_COPY_MAX_BYTES:
-            # Dense float32 with OpenBLAS measured several times faster than
-            # quantized weights on Linux CPUs (docs/benchmarks.md); bounded so a
-            # large 4-bit model is not blown up 8x on disk and in memory.
-            path = resolve_model(str(path), dequantize_to=dense)
+        path = resolve_for_serving(args.model, args.mllm)
     except ModelNotFound as e:
         say(f"error: {e}")
         sys.exit(2)
