@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import mlx.core as mx
+
 from engine_worker.admission import Admission
 from engine_worker.batch import Batch
 from engine_worker.memory import MemoryBudget, make_room, set_up_memory
@@ -106,6 +108,16 @@ class Loop:
     # -- the loop's thread -------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # MLX expects each thread to free its streams before it ends:
+            # left to process exit, their teardown aborted the process
+            # ("terminate called without an active exception") in about
+            # half the runs of an in-process engine on the CPU.
+            mx.clear_streams()
+
+    def _serve(self) -> None:
         try:
             self._set_up()  # loading evaluates the weights: it belongs to this thread too
         except BaseException as e:

@@ -9,6 +9,7 @@ stop strings). Only the transport differs from the server's path.
 """
 
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
@@ -131,6 +132,8 @@ class InProcessEngine:
         self._ids = itertools.count()
         self.loop = Loop(settings, lambda s: load_model(self.facts), self._publish)
         self.loop.start()
+        # The loop's thread must end before the interpreter does (Loop._run).
+        atexit.register(self.close)
         self.loop.ready.wait()
         if self.loop.load_error is not None:
             raise RuntimeError(f"could not load {model_path}: {self.loop.load_error}")
@@ -177,4 +180,5 @@ class InProcessEngine:
             self._requests.pop(request_id, None)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         self.loop.stop()
