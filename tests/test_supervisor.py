@@ -106,6 +106,9 @@ def up(tiny_model, tmp_path_factory):
 def test_ready_line_and_a_chat_completion(up):
     assert f"ready: {up.base_url} serving tiny-llama" in up.text()
     assert "engine configuration:" in up.text()
+    from vllm_mlx.optimizations import detect_hardware
+
+    assert f"hardware: {detect_hardware().summary()}" in up.text()
     assert len(chat(up.client())) > 0
     # Each child's lines carry its name.
     assert re.search(r"^\[engine\] .*serving tiny-llama", up.text(), re.M)

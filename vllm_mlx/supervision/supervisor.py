@@ -203,6 +203,9 @@ class Supervisor:
 
     def start(self) -> None:
         say(f"engine configuration: {self.engine_config}")
+        from vllm_mlx.optimizations import detect_hardware
+
+        say(f"hardware: {detect_hardware().summary()}")
         # Media workers load only a processor: they start first and are
         # ready long before the engine has loaded its weights.
         for m in self.media:
