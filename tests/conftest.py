@@ -204,3 +204,18 @@ def pytest_addoption(parser):
                     help="half-sent connections the hostile test holds (long run: 20000)")
     group.addoption("--soak-requests", type=int, default=300,
                     help="requests the soak test sends (long run: 5000 or more)")
+
+
+@pytest.fixture(scope="module")
+def vision_stack(tiny_vlm, tmp_path_factory) -> Iterator[str]:
+    """`vllm-mlx-up` on the tiny vision-language model with one media worker;
+    yields its base URL."""
+    from tests.test_supervisor import Up
+
+    up = Up("--model", str(tiny_vlm), "--media-workers", "1",
+            cache=tmp_path_factory.mktemp("cache"))
+    try:
+        up.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-qwen2-vl")
+        yield up.base_url
+    finally:
+        up.stop()

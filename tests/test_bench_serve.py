@@ -156,17 +156,6 @@ def openai_like():
         next(s, None)
 
 
-@pytest.fixture(scope="module")
-def vlm_stack(tiny_vlm, tmp_path_factory):
-    from tests.test_supervisor import Up
-
-    up = Up("--model", str(tiny_vlm), "--media-workers", "1",
-            cache=tmp_path_factory.mktemp("cache"))
-    try:
-        up.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-qwen2-vl")
-        yield up.base_url
-    finally:
-        up.stop()
 
 
 # -- what the command sends ---------------------------------------------------------
@@ -278,8 +267,8 @@ def test_a_server_that_refuses_ignore_eos_and_stream_options(openai_like, tmp_pa
     assert "ratios" not in stdout  # one server: nothing to compare
 
 
-def test_images_against_a_vision_language_stack(vlm_stack, tmp_path):
-    common = ("--url", vlm_stack, "--concurrency", "2", "--requests-per-level", "2",
+def test_images_against_a_vision_language_stack(vision_stack, tmp_path):
+    common = ("--url", vision_stack, "--concurrency", "2", "--requests-per-level", "2",
               "--rounds", "1", "--warmup", "1", "--prompt-tokens", "20", "--max-tokens", "6",
               "--image-size", "64x64")
     _, with_images = bench(tmp_path, *common, "--images", "1")

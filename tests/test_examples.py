@@ -37,17 +37,6 @@ def text_server(tiny_model, tmp_path_factory):
     engine.stop()
 
 
-@pytest.fixture(scope="module")
-def vision_server(tiny_vlm, tmp_path_factory):
-    from tests.test_supervisor import Up
-
-    up = Up("--model", str(tiny_vlm), "--media-workers", "1",
-            cache=tmp_path_factory.mktemp("cache"))
-    try:
-        up.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-qwen2-vl")
-        yield up.base_url
-    finally:
-        up.stop()
 
 
 def test_simple_generate(tiny_model):
@@ -73,8 +62,8 @@ def test_demo_openai_text(text_server):
                              "a multi-turn conversation", "temperature"]
 
 
-def test_demo_openai_image_and_video(vision_server):
-    image = run("demo_openai_image.py", "--base-url", vision_server, "--max-tokens", "6")
+def test_demo_openai_image_and_video(vision_stack):
+    image = run("demo_openai_image.py", "--base-url", vision_stack, "--max-tokens", "6")
     assert sections(image) == ["the image (base64)", "a follow-up question"]
-    video = run("demo_openai_video.py", "--base-url", vision_server, "--max-tokens", "6")
+    video = run("demo_openai_video.py", "--base-url", vision_stack, "--max-tokens", "6")
     assert sections(video) == ["describe the video", "a specific question, then a follow-up"]
