@@ -218,6 +218,8 @@ class Loop:
             self._batch.remove(request_id, keep_kv)
 
     def _admit(self) -> None:
+        if not self._admission.waiting:
+            return  # the common case in decoding: no need to sum the batch's KV
         decision = self._admission.choose(
             self._batch.admission_state(), self._reservation,
             lambda total: make_room(self.memory, self._prefix, total))

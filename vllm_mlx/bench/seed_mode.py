@@ -95,7 +95,7 @@ def _local_roots(args: argparse.Namespace) -> tuple[str, ...]:
     return (str(Path(args.video_path).resolve().parent),)
 
 
-def _request(engine, content: list[pb.ContentPart], args) -> pb.GenerateRequest:
+def _request(content: list[pb.ContentPart], args) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", parts=content)],
                           add_generation_prompt=True),
@@ -123,7 +123,7 @@ def _text(engine, args: argparse.Namespace) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
 
     def request(text: str) -> pb.GenerateRequest:
-        return _request(engine, [pb.ContentPart(text=text)], args)
+        return _request([pb.ContentPart(text=text)], args)
 
     for i in range(args.warmup):
         engine.generate(request(PROMPTS[-1 - i % len(PROMPTS)])).wait()
@@ -155,7 +155,7 @@ def _vision(engine, args: argparse.Namespace) -> dict:
                   "Describe this image in detail.") for i, (w, h) in enumerate(sizes)]
 
     def request(media: mpb.MediaSource, question: str) -> pb.GenerateRequest:
-        return _request(engine, [pb.ContentPart(media=media), pb.ContentPart(text=question)],
+        return _request([pb.ContentPart(media=media), pb.ContentPart(text=question)],
                         args)
 
     for _ in range(args.warmup):
