@@ -84,18 +84,29 @@ def keep_freed_buffers_in_generate() -> None:
         generate.mx = view
 
 
-def install_decode_step(decoding, wants_logprobs: Collection[int]) -> None:
+def hf_tokenizer(tokenizer):
+    """The Hugging Face tokenizer inside mlx-lm's TokenizerWrapper."""
+    return tokenizer._tokenizer
+
+
+def install_decode_step(decoding, wants_logprobs: Collection[int], grammars: dict,
+                        mask_logits: Callable) -> None:
     """Replace `decoding._step` (mlx-lm's GenerationBatch). `wants_logprobs`:
-    the uids whose requests asked for log-probabilities, kept by the caller."""
-    decoding._step = lambda: _step(decoding, wants_logprobs)
+    the uids whose requests asked for log-probabilities; `grammars`: uid ->
+    the grammar of a constrained request (grammar.GrammarRow), applied by
+    `mask_logits` (grammar.mask_logits); both kept by the caller."""
+    decoding._step = lambda: _step(decoding, wants_logprobs, grammars, mask_logits)
 
 
-def _step(b, wants_logprobs: Collection[int]) -> tuple[list[int], list]:
+def _step(b, wants_logprobs: Collection[int], grammars: dict,
+          mask_logits: Callable) -> tuple[list[int], list]:
     # What the last call started becomes this step's result; this call
     # starts the next token's computation before waiting for it.
     b._current_tokens, b._current_logprobs = b._next_tokens, b._next_logprobs
     inputs = b._current_tokens
     logits = b.model(inputs[:, None], cache=b.prompt_cache)[:, -1, :]
+    if grammars:
+        logits = mask_logits(logits, inputs, b.uids, grammars)
     contexts = []
     if any(b.logits_processors):
         rows = []
