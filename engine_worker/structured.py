@@ -56,7 +56,10 @@ def from_structured_output(so: pb.StructuredOutput) -> Constraint | None:
             raise GrammarError(field, "the JSON schema must be an object")
         return Constraint({"json_schema": {**schema, "x-guidance": JSON_LAYOUT}}, field)
     if kind == "regex":
-        return Constraint(_entry(llguidance.LLMatcher.grammar_from_regex(so.regex)), field)
+        # \d, \w and \s mean ASCII, as in JSON Schema patterns (and what
+        # clients expect of [0-9]-like classes), not Unicode's hundreds of digits.
+        lark = f"start: /{llguidance.regex_to_lark(so.regex, 'dw')}/"
+        return Constraint({"lark_grammar": lark}, field)
     if kind == "choice":
         if not so.choice.options:
             raise GrammarError(field, "choice needs at least one option")
@@ -109,10 +112,6 @@ def check(grammar_json: str, tokenizer: llguidance.LLTokenizer, field: str) -> N
     error = llguidance.LLMatcher.validate_grammar(grammar_json, tokenizer)
     if error:
         raise GrammarError(field, f"{field.rsplit('.', 1)[-1]} cannot be enforced: {error}")
-
-
-def _entry(grammar_json: str) -> dict:
-    return json.loads(grammar_json)["grammars"][0]
 
 
 def _regex_escape(text: str) -> str:

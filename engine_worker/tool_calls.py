@@ -178,7 +178,10 @@ class ToolCallParser:
             content.append(pending[:start])
             self._body, self._opened = "", pending[start:start + skip]
             pending = pending[start + skip:]
-        return "".join(content), self._keep(new)
+        shown = "".join(content)
+        if self._opened and not shown.strip():  # the whitespace between calls
+            shown = ""
+        return shown, self._keep(new)
 
     def _opening(self, text: str) -> tuple[int, int] | None:
         """Where the markup starts in `text` and how long it is."""

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# <think> and </think> as single tokens, as Qwen3 has them: reasoning tests bias them.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 TRAINED_VOCAB_SIZE = 512  # includes the 256 byte symbols and the special tokens
