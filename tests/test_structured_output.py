@@ -58,7 +58,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 def reasoning_model(tmp_path_factory):
     """The tiny model, whose chat template renders Hermes-style tool calls
     and whose tokenizer has <think> and </think> as tokens."""
-    return make_test_models.build_text_model(tmp_path_factory.mktemp("models") / "tiny-think")
+    return make_test_models.build_text_model(tmp_path_factory.mktemp("models") / "tiny-think",
+                                             think_tokens=True)
 
 
 def _stack(model, logs, *flags):
