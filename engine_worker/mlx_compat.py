@@ -108,17 +108,22 @@ def _step(b, wants_logprobs: Collection[int], grammars: dict,
     if grammars:
         logits = mask_logits(logits, inputs, b.uids, grammars)
     contexts = []
-    if any(b.logits_processors):
+    # Only the rows with processors are cut out and put back: one request
+    # with a penalty or a grammar costs the batch one row's work, not B.
+    processed = [i for i, processors in enumerate(b.logits_processors) if processors]
+    if processed:
         rows = []
-        for i, processors in enumerate(b.logits_processors):
+        for i in processed:
             row = logits[i:i + 1]
-            if processors:
-                context = b._token_context[i].update_and_fetch(inputs[i:i + 1])
-                contexts.append(context)
-                for process in processors:
-                    row = process(context, row)
+            context = b._token_context[i].update_and_fetch(inputs[i:i + 1])
+            contexts.append(context)
+            for process in b.logits_processors[i]:
+                row = process(context, row)
             rows.append(row)
-        logits = mx.concatenate(rows, axis=0)
+        if len(processed) == len(b.uids):
+            logits = mx.concatenate(rows, axis=0)
+        else:
+            logits[mx.array(processed)] = mx.concatenate(rows, axis=0)
     samplers = [b.fallback_sampler if s is None else s for s in b.samplers or ()]
     one_sampler = not samplers or all(s is samplers[0] for s in samplers)
     sampler: Callable = samplers[0] if samplers else b.fallback_sampler
