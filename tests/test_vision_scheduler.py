@@ -14,7 +14,7 @@ from engine_worker.loop import Loop
 from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
 from engine_worker.sampling import SamplingParams
-from tests.conftest import make_test_models
+from tests.conftest import make_test_vlms
 from tests.test_loop import Collector, tokens_of
 from vllm_mlx.settings import EngineSettings
 
@@ -193,7 +193,7 @@ def test_bad_media_fails_only_that_request(vlm_engine):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_other_families_batch(family, tmp_path):
-    path = make_test_models.build_vlm_model(tmp_path / family, family=family).resolve()
+    path = make_test_vlms.build_vlm_model(tmp_path / family, family=family).resolve()
     e = start_engine(path)
     try:
         p = Prompter(path)
