@@ -138,6 +138,7 @@ def test_batched_as_alone_and_as_mlx_vlm(family, family_model):
     path = family_model(family)
     p = Prompter(path)
     a, b = picture(70, 50, 6), picture(150, 100, 7)
+    clip = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(4)]
 
     def requests(tag):
         rs = [p.request(f"{tag}-a", "Describe.", images=[a]),
@@ -145,6 +146,8 @@ def test_batched_as_alone_and_as_mlx_vlm(family, family_model):
               p.request(f"{tag}-b", "Describe it.", images=[b])]
         if family in TWO_IMAGES:
             rs.append(p.request(f"{tag}-ab", "Compare them.", images=[a, b]))
+        if FAMILIES[family].video_token:
+            rs.append(p.request(f"{tag}-v", "What happens?", images=[a], videos=[clip]))
         return rs
 
     e = start_engine(path)
@@ -219,6 +222,15 @@ def test_text_one_and_two_image_requests_at_once(family_stack):
         answers = list(pool.map(lambda parts: ask(client, *parts), asks))
     tokens = [r.usage.prompt_tokens for r in answers]
     assert tokens[2] > max(tokens[1], tokens[3]) > tokens[0]
+
+
+def test_video_where_the_family_takes_it(family_stack):
+    family, up = family_stack
+    if FAMILIES[family].video_token is None:
+        pytest.skip(f"{family} takes no video")
+    client = up.client()
+    video = ask(client, video_url(data_url(CLIP, "video/mp4")), text("What happens?"))
+    assert video.usage.prompt_tokens > ask(client, text("What happens?")).usage.prompt_tokens
 
 
 def test_what_the_family_cannot_take_is_a_400(family_stack):
