@@ -21,6 +21,7 @@ from typing import Any
 from vllm_mlx.bench.test_models import (
     EOS_TOKEN,
     PAD_TOKEN,
+    SHAPES,
     SPECIAL_TOKENS,
     TRAINED_VOCAB_SIZE,
     _write_json,
@@ -31,18 +32,8 @@ from vllm_mlx.bench.test_models import (
 
 # The tiny language model every family shares. head_dim 16: the mrope sections (temporal,
 # height, width) must sum to head_dim / 2.
-VLM_TEXT_DIMS: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": TRAINED_VOCAB_SIZE,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-}
+VLM_TEXT_DIMS: dict[str, Any] = {**SHAPES["tiny"], "max_position_embeddings": 4096,
+                                  "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
 HIDDEN = VLM_TEXT_DIMS["hidden_size"]
 # A two-layer vision tower 32 wide; most families see 56x56 pixels in 14-pixel patches.
 VISION_WIDTH, IMAGE_SIZE, PATCH = 32, 56, 14
@@ -171,10 +162,23 @@ def _qwen_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
         "eos_token_id": ids[EOS_TOKEN],
         "pad_token_id": ids[PAD_TOKEN],
     }
+    patches = {"in_chans": 3, "in_channels": 3, "patch_size": 14, "spatial_patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2}
     if family == "qwen2_vl":
+        vision = {"depth": 2, "embed_dim": 32,
+                  "hidden_size": text["hidden_size"],  # the merger's output: the LM's width
+                  "mlp_ratio": 2,  # an int: transformers validates it
+                  "num_heads": 2, **patches}
+    else:
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64,
+                  "out_hidden_size": text["hidden_size"], "num_heads": 2, **patches,
+                  "tokens_per_second": 2, "window_size": 56, "fullatt_block_indexes": [1],
+                  "hidden_act": "silu"}
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [{"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]],
+            "model_type": family,
             **text,
             **special,
             "hidden_act": "silu",
@@ -182,48 +186,7 @@ def _qwen_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
             "sliding_window": 4096,
             "use_sliding_window": False,
             "torch_dtype": "float32",
-            "vision_config": {
-                "depth": 2,
-                "embed_dim": 32,
-                "hidden_size": text["hidden_size"],  # the merger's output: the LM's width
-                "mlp_ratio": 2,  # an int: transformers validates it
-                "num_heads": 2,
-                "in_chans": 3,
-                "in_channels": 3,
-                "patch_size": 14,
-                "spatial_patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-        }
-    if family == "qwen2_5_vl":
-        return {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
-            **text,
-            **special,
-            "hidden_act": "silu",
-            "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION},
-            "sliding_window": 4096,
-            "use_sliding_window": False,
-            "torch_dtype": "float32",
-            "vision_config": {
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "out_hidden_size": text["hidden_size"],
-                "num_heads": 2,
-                "in_chans": 3,
-                "in_channels": 3,
-                "patch_size": 14,
-                "spatial_patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "tokens_per_second": 2,
-                "window_size": 56,
-                "fullatt_block_indexes": [1],
-                "hidden_act": "silu",
-            },
+            "vision_config": vision,
         }
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
@@ -433,15 +396,16 @@ def _paligemma_config(ids: dict[str, int]) -> dict[str, Any]:
             "bos_token_id": ids["<bos>"], "eos_token_id": ids[EOS_TOKEN]}
 
 
-def _paligemma_files(ids: dict[str, int]) -> dict[str, dict[str, Any]]:
-    tokens = (IMAGE_SIZE // PATCH) ** 2
-    return {"preprocessor_config.json": {
-                "image_processor_type": "SiglipImageProcessor",
-                "processor_class": "PaliGemmaProcessor", "do_resize": True,
-                "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
-                "image_seq_length": tokens, **_pixels()},
-            "processor_config.json": {"processor_class": "PaliGemmaProcessor",
-                                      "image_seq_length": tokens}}
+def _square_image_files(image_processor: str, processor: str, tokens: int, **extra):
+    """A processor that resizes every image to IMAGE_SIZE square, `tokens` a image."""
+    def files(ids: dict[str, int]) -> dict[str, dict[str, Any]]:
+        return {"preprocessor_config.json": {
+                    "image_processor_type": image_processor, "processor_class": processor,
+                    "do_resize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                    **_pixels(), **extra},
+                "processor_config.json": {"processor_class": processor,
+                                          "image_seq_length": tokens}}
+    return files
 
 
 GEMMA3_TOKENS = ["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>",
@@ -465,16 +429,6 @@ def _gemma3_config(ids: dict[str, int]) -> dict[str, Any]:
             "boi_token_index": ids["<start_of_image>"], "eoi_token_index": ids["<end_of_image>"],
             "vocab_size": TRAINED_VOCAB_SIZE, "pad_token_id": ids[PAD_TOKEN],
             "eos_token_id": [ids[EOS_TOKEN], ids["<end_of_turn>"]]}
-
-
-def _gemma3_files(ids: dict[str, int]) -> dict[str, dict[str, Any]]:
-    return {"preprocessor_config.json": {
-                "image_processor_type": "Gemma3ImageProcessor",
-                "processor_class": "Gemma3Processor", "do_resize": True,
-                "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 2,
-                "do_pan_and_scan": False, **_pixels()},
-            "processor_config.json": {"processor_class": "Gemma3Processor",
-                                      "image_seq_length": GEMMA3_IMAGE_TOKENS}}
 
 
 GEMMA3_TOKENIZER = {"bos_token": "<bos>", "extra_special_tokens": {
@@ -642,8 +596,14 @@ FAMILIES: dict[str, Family] = {
                       _idefics3_config("smolvlm", "SmolVLMForConditionalGeneration"),
                       _idefics_files("SmolVLM", SPLIT_IMAGES, 4)),
     "paligemma": Family(["<image>", "<bos>"], PALIGEMMA_TEMPLATE, _paligemma_config,
-                        _paligemma_files, {"bos_token": "<bos>"}),
-    "gemma3": Family(GEMMA3_TOKENS, GEMMA3_TEMPLATE, _gemma3_config, _gemma3_files,
+                        _square_image_files("SiglipImageProcessor", "PaliGemmaProcessor",
+                                            (IMAGE_SIZE // PATCH) ** 2, resample=3,
+                                            image_seq_length=(IMAGE_SIZE // PATCH) ** 2),
+                        {"bos_token": "<bos>"}),
+    "gemma3": Family(GEMMA3_TOKENS, GEMMA3_TEMPLATE, _gemma3_config,
+                     _square_image_files("Gemma3ImageProcessor", "Gemma3Processor",
+                                         GEMMA3_IMAGE_TOKENS, resample=2,
+                                         do_pan_and_scan=False),
                      GEMMA3_TOKENIZER),
     "pixtral": Family(PIXTRAL_TOKENS, PIXTRAL_TEMPLATE,
                       _pixtral_config("pixtral", "LlavaForConditionalGeneration"),
