@@ -136,8 +136,8 @@ class Preprocessor:
             before, after = [], plain
         inner = ids[len(before):len(ids) - len(after)]
         if ids[:len(before)] != before or ids[len(ids) - len(after):] != after:
-            raise RuntimeError(f"{self.model_type}'s processor changed the text around the "
-                               f"{kind}: it cannot be placed in a prompt")
+            raise MediaError(f"{self.model_type}'s processor changed the text around the "
+                             f"{kind}: it cannot be placed in a prompt")
         return self._prepared(outputs, kind, token_id, inner)
 
     def _prepared(self, outputs: dict[str, np.ndarray], kind: str, token_id: int,
