@@ -173,15 +173,13 @@ def test_batched_as_alone_and_as_mlx_vlm(family, family_model):
 # -- through vllm-mlx-up -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=OTHERS)
-def family_stack(request, family_model, tmp_path_factory):
-    """`vllm-mlx-up` serving one family's tiny model, with one media worker."""
-    family = request.param
-    up = Up("--model", str(family_model(family)), "--media-workers", "1",
-            cache=tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def family_stack(family, family_model, tmp_path):
+    """`vllm-mlx-up` serving the family's tiny model, with one media worker."""
+    up = Up("--model", str(family_model(family)), "--media-workers", "1", cache=tmp_path)
     try:
         up.wait_for(rf"ready: http://127\.0\.0\.1:\d+/v1 serving {family}")
-        yield family, up
+        yield up
     finally:
         up.stop()
 
@@ -193,8 +191,13 @@ def stream_text(client: openai.OpenAI, *parts, max_tokens: int = 6) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def test_image_request_streamed_and_not_beside_a_text_request(family_stack):
-    family, up = family_stack
+@pytest.mark.parametrize("family", OTHERS)
+def test_family_end_to_end(family, family_stack):
+    """An image request streamed and not, beside a text request; where the
+    family takes two images, text, one-image and two-image requests at once;
+    where it takes video, a video; and a 400 naming the part for a video or a
+    second image it cannot take."""
+    up = family_stack
     client = up.client()
     image = image_url(png_url(noise_png(90, 60, 1)))
     with ThreadPoolExecutor(3) as pool:
@@ -205,41 +208,24 @@ def test_image_request_streamed_and_not_beside_a_text_request(family_stack):
     assert plain.usage.prompt_tokens > words.usage.prompt_tokens  # the image took its place
     if family not in UNSTABLE:
         assert streamed.result() == plain.choices[0].message.content
-    if not WIRING[family].solo:
-        return
-    assert f"{family}: requests run one at a time" in up.text()
+    if WIRING[family].solo:
+        assert f"{family}: requests run one at a time" in up.text()
 
-
-def test_text_one_and_two_image_requests_at_once(family_stack):
-    family, up = family_stack
-    if family not in TWO_IMAGES:
-        pytest.skip(f"{family} takes one image a request")
-    client = up.client()
-    a, b = image_url(png_url(noise_png(70, 50, 2))), image_url(png_url(noise_png(50, 70, 3)))
-    asks = [(text("Hello, robot."),), (a, text("Describe.")), (a, b, text("Compare.")),
-            (b, text("Describe."))]
-    with ThreadPoolExecutor(len(asks)) as pool:
-        answers = list(pool.map(lambda parts: ask(client, *parts), asks))
-    tokens = [r.usage.prompt_tokens for r in answers]
-    assert tokens[2] > max(tokens[1], tokens[3]) > tokens[0]
-
-
-def test_video_where_the_family_takes_it(family_stack):
-    family, up = family_stack
-    if FAMILIES[family].video_token is None:
-        pytest.skip(f"{family} takes no video")
-    client = up.client()
-    video = ask(client, video_url(data_url(CLIP, "video/mp4")), text("What happens?"))
-    assert video.usage.prompt_tokens > ask(client, text("What happens?")).usage.prompt_tokens
-
-
-def test_what_the_family_cannot_take_is_a_400(family_stack):
-    family, up = family_stack
-    client = up.client()
-    if FAMILIES[family].video_token is None:
-        message = refusal(client, video_url(data_url(CLIP, "video/mp4")), text("What happens?"))
-        assert "video" in message, message
-    if FAMILIES[family].max_images == 1:
-        image = image_url(png_url(noise_png(40, 40, 4)))
+    if family in TWO_IMAGES:
+        a, b = image_url(png_url(noise_png(70, 50, 2))), image_url(png_url(noise_png(50, 70, 3)))
+        asks = [(text("Hello, robot."),), (a, text("Describe.")), (a, b, text("Compare.")),
+                (b, text("Describe."))]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = list(pool.map(lambda parts: ask(client, *parts), asks))
+        tokens = [r.usage.prompt_tokens for r in answers]
+        assert tokens[2] > max(tokens[1], tokens[3]) > tokens[0]
+    else:
         message = refusal(client, image, image, text("Compare."), param="messages[0].content[1]")
         assert f"this model ({family}) takes at most 1 image(s)" in message
+
+    clip = video_url(data_url(CLIP, "video/mp4"))
+    if FAMILIES[family].video_token:
+        video = ask(client, clip, text("What happens?"))
+        assert video.usage.prompt_tokens > ask(client, text("What happens?")).usage.prompt_tokens
+    else:
+        assert "video" in refusal(client, clip, text("What happens?"))
