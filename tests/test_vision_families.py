@@ -5,12 +5,14 @@ built offline):
 - a prompt is laid out as the family's own processor lays it out, and a request's
   items, each prepared alone by a media worker, join into the tensors that processor
   makes for all of them at once;
-- in the engine loop, image, text and two-image requests batched together get exactly
-  the tokens each gets alone, and those are mlx-vlm's own greedy tokens (its model
-  code, one sequence, the whole prompt in one pass);
+- in the engine loop, image, text, two-image and (where the family takes video) image
+  and video requests batched together get exactly the tokens each gets alone, and
+  those are mlx-vlm's own greedy tokens (its model code, one sequence, the whole
+  prompt in one pass);
 - through `vllm-mlx-up` (gateway, engine, a media worker, all real processes): an
   image request streamed and not, beside a text request; text, one-image and
-  two-image requests at once; a 400 naming the part for what a family cannot take.
+  two-image requests at once; a video; a 400 naming the part for what a family
+  cannot take.
 """
 
 from concurrent.futures import ThreadPoolExecutor
