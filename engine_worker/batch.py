@@ -134,8 +134,10 @@ class Batch:
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
         """The cache a request starts from and how many prompt tokens it
         holds. Media requests start empty: their token ids alone do not say
-        which image they hold, so they neither use nor feed the prefix cache."""
-        if r.media:
+        which image they hold, so they neither use nor feed the prefix cache.
+        A prefix LM's prompts, text ones too, are embedded whole up front:
+        they are prefilled in one pass (vision.py)."""
+        if r.media or getattr(self.model, "prefix_lm", False):
             if not isinstance(self.model, BatchedVisionLM):
                 raise ValueError("this model takes text only")
             return self.model.cache_for(r.prompt, r.media), 0

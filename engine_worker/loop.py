@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import mlx.core as mx
 
@@ -198,14 +199,29 @@ class Loop:
         self.memory = set_up_memory(self.loaded.model, s.max_memory, s.allocator_cache_bytes)
         log.info("memory: limit %.2f GB, weights %.2f GB, KV %d bytes per token",
                  self.memory.limit / 1e9, self.memory.weights / 1e9, self.memory.kv_per_token)
-        if s.prefix_cache and not can_reuse(self.loaded.model):
+        model = self.loaded.model
+        prefix_lm = getattr(model, "prefix_lm", False)
+        if s.prefix_cache and prefix_lm:
+            log.warning("prefix cache off: this model's prompts attend both ways, so the "
+                        "KV of a prompt's start depends on the rest of it")
+        elif s.prefix_cache and not can_reuse(model):
             log.warning("prefix cache off: this model's KV cache cannot be trimmed "
                         "(sliding-window or recurrent layers)")
         elif s.prefix_cache:
             budget = s.prefix_cache_bytes if s.prefix_cache_bytes is not None else default_budget()
             log.info("prefix cache on, budget %.1f MiB", budget / 2**20)
             self._prefix = PrefixCache(budget)
-        self._batch = Batch(s, self.loaded.model, self._prefix, self._reservation, self.stats,
+        lane = s
+        if not getattr(model, "batchable", True):
+            # Its requests cannot share a batch (vision.Wiring.solo): they queue
+            # as any others do, and run one at a time.
+            log.warning("%s: requests run one at a time: %s", model.model_type,
+                        model.wiring.solo)
+            lane = replace(lane, max_num_seqs=1, prefill_batch_size=1)
+            self._admission.limit(1)
+        if prefix_lm:  # each prompt in one prefill pass, however long
+            lane = replace(lane, prefill_step_size=self.loaded.facts.context_length)
+        self._batch = Batch(lane, model, self._prefix, self._reservation, self.stats,
                             self._finish)
         if s.warmup:
             warm_up(self._batch.gen, self.loaded.model)

@@ -20,11 +20,11 @@ from engine_worker.model import ModelFacts
 from engine_worker.reasoning import TAGS, ReasoningSplitter, starts_thinking
 from engine_worker.reply import ReplyParser
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.vision import ONE_MEDIA_KIND
 from vllm_mlx.ipc.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as mpb
+from vllm_mlx.vision_families import FAMILIES
 
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -66,23 +66,25 @@ def media_parts(request: pb.GenerateRequest) -> list[tuple[int, int, mpb.MediaSo
 
 
 def expand_placeholders(ids: list[int], items: list[PreparedItem]) -> list[int]:
-    """Each item's single placeholder token, as the chat template renders it,
-    becomes the item's num_placeholder_tokens copies."""
-    placeholders = {it.placeholder_token_id for it in items}
-    out: list[int] = []
+    """Each item's placeholder token, as the chat template renders it, becomes the
+    item's tokens; items of a family whose template renders none (placeholder 0)
+    go before the whole prompt, in order."""
+    out = [t for it in items if not it.placeholder_token_id for t in it.token_ids]
+    placed = [it for it in items if it.placeholder_token_id]
+    placeholders = {it.placeholder_token_id for it in placed}
     k = 0
     for t in ids:
         if t not in placeholders:
             out.append(t)
             continue
-        if k >= len(items) or items[k].placeholder_token_id != t:
+        if k >= len(placed) or placed[k].placeholder_token_id != t:
             raise InvalidRequest("the prompt's image/video placeholders do not match its "
                                  "media parts (is a placeholder token written in the text?)",
                                  "chat.messages")
-        out += [t] * items[k].num_placeholder_tokens
+        out += placed[k].token_ids
         k += 1
-    if k != len(items):
-        raise InvalidRequest(f"the chat template placed {k} of the {len(items)} media parts",
+    if k != len(placed):
+        raise InvalidRequest(f"the chat template placed {k} of the {len(placed)} media parts",
                              "chat.messages")
     return out
 
@@ -315,6 +317,8 @@ class RequestBuilder:
         parts = media_parts(request)
         if not parts:
             return []
+        family = FAMILIES.get(self.facts.model_type)
+        images = 0
         for k, (i, j, source) in enumerate(parts):
             # The messages keep the OpenAI names: people read them.
             where, field = f"messages[{i}].content[{j}]", part_field(i, j)
@@ -327,7 +331,18 @@ class RequestBuilder:
                                      field, item=k)
             if source.WhichOneof("source") is None:
                 raise InvalidRequest(f"{where}: a url or a path is required", field, item=k)
-            if (self.facts.model_type in ONE_MEDIA_KIND and source.kind != parts[0][2].kind):
+            if family is None:
+                continue
+            name = self.facts.model_type
+            if source.kind == mpb.MEDIA_KIND_VIDEO and family.video_token is None:
+                raise InvalidRequest(f"{where}: this model ({name}) takes images, not video",
+                                     field, epb.ERROR_CODE_UNSUPPORTED, k)
+            images += source.kind == mpb.MEDIA_KIND_IMAGE
+            if family.max_images is not None and images > family.max_images:
+                raise InvalidRequest(f"{where}: this model ({name}) takes at most "
+                                     f"{family.max_images} image(s) in a request", field,
+                                     epb.ERROR_CODE_UNSUPPORTED, k)
+            if family.one_media_kind and source.kind != parts[0][2].kind:
                 raise InvalidRequest(f"{where}: this model takes images or videos in one "
                                      f"request, not both", field, epb.ERROR_CODE_UNSUPPORTED, k)
         try:
