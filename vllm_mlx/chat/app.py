@@ -77,13 +77,13 @@ def build(settings: ChatSettings, model: ServedModel | None) -> gr.Blocks:
                     exchange.reply = reply.text
                     if time.monotonic() - drawn >= REDRAW_EVERY_S:
                         drawn = time.monotonic()
-                        yield shown(history), history, "Generating..."
-                yield shown(history), history, reply.summary()
+                        yield shown(history), history, "Generating...", gr.skip()
+                yield shown(history), history, reply.summary(), describe(settings, served)
         except asyncio.CancelledError:
             raise  # the stop button: the reply stays as far as it was shown
         except Exception as e:  # noqa: BLE001 - every failure becomes a message
             exchange.error = readable(e, settings.server_url)
-            yield shown(history), history, ""
+            yield shown(history), history, "", gr.skip()
 
     with gr.Blocks(title="vllm-mlx chat", analytics_enabled=False) as page:
         history = gr.State([])
@@ -116,7 +116,7 @@ def build(settings: ChatSettings, model: ServedModel | None) -> gr.Blocks:
                                        lines=2, elem_id="chat-system-prompt")
 
         reply = dict(fn=respond, inputs=[history, temperature, top_p, max_tokens, system_prompt],
-                     outputs=[chatbot, history, stats], concurrency_limit=None,
+                     outputs=[chatbot, history, stats, server], concurrency_limit=None,
                      show_progress="hidden")
         buttons = [box, again, stop]
         done = dict(fn=lambda: controls(False), inputs=None, outputs=buttons, queue=False)
