@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +41,9 @@ ARTIFACTS = ROOT / "test-artifacts" / "chat"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ERROR_MARK = "⚠️"  # how the page shows a failure in the chat
+# The vision stack requires an API key: vllm-mlx-up --chat hands it to the page.
+API_KEY = "chat-test-key"
+KEYED = {"Authorization": f"Bearer {API_KEY}"}
 SUMMARY = re.compile(r"^(\d+) tokens · [\d.]+ tokens/s · [\d.]+ s to first token · "
                      r"(\d+) prompt tokens")
 
@@ -146,9 +150,13 @@ class ChatPage:
                   "top_p": "#chat-top-p input[type=number]",
                   "max_tokens": "#chat-max-tokens input",
                   "system_prompt": "#chat-system-prompt textarea"}
-        if not self.js("return !!document.querySelector(arguments[0])", fields["max_tokens"]) \
-                or not self.element(fields["max_tokens"]).is_displayed():
+        def panel_open() -> bool:
+            return self.js("const e = document.querySelector(arguments[0]);"
+                           "return !!e && e.offsetParent !== null", fields["max_tokens"])
+
+        if not panel_open():
             self.click("#chat-settings .label-wrap")
+            self.until(panel_open, 10, "the settings panel did not open")
         for name, value in values.items():
             field = self.element(fields[name])
             field.clear()
@@ -223,7 +231,7 @@ class Relay:
 
 
 def metric(gateway_url: str, name: str) -> float:
-    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    text = httpx.get(f"{gateway_url}/metrics", headers=KEYED, timeout=10).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name:
@@ -244,7 +252,7 @@ def noise_png(path: Path) -> Path:
 def vision_chat(tiny_vlm, tmp_path_factory, browser):
     chat_port = free_port()
     up = Up("--model", str(tiny_vlm), "--media-workers", "1", "--chat", "--chat-port",
-            str(chat_port), cache=tmp_path_factory.mktemp("cache"))
+            str(chat_port), "--api-key", API_KEY, cache=tmp_path_factory.mktemp("cache"))
     try:
         up.wait_for(r"ready: http://127\.0\.0\.1:\d+/v1 serving tiny-qwen2-vl")
         assert f"chat UI: http://127.0.0.1:{chat_port}" in up.text()
@@ -272,7 +280,7 @@ def test_an_uploaded_image_reaches_the_vision_model(vision_chat, tmp_path):
     page.shot("vision-upload")
     # The page's request carried the image: the same content sent here
     # makes a prompt of as many tokens, and the text alone of fewer.
-    client = up.client()
+    client = openai.OpenAI(base_url=up.base_url, api_key=API_KEY, max_retries=0, timeout=60)
     data = base64.b64encode(picture.read_bytes()).decode()
     parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
              {"type": "text", "text": "What is in this picture?"}]

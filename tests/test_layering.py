@@ -2,7 +2,8 @@
 media workers: none imports another. `vllm_mlx/` holds what they share and
 imports none of them, except the modules that run the engine inside the
 user's process (the in-process engine, the benchmark), which import the
-engine and media code and never the gateway."""
+engine and media code and never the gateway. The chat UI reaches a server
+over HTTP only."""
 
 import ast
 from pathlib import Path
