@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from engine_worker import grammar
 from engine_worker.admission import Admission
 from engine_worker.batch import Batch
 from engine_worker.memory import MemoryBudget, make_room, set_up_memory
@@ -52,6 +53,7 @@ class Loop:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # guarded by _lock
+        self._llg_tokenizer = None  # likewise; grammar.make_tokenizer's, when first needed
         self._admission = admission or Admission(
             settings.max_num_seqs, settings.prefill_batch_size, settings.admit_window_s)
         self._batch: Batch | None = None  # set at load
@@ -78,6 +80,11 @@ class Loop:
             self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
+        """Queue a request; its grammar, if any, is compiled here, on the
+        caller's thread, never the loop's. Raises ValueError for a grammar
+        that cannot be compiled."""
+        if request.grammar and request.matcher is None:
+            request.matcher = grammar.compile(self._grammar_tokenizer(), request.grammar)
         with self._lock:
             if request.request_id in self._in_flight:
                 raise DuplicateRequest(request.request_id)
@@ -88,6 +95,14 @@ class Loop:
             self._in_flight.add(request.request_id)
             self.stats.requests_total += 1
         self._send("add", request)
+
+    def _grammar_tokenizer(self):
+        with self._lock:
+            if self._llg_tokenizer is None:  # once, at the first constrained request
+                loaded = self.loaded
+                self._llg_tokenizer = grammar.make_tokenizer(loaded.tokenizer,
+                                                             loaded.facts.vocab_size)
+            return self._llg_tokenizer
 
     def abort(self, request_id: str, keep_kv: bool = False) -> bool:
         """End a request. `keep_kv`: it ended normally (the front end found a

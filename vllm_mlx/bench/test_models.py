@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Single tokens in Qwen3's tokenizer; `think_tokens` adds them.
+THINK_TOKENS = ["<think>", "</think>"]
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 TRAINED_VOCAB_SIZE = 512  # includes the 256 byte symbols and the special tokens
@@ -264,12 +266,13 @@ def random_parameters(shapes: list[tuple[str, tuple[int, ...]]], seed: int, hidd
 
 def build_text_model(
     out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32",
-    tokenizer: str = "bpe", bits: int | None = None,
+    tokenizer: str = "bpe", bits: int | None = None, think_tokens: bool = False,
 ) -> Path:
     """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``;
     `tokenizer`: "bpe" (byte-level, as GPT-2, Qwen and SmolLM2) or "spm"
     (SentencePiece-style, as Llama 2 and Mistral); `bits`: quantized as
-    mlx-lm quantizes (4 or 8 bits, groups of 64)."""
+    mlx-lm quantizes (4 or 8 bits, groups of 64); `think_tokens`: <think> and
+    </think> as tokens of their own (bpe only)."""
     import mlx.core as mx
     from mlx_lm.models import llama
 
@@ -281,8 +284,11 @@ def build_text_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
 
-    build = {"bpe": build_tokenizer_json, "spm": build_spm_tokenizer_json}[tokenizer]
-    tokenizer_json = build(dims["vocab_size"])
+    special = SPECIAL_TOKENS + (THINK_TOKENS if think_tokens else [])
+    if tokenizer == "bpe":
+        tokenizer_json = build_tokenizer_json(dims["vocab_size"], special)
+    else:
+        tokenizer_json = build_spm_tokenizer_json(dims["vocab_size"])
     vocab = json.loads(tokenizer_json)["model"]["vocab"]
     eos_id, pad_id = vocab[EOS_TOKEN], vocab[PAD_TOKEN]
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -305,8 +311,7 @@ def build_text_model(
     _write_json(
         out_dir / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": pad_id}
     )
-    _write_tokenizer_config(out_dir, SPECIAL_TOKENS, CHAT_TEMPLATE,
-                            dims["max_position_embeddings"])
+    _write_tokenizer_config(out_dir, special, CHAT_TEMPLATE, dims["max_position_embeddings"])
 
     model_args = llama.ModelArgs.from_dict(config)
     weights = init_weights(model_args, seed, dtype)
