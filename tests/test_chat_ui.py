@@ -409,7 +409,9 @@ def test_text_chat_streams_and_sends_the_history(text_chat):
     page.wait_reply(2)
     page.shot("text-chat")
 
-    first_request, follow_up = stack.relay.chat_requests()
+    requests = stack.relay.chat_requests()
+    assert len(requests) == 2, json.dumps(requests, indent=1)
+    first_request, follow_up = requests
     assert first_request["messages"] == [
         {"role": "system", "content": system},
         {"role": "user", "content": "What is the capital of France?"}]
@@ -513,3 +515,17 @@ def test_the_request_leaves_out_exchanges_that_got_no_reply(tmp_path):
     assert media_part(str(clip))["type"] == "video_url"
     with pytest.raises(ValueError, match="neither an image nor a video"):
         media_part(str(tmp_path / "notes.txt"))
+
+
+def test_reply_figures_whether_tokens_came_one_by_one_or_together():
+    from vllm_mlx.chat.client import Reply
+
+    streamed = Reply(completion_tokens=9, ttft_s=0.5, decode_s=2.0, prompt_tokens=30)
+    assert SUMMARY.match(streamed.summary())
+    assert "4.0 tokens/s" in streamed.summary()  # 8 gaps in 2 s after the first token
+    # A busy server may send a short reply in one piece: the rate is then
+    # over the time to that piece, never left out.
+    together = Reply(completion_tokens=8, ttft_s=0.5, prompt_tokens=30, finish_reason="length")
+    assert SUMMARY.match(together.summary())
+    assert "16.0 tokens/s" in together.summary()
+    assert together.summary().endswith("stopped at max tokens")

@@ -94,9 +94,12 @@ class Reply:
     finish_reason: str | None = None
 
     def summary(self) -> str:
-        parts = [f"{self.completion_tokens} tokens"]
-        if self.completion_tokens > 1 and self.decode_s > 0:
-            parts.append(f"{(self.completion_tokens - 1) / self.decode_s:.1f} tokens/s")
+        n = self.completion_tokens
+        parts = [f"{n} tokens"]
+        if n > 1 and self.decode_s > 0:
+            parts.append(f"{(n - 1) / self.decode_s:.1f} tokens/s")
+        elif n and self.ttft_s:  # all of it came in one piece (a busy server coalesces)
+            parts.append(f"{n / self.ttft_s:.1f} tokens/s")
         if self.ttft_s is not None:
             parts.append(f"{self.ttft_s:.2f} s to first token")
         if self.prompt_tokens is not None:
