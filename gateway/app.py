@@ -72,8 +72,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         raise NotFound(f"The model '{model}' does not exist", param="model",
                        code="model_not_found")
 
-    def model_object(name: str) -> Model:
-        return Model(id=name, created=settings.started_at)
+    async def model_objects(names: list[str]) -> list[Model]:
+        modalities = list((await engine.model_info()).modalities)
+        return [Model(id=n, created=settings.started_at, modalities=modalities) for n in names]
 
     @app.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def health() -> Health:
@@ -87,12 +88,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def list_models() -> Response:
         served = await served_name()
         names = [served] + [a for a in settings.model_aliases if a != served]
-        return _json(ModelList(data=[model_object(n) for n in names]))
+        return _json(ModelList(data=await model_objects(names)))
 
     @app.get("/v1/models/{model_id:path}", response_model=Model, responses=_ERRORS)
     async def get_model(model_id: str) -> Response:
         served = await resolve(model_id)
-        return _json(model_object(served if model_id == "default" else model_id))
+        return _json((await model_objects([served if model_id == "default" else model_id]))[0])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={**_ERRORS, 200: {"content": _STREAM_DOC}})

@@ -5,12 +5,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from vllm_mlx.settings import DEFAULT_ENGINE_PORT, DEFAULT_HOST
+from vllm_mlx.settings import API_KEY_ENV, DEFAULT_ENGINE_PORT, DEFAULT_HOST
 
 # uvicorn starts workers by importing an app factory in a fresh process, so
 # settings travel through the environment rather than through arguments.
 SETTINGS_ENV = "VLLM_MLX_GATEWAY_SETTINGS"
-API_KEY_ENV = "VLLM_MLX_API_KEY"
 DEFAULT_GATEWAY_PORT = 8000
 
 

@@ -160,6 +160,10 @@ class Model(ResponseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vllm-mlx"
+    # Not an OpenAI field: what the model takes in ("text", and "image" and
+    # "video" for a vision-language model), so a client such as vllm-mlx-chat
+    # knows whether to offer uploads.
+    modalities: list[str]
 
 
 class ModelList(ResponseModel):

@@ -10,15 +10,16 @@ from engine_worker.__main__ import build_parser as engine_parser
 from gateway.__main__ import build_parser as gateway_parser
 from gateway.config import GatewaySettings
 from media_worker.__main__ import build_parser as media_parser
-from vllm_mlx.settings import EngineSettings, MediaSettings
+from vllm_mlx.chat.__main__ import build_parser as chat_parser
+from vllm_mlx.settings import ChatSettings, EngineSettings, MediaSettings
 from vllm_mlx.supervision.supervisor import build_parser as supervisor_parser
 
 # Flag dests whose settings field has another name.
 ALIASES = {"media_fetch_timeout": "fetch_timeout_s", "max_media_redirects": "max_redirects",
-           "allowed_local_media_path": "allowed_local_media_paths"}
+           "allowed_local_media_path": "allowed_local_media_paths", "chat_port": "port"}
 # Flags that belong to the command itself, with no settings field.
 OWN = {"help", "model", "served_model_name", "api_key", "model_alias", "gateway_workers",
-       "media_workers", "engine_port", "ready_timeout", "host", "port"}
+       "media_workers", "engine_port", "ready_timeout", "host", "port", "chat"}
 
 
 def settings_default(dest: str, settings: list) -> tuple[bool, object]:
@@ -38,7 +39,10 @@ COMMANDS = {
     "engine": (engine_parser, [EngineSettings(model="")]),
     "gateway": (gateway_parser, [GatewaySettings()]),
     "media": (media_parser, [MediaSettings(model="")]),
-    "vllm-mlx-up": (supervisor_parser, [EngineSettings(model=""), MediaSettings(model="")]),
+    # ChatSettings first: --chat-port is its port, not the engine's.
+    "vllm-mlx-up": (supervisor_parser, [ChatSettings(), EngineSettings(model=""),
+                                        MediaSettings(model="")]),
+    "vllm-mlx-chat": (chat_parser, [ChatSettings()]),
 }
 
 

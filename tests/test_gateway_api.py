@@ -87,6 +87,7 @@ def test_models_list_and_retrieve(client):
     for name in (SERVED, *ALIASES):
         m = client.models.retrieve(name)
         assert (m.id, m.object, m.owned_by) == (name, "model", "vllm-mlx")
+        assert m.modalities == ["text"]  # ours, not OpenAI's: the SDK keeps extra fields
         assert isinstance(m.created, int)
     assert client.models.retrieve("default").id == SERVED
     with pytest.raises(openai.NotFoundError) as info:

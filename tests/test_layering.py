@@ -2,7 +2,8 @@
 media workers: none imports another. `vllm_mlx/` holds what they share and
 imports none of them, except the modules that run the engine inside the
 user's process (the in-process engine, the benchmark), which import the
-engine and media code and never the gateway."""
+engine and media code and never the gateway. The chat UI reaches a server
+over HTTP only."""
 
 import ast
 from pathlib import Path
@@ -50,3 +51,18 @@ def test_shared_code_imports_no_service():
                 assert top != "gateway", f"{rel}: {name} (the gateway is reached over HTTP)"
             else:
                 assert top not in SERVICES, f"{rel}: {name}"
+
+
+# The chat UI is a client of any OpenAI-compatible server: HTTP only.
+CHAT_UI = "vllm_mlx/chat"
+ENGINE_SIDE = ("vllm_mlx.in_process", "vllm_mlx.bench", "vllm_mlx.models", "vllm_mlx.v1", "grpc")
+
+
+def test_the_chat_ui_reaches_the_server_over_http_only():
+    paths = modules(CHAT_UI)
+    assert paths, CHAT_UI
+    for path in paths:
+        for name in imported_packages(path):
+            rel = str(path.relative_to(ROOT))
+            assert name.split(".")[0] not in SERVICES, f"{rel}: {name}"
+            assert not name.startswith(ENGINE_SIDE), f"{rel}: {name} (engine-side code)"

@@ -331,6 +331,8 @@ def test_text_only_requests_to_the_vision_model(client):
     assert plain.usage.prompt_tokens == as_part.usage.prompt_tokens
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-qwen2-vl"]
+    # What tells a client such as vllm-mlx-chat to offer uploads.
+    assert models.data[0].modalities == ["text", "image", "video"]
 
 
 # -- video -------------------------------------------------------------------------

@@ -40,16 +40,14 @@ def children_of(pid: int) -> list[int]:
 
 
 
-class Up:
-    """A running `vllm-mlx-up` and what it printed."""
+class Running:
+    """A process started here and what it printed."""
 
-    def __init__(self, *args: str, cache, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, argv: list[str], env: dict | None = None):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", SUPERVISOR, "--port", str(self.port), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "VLLM_MLX_CACHE": str(cache), **(env or {})})
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -70,6 +68,23 @@ class Up:
             time.sleep(0.1)
         raise AssertionError(f"no {pattern!r} in output:\n{self.text()}")
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Up(Running):
+    """A running `vllm-mlx-up` and what it printed."""
+
+    def __init__(self, *args: str, cache, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
+        super().__init__([sys.executable, "-m", SUPERVISOR, "--port", str(self.port), *args],
+                         env={"VLLM_MLX_CACHE": str(cache), **(env or {})})
+
     def pid(self, name: str, after: int = 0) -> int:
         return int(self.wait_for(rf"started {name} \(pid (\d+)\)", after=after).group(1))
 
@@ -79,14 +94,6 @@ class Up:
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def chat(client: openai.OpenAI, content: str = "Hello", **kw) -> str:

@@ -4,6 +4,8 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"
+# The API key, for the gateway that requires it and the clients that send it.
+API_KEY_ENV = "VLLM_MLX_API_KEY"
 DEFAULT_ENGINE_PORT = 50051
 # Clients should always set a deadline; this is the one our own clients use
 # for calls that return at once (Abort, GetModelInfo, GetStats, health).
@@ -103,6 +105,27 @@ class MediaSettings:
     default_video_max_frames: int = 16
     max_video_fps: float = 30.0
     max_video_frames: int = 64
+
+
+@dataclass
+class ChatSettings:
+    """`vllm-mlx-chat`: the browser chat UI, a client of any OpenAI-compatible
+    server."""
+
+    server_url: str = "http://localhost:8000"
+    host: str = DEFAULT_HOST
+    port: int = 7860
+    # A public link through Gradio's share servers (needs the network).
+    share: bool = False
+    # No upload widgets, whatever the model takes. Without it, uploads are
+    # offered unless /v1/models says the model takes text only.
+    text_only: bool = False
+    # The settings panel's starting values.
+    max_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 1.0
+    system_prompt: str = ""
+    api_key: str | None = None
 
 
 # Tests set VLLM_MLX_FAULT_INJECTION=1 to make engine faults happen on cue

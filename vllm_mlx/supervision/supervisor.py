@@ -1,5 +1,6 @@
-"""`vllm-mlx-up`: start the engine worker and the gateways, watch them, restart
-what dies, and stop them all on Ctrl-C or SIGTERM.
+"""`vllm-mlx-up`: start the engine worker and the gateways (and with --chat the
+browser chat UI), watch them, restart what dies, and stop them all on Ctrl-C
+or SIGTERM.
 
 Children get a lifeline (vllm_mlx.supervision.lifeline), so none outlives the supervisor
 even when it is killed with SIGKILL. Each child's log lines are prefixed with
@@ -22,7 +23,7 @@ from pathlib import Path
 from vllm_mlx.engine_args import add_engine_arguments, engine_worker_argv
 from vllm_mlx.flags import HelpFormatter
 from vllm_mlx.media_args import add_media_arguments, check_media_arguments, media_worker_argv
-from vllm_mlx.settings import DEFAULT_HOST, LIVENESS_PROBE_S
+from vllm_mlx.settings import API_KEY_ENV, DEFAULT_HOST, LIVENESS_PROBE_S, ChatSettings
 from vllm_mlx.supervision import lifeline
 from vllm_mlx.supervision.health import answers, wait_for_serving
 
@@ -142,11 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     # Not shown in --help: its default may be a secret from the environment.
     ap.add_argument("--api-key", default=argparse.SUPPRESS,
                     help="require this key on every route but /health (or set "
-                         "VLLM_MLX_API_KEY)")
+                         f"{API_KEY_ENV})")
     ap.add_argument("--served-model-name", help="the model's name in the API")
     ap.add_argument("--engine-port", type=int, help="engine gRPC port (default: a free one)")
     ap.add_argument("--ready-timeout", type=float, default=1800.0,
                     help="seconds to wait for the model to load")
+    ap.add_argument("--chat", action="store_true",
+                    help="also serve the browser chat UI (vllm-mlx-chat) on --host, supervised "
+                         "like the other processes")
+    ap.add_argument("--chat-port", type=int, default=ChatSettings.port,
+                    help="the chat UI's port, with --chat")
     add_engine_arguments(ap)
     add_media_arguments(ap)
     return ap
@@ -155,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = build_parser()
     a = ap.parse_args(argv)
-    a.api_key = getattr(a, "api_key", None) or os.environ.get("VLLM_MLX_API_KEY")
+    a.api_key = getattr(a, "api_key", None) or os.environ.get(API_KEY_ENV)
     check_media_arguments(ap, a)
     if a.media_workers is not None and a.media_workers < 0:
         ap.error("--media-workers must be at least 0")
@@ -191,15 +197,22 @@ class Supervisor:
             engine += ["--media-worker", m.address]
         gateway = [py, "-m", "gateway", "--engine", self.engine_address, "--host", args.host,
                    "--port", str(args.port), "--workers", str(args.gateway_workers)]
-        gateway_env = {"VLLM_MLX_API_KEY": args.api_key} if args.api_key else {}
+        gateway_env = {API_KEY_ENV: args.api_key} if args.api_key else {}
         self.engine = Child("engine", engine, env, address=self.engine_address)
         self.gateway = Child("gateway", gateway, gateway_env, health_url=f"{self.url()}/health")
-        self.children = [*self.media, self.engine, self.gateway]
+        self.chat = []
+        if args.chat:
+            chat = [py, "-m", "vllm_mlx.chat", "--server-url", self.url(), "--host", args.host,
+                    "--port", str(args.chat_port)]
+            # Any HTTP answer counts as alive; this one is small.
+            self.chat.append(Child("chat", chat, gateway_env,
+                                   health_url=f"{self.url(args.chat_port)}/gradio_api/app_id"))
+        self.children = [*self.media, self.engine, self.gateway, *self.chat]
         self.stopping = threading.Event()
 
-    def url(self) -> str:
+    def url(self, port: int | None = None) -> str:
         host = "127.0.0.1" if self.args.host in ("0.0.0.0", "") else self.args.host
-        return f"http://{host}:{self.args.port}"
+        return f"http://{host}:{port or self.args.port}"
 
     def start(self) -> None:
         say(f"engine configuration: {self.engine_config}")
@@ -213,7 +226,11 @@ class Supervisor:
         self.engine.start(self.lifeline_read)
         self._wait_engine()
         self.gateway.start(self.lifeline_read)
-        self._wait_gateway()
+        self._wait_http(self.gateway, f"{self.url()}/health")
+        for chat in self.chat:  # after the gateway: it asks what the model takes in
+            chat.start(self.lifeline_read)
+            self._wait_http(chat, chat.health_url, timeout=120)
+            say(f"chat UI: {self.url(self.args.chat_port)}")
 
     def _wait_engine(self) -> None:
         tic = time.monotonic()
@@ -237,20 +254,20 @@ class Supervisor:
         if self.media:
             say(f"{len(self.media)} media workers serving")
 
-    def _wait_gateway(self, timeout: float = 60) -> None:
+    def _wait_http(self, child: Child, url: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.gateway.alive():
-                raise RuntimeError("the gateway exited while starting")
+            if not child.alive():
+                raise RuntimeError(f"the {child.name} exited while starting")
             try:
-                with urllib.request.urlopen(f"{self.url()}/health", timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
-                        self.gateway.answered_at = time.monotonic()
+                        child.answered_at = time.monotonic()
                         return
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError("the gateway did not become healthy")
+        raise TimeoutError(f"the {child.name} did not become healthy")
 
     def watch(self) -> None:
         """Restart children that die, or hang (no health answer for the
@@ -293,7 +310,7 @@ class Supervisor:
             # leave children stopping on their own.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda signum, frame: say("already stopping"))
-        for child in (self.gateway, self.engine, *self.media):
+        for child in (*self.chat, self.gateway, self.engine, *self.media):
             if child.alive():
                 say(f"stopping {child.name}")
                 child.proc.terminate()
