@@ -50,6 +50,9 @@ class Request:
     # ...); the prompt already holds each item's placeholder tokens. From the
     # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors.
     media: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # Block keys of all but the prompt's last token (blocks.py), set by the
+    # core when the prefix cache may serve it; empty for media requests.
+    prefix_keys: list[int] = field(default_factory=list)
 
 
 class Output(NamedTuple):

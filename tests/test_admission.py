@@ -1,5 +1,6 @@
-"""The admission policy over plain data: requests are ids (and a media flag),
-time is a clock the test moves, memory is a number."""
+"""The admission policy over plain data: requests are ids (and a media flag,
+a prompt and its block keys), time is a clock the test moves, memory is a
+number."""
 
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from engine_worker.admission import (
 class R:
     request_id: str
     media: list = field(default_factory=list)
+    prompt: list[int] = field(default_factory=lambda: [1, 2, 3])
+    prefix_keys: list[int] = field(default_factory=list)
 
 
 class Clock:

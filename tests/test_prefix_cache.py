@@ -294,9 +294,10 @@ def test_a_few_shared_tokens_are_not_worth_a_copy(cached, plain):
 
 
 def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeypatch):
-    """Requests of different prompt lengths decoded in one batch, ending two
-    together, then one, then the last: each time the finished rows are
-    gathered in one copy per layer (finished_rows), and each row must still
+    """Requests of different prompt lengths prefilled in one pass, then
+    decoded in one batch, ending two together, then one, then the last: the
+    prompts' KV as their pass ends and each time the finished rows are
+    gathered in one copy per layer (gather_rows), and each row must still
     be exactly its own KV, padding excluded."""
     from engine_worker import batch
 
@@ -306,14 +307,14 @@ def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeyp
         gathered.append(len(rows))
         return gather(kv, rows)
 
-    gather = batch.finished_rows
-    monkeypatch.setattr(batch, "finished_rows", counted)
+    gather = batch.gather_rows
+    monkeypatch.setattr(batch, "gather_rows", counted)
     prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
     lengths = [12, 12, 20, 30]
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         cached.submit(Request(f"together-{i}", p, n, SamplingParams()))
     firsts = [tokens_of(cached.collector.wait(f"together-{i}")) for i in range(len(prompts))]
-    assert gathered == [2, 1, 1]
+    assert gathered == [4, 2, 1, 1]  # the 4 prompts, then the finished rows
     for i, (p, first) in enumerate(zip(prompts, firsts)):
         follow = p + first + ids(9, seed=80 + i)
         reused = cached.stats.cache_tokens_reused
@@ -347,14 +348,14 @@ def test_the_index_finds_the_longest_shared_prefix_and_drops_what_it_extends():
     a, b = ids(40, seed=90), None
     b = a[:20] + ids(30, seed=91)
     pc = PrefixCache(1 << 30)
-    pc.insert([(a, kv(a)), (b, kv(b))])
+    pc.insert([(a, kv(a), None), (b, kv(b), None)])
     assert fetched(pc, a[:35] + [1, 2]) == 35
     assert fetched(pc, b + [3]) == len(b)
     assert fetched(pc, a[:18] + [4] * 20) == 18   # one block, then token by token
     assert fetched(pc, a[:15] + [5] * 20) == 0     # less than a block: a miss
     assert fetched(pc, a) == len(a) - 1            # one token is always left
     c = a + ids(10, seed=92)
-    pc.insert([(c, kv(c))])
+    pc.insert([(c, kv(c), None)])
     assert len(pc) == 2                            # c extends a: a is gone
     assert fetched(pc, c + [6]) == len(c)
     pc.max_bytes = pc.nbytes - 1
