@@ -208,9 +208,13 @@ class PrefixCache:
         self.shrink(self.nbytes - self.max_bytes)
 
     def _insert(self, tokens: list[int], cache: list | BatchRow, keys: list[int],
-                saved: str = "") -> None:
-        # An entry these tokens extend (or repeat) serves nothing the new one
-        # cannot, trimmed: drop it, as mlx-lm's cache does.
+                saved: str = "") -> bool:
+        """False: an entry holds these tokens already (a hit's prompt, repeated)."""
+        holder = self._entries.get(self._holder.get(keys[-1])) if keys else None
+        if holder is not None and holder.tokens[:len(tokens)] == tokens:
+            return False
+        # An entry these tokens extend serves nothing the new one cannot,
+        # trimmed: drop it, as mlx-lm's cache does.
         covered = {self._holder.get(k) for k in keys}
         entry_id, self._next_id = self._next_id, self._next_id + 1
         for k in keys:
@@ -224,6 +228,7 @@ class PrefixCache:
         self._entries[entry_id] = _Entry(tokens, cache, nbytes, keys, saved)
         self.nbytes += nbytes
         self._unsaved += not saved
+        return True
 
     def _touch(self, entry_id: int) -> None:
         entry = self._entries[entry_id]
@@ -284,7 +289,8 @@ class PrefixCache:
         """Take in what the store holds (up to the byte budget); how many entries."""
         restored = self.store.load(self.max_bytes)  # least recently used first
         for tokens, cache, name in restored:
-            self._insert(tokens, cache, block_keys(tokens), saved=name)
+            if not self._insert(tokens, cache, block_keys(tokens), saved=name):
+                self.store.delete(name)
         self.shrink(self.nbytes - self.max_bytes)
         return len(restored)
 
