@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         prefix_cache_dir=a.prefix_cache_dir,
         max_memory=a.max_memory, allocator_cache_bytes=a.allocator_cache_bytes,
         mllm=a.mllm, media_workers=tuple(a.media_workers),
-        liveness_timeout_s=a.liveness_timeout)
+        liveness_timeout_s=a.liveness_timeout, tool_call_parser=a.tool_call_parser,
+        reasoning_parser=a.reasoning_parser)
 
 
 def main(argv: list[str] | None = None) -> None:

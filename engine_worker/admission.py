@@ -96,6 +96,11 @@ class Admission:
         self._busy_peak = 0  # most requests running at once in this busy spell
         self._media_held_since: float | None = None
 
+    def limit(self, max_num_seqs: int) -> None:
+        """Run at most `max_num_seqs` requests at once from now on."""
+        self.max_num_seqs = max_num_seqs
+        self.prefill_batch_size = min(self.prefill_batch_size, max_num_seqs)
+
     def add(self, request: Waiting) -> None:
         self.waiting.append(request)
         self._arrived += 1

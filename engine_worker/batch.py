@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from engine_worker import mlx_compat, prefill
+from engine_worker import grammar, mlx_compat, prefill
 from engine_worker.admission import BatchState
 from engine_worker.blocks import BLOCK_TOKENS
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
@@ -33,6 +33,7 @@ FAULT_INJECTION = fault_injection()
 class _Running:
     request: Request
     failure: str = ""  # set by a guarded sampler or processor that raised
+    rule: grammar.GrammarRow | None = None  # a constrained request's grammar
 
     def failed(self, message: str) -> None:
         self.failure = self.failure or message
@@ -62,6 +63,7 @@ class Batch:
         self._prompt_scores: dict[int, prefill.PromptScores] = {}
         self._awaiting_first: set[int] = set()  # text requests without a token yet
         self._prefilling: dict[int, _Prefilling] = {}  # prompts the cache is to hold
+        self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
         self.gen = self._new_generator()
@@ -85,7 +87,8 @@ class Batch:
             drop_rows(decoding, keep)
 
         decoding.filter = filter_noting_kv
-        mlx_compat.install_decode_step(decoding, self._logprob_uids)
+        mlx_compat.install_decode_step(decoding, self._logprob_uids, self._grammars,
+                                       grammar.mask_logits)
         prefill.install(mlx_compat.prompt_batch(gen), self._prompt_scores)
         return gen
 
@@ -110,7 +113,10 @@ class Batch:
                 continue
             state = _Running(r)
             fault = FAULT_INJECTION and r.request_id.startswith("fault-")
-            batch.append((r, state, guarded(r.sampling, len(r.prompt), state.failed, fault)))
+            rule = r.matcher and grammar.GrammarRow(r.matcher, state.failed)
+            state.rule = rule
+            batch.append((r, state, guarded(r.sampling, len(r.prompt), state.failed, fault,
+                                            rule and rule.first_token)))
             caches.append(cache)
             cached.append(n)
         if not batch:
@@ -130,6 +136,8 @@ class Batch:
             self.running[uid] = state
             if r.logprobs:
                 self._logprob_uids.add(uid)
+            if state.rule:
+                self._grammars[uid] = state.rule
             if r.prompt_logprobs is not None:
                 self._prompt_scores[uid] = prefill.PromptScores(r.prompt, r.prompt_logprobs)
             if not r.media:
@@ -141,8 +149,10 @@ class Batch:
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
         """The cache a request starts from and how many prompt tokens it
         holds. Media requests start empty: their token ids alone do not say
-        which image they hold, so they neither use nor feed the prefix cache."""
-        if r.media:
+        which image they hold, so they neither use nor feed the prefix cache.
+        A prefix LM's prompts, text ones too, are embedded whole up front:
+        they are prefilled in one pass (vision.py)."""
+        if r.media or getattr(self.model, "prefix_lm", False):
             if not isinstance(self.model, BatchedVisionLM):
                 raise ValueError("this model takes text only")
             return self.model.cache_for(r.prompt, r.media), 0
@@ -311,6 +321,7 @@ class Batch:
                     prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         self._awaiting_first.discard(uid)
         self._logprob_uids.discard(uid)
+        self._grammars.pop(uid, None)
         self._prompt_scores.pop(uid, None)
         self._prefilling.pop(uid, None)
         r = self.running.pop(uid).request

@@ -103,7 +103,9 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
                         continue
                     try:
                         loop.submit(item)
-                    except (QueueFull, DuplicateRequest) as e:  # the front end checks first
+                    # The front end checks these first; ValueError: a grammar
+                    # that does not compile.
+                    except (QueueFull, DuplicateRequest, ValueError) as e:
                         refuse(item, e)
                 elif kind == "abort":
                     loop.abort(*item)

@@ -14,10 +14,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 
+from engine_worker import grammar
 from engine_worker.admission import Admission
 from engine_worker.batch import Batch
 from engine_worker.blocks import block_keys
@@ -61,6 +63,7 @@ class Loop:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # guarded by _lock
+        self._llg_tokenizer = None  # likewise; grammar.make_tokenizer's, when first needed
         self._admission = admission or Admission(
             settings.max_num_seqs, settings.prefill_batch_size, settings.admit_window_s)
         self._batch: Batch | None = None  # set at load
@@ -87,6 +90,11 @@ class Loop:
             self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
+        """Queue a request; its grammar, if any, is compiled here, on the
+        caller's thread, never the loop's. Raises ValueError for a grammar
+        that cannot be compiled."""
+        if request.grammar and request.matcher is None:
+            request.matcher = grammar.compile(self._grammar_tokenizer(), request.grammar)
         with self._lock:
             if request.request_id in self._in_flight:
                 raise DuplicateRequest(request.request_id)
@@ -99,6 +107,14 @@ class Loop:
         if self._prefix is not None and not request.media and request.prompt_logprobs is None:
             request.prefix_keys = block_keys(request.prompt[:-1])  # here, off the loop's thread
         self._send("add", request)
+
+    def _grammar_tokenizer(self):
+        with self._lock:
+            if self._llg_tokenizer is None:  # once, at the first constrained request
+                loaded = self.loaded
+                self._llg_tokenizer = grammar.make_tokenizer(loaded.tokenizer,
+                                                             loaded.facts.vocab_size)
+            return self._llg_tokenizer
 
     def abort(self, request_id: str, keep_kv: bool = False) -> bool:
         """End a request. `keep_kv`: it ended normally (the front end found a
@@ -198,7 +214,12 @@ class Loop:
         self.memory = set_up_memory(self.loaded.model, s.max_memory, s.allocator_cache_bytes)
         log.info("memory: limit %.2f GB, weights %.2f GB, KV %d bytes per token",
                  self.memory.limit / 1e9, self.memory.weights / 1e9, self.memory.kv_per_token)
-        if s.prefix_cache and not can_reuse(self.loaded.model):
+        model = self.loaded.model
+        prefix_lm = getattr(model, "prefix_lm", False)
+        if s.prefix_cache and prefix_lm:
+            log.warning("prefix cache off: this model's prompts attend both ways, so the "
+                        "KV of a prompt's start depends on the rest of it")
+        elif s.prefix_cache and not can_reuse(model):
             log.warning("prefix cache off: this model's KV cache cannot be trimmed "
                         "(sliding-window or recurrent layers)")
         elif s.prefix_cache:
@@ -207,7 +228,17 @@ class Loop:
             self._prefix = PrefixCache(budget, self._prefix_store())
             if self._prefix.store is not None:
                 self._prefix.restore()
-        self._batch = Batch(s, self.loaded.model, self._prefix, self._reservation, self.stats,
+        lane = s
+        if not getattr(model, "batchable", True):
+            # Its requests cannot share a batch (vision.Wiring.solo): they queue
+            # as any others do, and run one at a time.
+            log.warning("%s: requests run one at a time: %s", model.model_type,
+                        model.wiring.solo)
+            lane = replace(lane, max_num_seqs=1, prefill_batch_size=1)
+            self._admission.limit(1)
+        if prefix_lm:  # each prompt in one prefill pass, however long
+            lane = replace(lane, prefill_step_size=self.loaded.facts.context_length)
+        self._batch = Batch(lane, model, self._prefix, self._reservation, self.stats,
                             self._finish)
         if s.warmup:
             warm_up(self._batch.gen, self.loaded.model)

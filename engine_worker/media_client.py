@@ -69,13 +69,13 @@ class _WorkerHung(Exception):
 
 @dataclass(eq=False)
 class PreparedItem:
-    """One prepared image or video: its tensors' segment and layout, and the
-    placeholder tokens it takes in the prompt."""
+    """One prepared image or video: its tensors' segment and layout, the token
+    the chat template renders for it (0: none) and the tokens that replace it."""
     segment: str
     layout: Layout
     nbytes: int
     placeholder_token_id: int
-    num_placeholder_tokens: int
+    token_ids: list[int]
     frames: int
     users: int = 0
 
@@ -96,7 +96,7 @@ def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
     nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                  for _, dtype, shape, _ in layout)
     return PreparedItem(pm.shm_name, layout, nbytes, pm.placeholder_token_id,
-                        pm.num_placeholder_tokens, pm.frames)
+                        list(pm.token_ids), pm.frames)
 
 
 def cache_key(source: mpb.MediaSource) -> str | None:

@@ -7,7 +7,7 @@ only; both pickle these over one pipe, once per request and once per step.
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +50,11 @@ class Request:
     # ...); the prompt already holds each item's placeholder tokens. From the
     # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors.
     media: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # Constrained decoding: the grammar the output follows, in llguidance's
+    # JSON form ("": none). The core's reader thread compiles it into
+    # `matcher` (grammar.compile) before the loop sees the request.
+    grammar: str = ""
+    matcher: Any = None
     # Block keys of all but the prompt's last token (blocks.py), set by the
     # core when the prefix cache may serve it; empty for media requests.
     prefix_keys: list[int] = field(default_factory=list)

@@ -84,30 +84,46 @@ def keep_freed_buffers_in_generate() -> None:
         generate.mx = view
 
 
-def install_decode_step(decoding, wants_logprobs: Collection[int]) -> None:
+def hf_tokenizer(tokenizer):
+    """The Hugging Face tokenizer inside mlx-lm's TokenizerWrapper."""
+    return tokenizer._tokenizer
+
+
+def install_decode_step(decoding, wants_logprobs: Collection[int], grammars: dict,
+                        mask_logits: Callable) -> None:
     """Replace `decoding._step` (mlx-lm's GenerationBatch). `wants_logprobs`:
-    the uids whose requests asked for log-probabilities, kept by the caller."""
-    decoding._step = lambda: _step(decoding, wants_logprobs)
+    the uids whose requests asked for log-probabilities; `grammars`: uid ->
+    the grammar of a constrained request (grammar.GrammarRow), applied by
+    `mask_logits` (grammar.mask_logits); both kept by the caller."""
+    decoding._step = lambda: _step(decoding, wants_logprobs, grammars, mask_logits)
 
 
-def _step(b, wants_logprobs: Collection[int]) -> tuple[list[int], list]:
+def _step(b, wants_logprobs: Collection[int], grammars: dict,
+          mask_logits: Callable) -> tuple[list[int], list]:
     # What the last call started becomes this step's result; this call
     # starts the next token's computation before waiting for it.
     b._current_tokens, b._current_logprobs = b._next_tokens, b._next_logprobs
     inputs = b._current_tokens
     logits = b.model(inputs[:, None], cache=b.prompt_cache)[:, -1, :]
+    if grammars:
+        logits = mask_logits(logits, inputs, b.uids, grammars)
     contexts = []
-    if any(b.logits_processors):
+    # Only the rows with processors are cut out and put back: one request
+    # with a penalty or a grammar costs the batch one row's work, not B.
+    processed = [i for i, processors in enumerate(b.logits_processors) if processors]
+    if processed:
         rows = []
-        for i, processors in enumerate(b.logits_processors):
+        for i in processed:
             row = logits[i:i + 1]
-            if processors:
-                context = b._token_context[i].update_and_fetch(inputs[i:i + 1])
-                contexts.append(context)
-                for process in processors:
-                    row = process(context, row)
+            context = b._token_context[i].update_and_fetch(inputs[i:i + 1])
+            contexts.append(context)
+            for process in b.logits_processors[i]:
+                row = process(context, row)
             rows.append(row)
-        logits = mx.concatenate(rows, axis=0)
+        if len(processed) == len(b.uids):
+            logits = mx.concatenate(rows, axis=0)
+        else:
+            logits[mx.array(processed)] = mx.concatenate(rows, axis=0)
     samplers = [b.fallback_sampler if s is None else s for s in b.samplers or ()]
     one_sampler = not samplers or all(s is samplers[0] for s in samplers)
     sampler: Callable = samplers[0] if samplers else b.fallback_sampler

@@ -16,6 +16,7 @@ from mlx_lm.utils import load_model as load_weights
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from engine_worker.vision import is_vision_config, load_vision_model
+from vllm_mlx.vision_families import FAMILIES
 
 # Used when a config names no context length at all.
 FALLBACK_CONTEXT_LENGTH = 4096
@@ -33,7 +34,11 @@ class ModelFacts:
 
     @property
     def modalities(self) -> list[str]:
-        return ["text", "image", "video"] if self.vision else ["text"]
+        if not self.vision:
+            return ["text"]
+        family = FAMILIES.get(self.model_type)
+        return ["text", "image"] if family and family.video_token is None else [
+            "text", "image", "video"]
 
 
 def context_length_of(config: dict[str, Any]) -> int:

@@ -10,16 +10,21 @@ has to read the message."""
 
 import json
 
+import llguidance
+
+from engine_worker import grammar, structured, tool_calls
 from engine_worker.media_client import MediaClient, MediaRefused, PreparedItem
 from engine_worker.memory import MemoryBudget
 from engine_worker.messages import Request
 from engine_worker.model import ModelFacts
+from engine_worker.reasoning import TAGS, ReasoningSplitter, starts_thinking
+from engine_worker.reply import ReplyParser
 from engine_worker.sampling import SamplingError, SamplingParams
-from engine_worker.vision import ONE_MEDIA_KIND
 from vllm_mlx.ipc.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as mpb
+from vllm_mlx.vision_families import FAMILIES
 
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -61,23 +66,25 @@ def media_parts(request: pb.GenerateRequest) -> list[tuple[int, int, mpb.MediaSo
 
 
 def expand_placeholders(ids: list[int], items: list[PreparedItem]) -> list[int]:
-    """Each item's single placeholder token, as the chat template renders it,
-    becomes the item's num_placeholder_tokens copies."""
-    placeholders = {it.placeholder_token_id for it in items}
-    out: list[int] = []
+    """Each item's placeholder token, as the chat template renders it, becomes the
+    item's tokens; items of a family whose template renders none (placeholder 0)
+    go before the whole prompt, in order."""
+    out = [t for it in items if not it.placeholder_token_id for t in it.token_ids]
+    placed = [it for it in items if it.placeholder_token_id]
+    placeholders = {it.placeholder_token_id for it in placed}
     k = 0
     for t in ids:
         if t not in placeholders:
             out.append(t)
             continue
-        if k >= len(items) or items[k].placeholder_token_id != t:
+        if k >= len(placed) or placed[k].placeholder_token_id != t:
             raise InvalidRequest("the prompt's image/video placeholders do not match its "
                                  "media parts (is a placeholder token written in the text?)",
                                  "chat.messages")
-        out += [t] * items[k].num_placeholder_tokens
+        out += placed[k].token_ids
         k += 1
-    if k != len(items):
-        raise InvalidRequest(f"the chat template placed {k} of the {len(items)} media parts",
+    if k != len(placed):
+        raise InvalidRequest(f"the chat template placed {k} of the {len(placed)} media parts",
                              "chat.messages")
     return out
 
@@ -111,14 +118,132 @@ def _content(m: pb.ChatMessage) -> list[dict]:
     return content
 
 
+# Prompt tokens decoded to tell whether the template left a think block open.
+THINK_TAIL_TOKENS = 16
+
+
+def _tools(chat: pb.ChatInput) -> list[dict]:
+    """chat.tools_json, checked: OpenAI function tools, each with a name."""
+    field = "chat.tools_json"
+    try:
+        tools = json.loads(chat.tools_json) if chat.tools_json else []
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"tools is not valid JSON: {e}", field) from None
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be an array", field)
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if (not isinstance(fn, dict) or t.get("type", "function") != "function"
+                or not isinstance(fn.get("name"), str) or not fn["name"]):
+            raise InvalidRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                 f"{{\"name\": ..., \"parameters\": ...}}}}", field)
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON Schema object",
+                                 field)
+    return tools
+
+
+def _tool_calls(m: pb.ChatMessage, i: int) -> list[dict]:
+    """An assistant message's calls as chat templates read them (arguments
+    as an object)."""
+    calls = []
+    for k, c in enumerate(m.tool_calls):
+        try:
+            args = json.loads(c.arguments) if c.arguments else {}
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"messages[{i}].tool_calls[{k}].function.arguments is not "
+                                 f"valid JSON: {e}", f"chat.messages[{i}].tool_calls") from None
+        calls.append({"id": c.id, "type": "function",
+                      "function": {"name": c.name, "arguments": args}})
+    return calls
+
+
 class RequestBuilder:
     """Builds and checks the requests of one model (its facts and tokenizer);
-    `media` prepares images and videos (None: a text-only model)."""
+    `media` prepares images and videos (None: a text-only model).
+    `tool_call_parser` ("auto": from the chat template) and
+    `reasoning_parser` say how the model's replies are read."""
 
-    def __init__(self, facts: ModelFacts, tokenizer, media: MediaClient | None):
+    def __init__(self, facts: ModelFacts, tokenizer, media: MediaClient | None,
+                 tool_call_parser: str = "auto", reasoning_parser: str | None = None):
         self.facts = facts
         self.tokenizer = tokenizer
         self.media = media
+        template = getattr(tokenizer, "chat_template", None)
+        self.tool_format = (tool_calls.detect(template if isinstance(template, str) else None)
+                            if tool_call_parser == "auto" else tool_calls.FORMATS[tool_call_parser])
+        self.reasoning = reasoning_parser
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None
+        self._special_ids: dict[str, int] = {}
+
+    def _grammar_tools(self) -> tuple[llguidance.LLTokenizer, dict[str, int]]:
+        """llguidance's tokenizer (built at the first constrained request) and
+        the markup strings that are special tokens of this model."""
+        if self._grammar_tokenizer is None:
+            llg = grammar.make_tokenizer(self.tokenizer, self.facts.vocab_size)
+            markup = {TAGS.open, TAGS.close}
+            for fmt in tool_calls.FORMATS.values():
+                markup |= {fmt.start, fmt.end} - {""}
+            vocab = self.tokenizer.get_vocab()
+            self._special_ids = {m: vocab[m] for m in markup
+                                 if m in vocab and llg.is_special_token(vocab[m])}
+            self._grammar_tokenizer = llg
+        return self._grammar_tokenizer, self._special_ids
+
+    def _thinking(self, request: pb.GenerateRequest, prompt: list[int]) -> bool | None:
+        """None without a reasoning parser (or for a prompt that is not a
+        chat); else whether the output starts inside a think block."""
+        if self.reasoning is None or request.WhichOneof("input") != "chat":
+            return None
+        return starts_thinking(self.tokenizer.decode(prompt[-THINK_TAIL_TOKENS:]))
+
+    def reply_parser(self, request: pb.GenerateRequest, r: Request) -> ReplyParser | None:
+        """What splits this request's text into content, reasoning and tool
+        calls; None when it is all content."""
+        thinking = self._thinking(request, r.prompt)
+        chat = request.chat if request.WhichOneof("input") == "chat" else None
+        parse_tools = (chat is not None and chat.tools_json and self.tool_format is not None
+                       and chat.tool_choice.mode != pb.ToolChoice.MODE_NONE)
+        if thinking is None and not parse_tools:
+            return None
+        parallel = chat.parallel_tool_calls if chat and chat.HasField("parallel_tool_calls") \
+            else True
+        return ReplyParser(
+            ReasoningSplitter(thinking) if thinking is not None else None,
+            tool_calls.ToolCallParser(self.tool_format, parallel) if parse_tools else None)
+
+    def _grammar(self, request: pb.GenerateRequest, prompt: list[int]) -> str:
+        """The grammar the output must follow ("" : none), checked."""
+        try:
+            constraint = structured.from_structured_output(request.structured_output)
+            chat = request.chat if request.WhichOneof("input") == "chat" else None
+            if chat is not None and chat.tool_choice.mode in (pb.ToolChoice.MODE_REQUIRED,
+                                                              pb.ToolChoice.MODE_FUNCTION):
+                if constraint is not None:
+                    raise structured.GrammarError(
+                        "chat.tool_choice", "tool_choice \"required\" or a named function "
+                        "cannot be combined with a response format")
+                if not chat.tools_json:
+                    raise structured.GrammarError("chat.tool_choice",
+                                                  "tool_choice needs tools")
+                parallel = (chat.parallel_tool_calls if chat.HasField("parallel_tool_calls")
+                            else True)
+                _, special = self._grammar_tools()
+                constraint = structured.from_tool_choice(
+                    _tools(chat), chat.tool_choice, parallel, self.tool_format, special)
+            if constraint is None:
+                return ""
+            if request.ignore_eos:
+                raise structured.GrammarError(
+                    "ignore_eos", "ignore_eos cannot be combined with constrained output: "
+                                  "the output ends where its grammar does")
+            llg, special = self._grammar_tools()
+            text = structured.grammar(constraint, self._thinking(request, prompt), TAGS,
+                                      special)
+            structured.check(text, llg, constraint.field)
+            return text
+        except structured.GrammarError as e:
+            raise InvalidRequest(str(e), e.field) from None
 
     def prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         tok = self.tokenizer
@@ -155,6 +280,8 @@ class RequestBuilder:
                 msg["name"] = m.name
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                msg["tool_calls"] = _tool_calls(m, i)
             messages.append(msg)
         kwargs_field = "chat.template_kwargs_json"
         try:
@@ -171,6 +298,9 @@ class RequestBuilder:
             raise InvalidRequest(f"chat template kwargs are template variables; {reserved[0]!r} "
                                  f"is an argument of the tokenizer, not the client's to set",
                                  kwargs_field)
+        tools = _tools(chat)
+        if tools and chat.tool_choice.mode != pb.ToolChoice.MODE_NONE:
+            kwargs["tools"] = tools
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=True,
@@ -187,6 +317,8 @@ class RequestBuilder:
         parts = media_parts(request)
         if not parts:
             return []
+        family = FAMILIES.get(self.facts.model_type)
+        images = 0
         for k, (i, j, source) in enumerate(parts):
             # The messages keep the OpenAI names: people read them.
             where, field = f"messages[{i}].content[{j}]", part_field(i, j)
@@ -199,7 +331,18 @@ class RequestBuilder:
                                      field, item=k)
             if source.WhichOneof("source") is None:
                 raise InvalidRequest(f"{where}: a url or a path is required", field, item=k)
-            if (self.facts.model_type in ONE_MEDIA_KIND and source.kind != parts[0][2].kind):
+            if family is None:
+                continue
+            name = self.facts.model_type
+            if source.kind == mpb.MEDIA_KIND_VIDEO and family.video_token is None:
+                raise InvalidRequest(f"{where}: this model ({name}) takes images, not video",
+                                     field, epb.ERROR_CODE_UNSUPPORTED, k)
+            images += source.kind == mpb.MEDIA_KIND_IMAGE
+            if family.max_images is not None and images > family.max_images:
+                raise InvalidRequest(f"{where}: this model ({name}) takes at most "
+                                     f"{family.max_images} image(s) in a request", field,
+                                     epb.ERROR_CODE_UNSUPPORTED, k)
+            if family.one_media_kind and source.kind != parts[0][2].kind:
                 raise InvalidRequest(f"{where}: this model takes images or videos in one "
                                      f"request, not both", field, epb.ERROR_CODE_UNSUPPORTED, k)
         try:
@@ -267,9 +410,11 @@ class RequestBuilder:
         stop_ids = set(request.stop_token_ids)
         if not request.ignore_eos:
             stop_ids |= set(self.tokenizer.eos_token_ids)
+        rule = self._grammar(request, prompt)
         return Request(
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
             stop=list(request.stop), stop_token_ids=sorted(stop_ids),
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output, prompt_logprobs=prompt_logprobs,
-            media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [])
+            media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [],
+            grammar=rule)

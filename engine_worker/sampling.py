@@ -137,13 +137,17 @@ def _output_penalties(presence: float, frequency: float, prompt_len: int,
 
 
 def guarded(params: SamplingParams, prompt_len: int, failed: Callable[[str], None],
-            inject_fault: bool = False) -> tuple[Sampler | None, list[LogitsProcessor]]:
+            inject_fault: bool = False, last: LogitsProcessor | None = None,
+            ) -> tuple[Sampler | None, list[LogitsProcessor]]:
     """The request's sampler and processors, wrapped so that one raising
     reports it through `failed` and lets the step go on: one request fails,
-    not the whole batch. `inject_fault`: a processor that raises after two
+    not the whole batch. `last`: a processor to run after the request's own
+    (a grammar's mask). `inject_fault`: a processor that raises after two
     generated tokens (tests, through VLLM_MLX_FAULT_INJECTION)."""
     sampler = make_sampler(params)
     processors = make_processors(params, prompt_len)
+    if last is not None:
+        processors.append(last)
     if inject_fault:
         processors.append(_fault_after(prompt_len + 2))
 

@@ -16,6 +16,7 @@ from engine_worker.core_client import CoreClient
 from engine_worker.media_client import MediaClient, MediaUnavailable, PreparedItem, release
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request
 from engine_worker.model import ModelFacts, load_tokenizer, read_facts
+from engine_worker.reply import ReplyParser
 from engine_worker.request_builder import InvalidRequest, RequestBuilder
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
@@ -30,7 +31,8 @@ log = logging.getLogger("engine")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Engine"].full_name
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-                  "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
+                  "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR,
+                  "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
@@ -40,7 +42,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.tokenizer = tokenizer
         self.core = CoreClient(settings, facts)
         self.media = MediaClient(settings.media_workers) if facts.vision else None
-        self.builder = RequestBuilder(facts, tokenizer, self.media)
+        self.builder = RequestBuilder(facts, tokenizer, self.media, settings.tool_call_parser,
+                                      settings.reasoning_parser)
 
     def _serving(self) -> bool:
         return (self.core.ready.done() and self.core.ready.result() is None
@@ -71,8 +74,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             msg.prompt_logprobs.extend(self._token_logprob(lp.token_id, lp.logprob, lp.top,
                                                            lp.rank) for lp in scored)
 
-    def _to_proto(self, r: Request, stream: TokenStream,
-                  outs: list[Output]) -> pb.GenerateResponse:
+    def _to_proto(self, r: Request, stream: TokenStream, outs: list[Output],
+                  reply: ReplyParser | None) -> pb.GenerateResponse:
         """One message for every output queued since the last one: when the
         client or the network is slower than decoding, tokens coalesce
         instead of piling up as many small messages."""
@@ -86,6 +89,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         msg = pb.GenerateResponse(
             request_id=r.request_id, token_ids=ids, text=text, prompt_tokens=len(r.prompt),
             completion_tokens=stream.completion_tokens)
+        if reply is not None:
+            called = len(reply.calls)
+            msg.text, msg.reasoning_text, calls = reply.add(text, stream.finish_reason is not None)
+            for k, call in enumerate(calls, called):
+                msg.tool_calls.append(pb.ToolCallDelta(index=k, id=call.id, name=call.name,
+                                                       arguments=call.arguments))
+            if reply.calls and stream.finish_reason == "stop":
+                stream.finish_reason = "tool_calls"
         msg.logprobs.extend(self._token_logprob(lp.token_id, lp.logprob, lp.top)
                             for lp in logprobs)
         if stream.finish_reason:
@@ -139,6 +150,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         continues = request.WhichOneof("input") != "chat" or request.chat.continue_final_message
         stream = TokenStream(self.tokenizer, r.stop, r.include_stop,
                              context=r.prompt if continues else None)
+        reply = self.builder.reply_parser(request, r)
         interval = self.settings.stream_interval_s
         loop = asyncio.get_running_loop()
         first = True
@@ -157,7 +169,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                     await asyncio.sleep(interval - (loop.time() - sent_at))
                 while not sink.empty():
                     outs.append(sink.get_nowait())
-                msg = self._to_proto(r, stream, outs)
+                msg = self._to_proto(r, stream, outs, reply)
                 if first:
                     self._prompt_extras(request, r, stream, msg)
                     first = False

@@ -11,12 +11,14 @@ pieces make a vision-language model fit that call:
   A request's media can therefore never be applied to another row.
 - `BatchedVisionLM`, the model the generator is given: it embeds the tokens,
   swaps in each media row's precomputed prompt embeddings (vision features
-  merged by mlx-vlm's own `get_input_embeddings`), builds per-row mrope
-  positions (the prompt's 3-D positions while prefilling, then
-  `cache offset + that row's rope delta`), and runs the language model.
+  merged by mlx-vlm's own `get_input_embeddings`) and runs mlx-vlm's language
+  model on them. The mrope families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with
+  deepstack) also get per-row positions: the prompt's 3-D positions while
+  prefilling, then `cache offset + that row's rope delta`. The others take
+  their positions from the KV cache's offsets, as text models do.
 
-Only the mrope families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with deepstack) are
-built and verified here; `supports_batching` says which model types those are.
+A family whose requests cannot share a batch (`Wiring.solo`) still runs: the
+engine takes its requests one at a time (loop.py says so in its log).
 """
 
 from __future__ import annotations
@@ -29,16 +31,49 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-# mlx-vlm model types whose language model takes explicit mrope position ids and
-# whose embeddings come from `get_input_embeddings` (verified with tiny models).
-BATCHED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Families whose language model takes explicit mrope position ids (Qwen).
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-# Families whose embedding step (mlx-vlm's get_input_embeddings) takes the
-# images or the videos of a request, not both.
-ONE_MEDIA_KIND = ("qwen2_vl", "qwen2_5_vl")
+@dataclass(frozen=True)
+class Wiring:
+    """How a family's items become the arguments of mlx-vlm's get_input_embeddings,
+    and how its requests may run. Items arrive one processor call each; a request's
+    tensors of one name are joined as the processor joins a batch of images."""
+
+    # Tensors that hold one request's images along axis 1 (axis 0 is the prompt
+    # batch); the others are joined along axis 0.
+    per_sample: frozenset[str] = frozenset()
+    # A [1, prompt length] mask of the prompt's image tokens, by this name.
+    image_mask: str | None = None
+    # Why its requests cannot share a batch; "": they can.
+    solo: str = ""
+    # The whole prompt attends both ways (a prefix LM): prefilled in one piece.
+    prefix_lm: bool = False
+
+
+_IDEFICS = Wiring(per_sample=frozenset({"pixel_values", "pixel_attention_mask"}))
+WIRING: dict[str, Wiring] = {
+    **{family: Wiring() for family in MROPE_FAMILIES},
+    "llava": Wiring(),
+    "llava_next": Wiring(),
+    "llava_onevision": Wiring(),
+    "idefics2": _IDEFICS,
+    "idefics3": _IDEFICS,
+    "smolvlm": _IDEFICS,
+    # mlx-vlm leaves PaliGemma's attention unmasked over the prompt (a prefix LM):
+    # with rows of other lengths beside it, padding would be attended too.
+    "paligemma": Wiring(prefix_lm=True,
+                        solo="its prompt attends both ways, so its rows cannot be padded"),
+    "gemma3": Wiring(),
+    "pixtral": Wiring(),
+    "mistral3": Wiring(),
+    "molmo": Wiring(),
+    "deepseek_vl_v2": Wiring(per_sample=frozenset({"pixel_values", "images_spatial_crop"}),
+                             image_mask="images_seq_mask"),
+}
 
 
 def is_vision_config(config: dict[str, Any]) -> bool:
@@ -52,19 +87,15 @@ def is_vision_config(config: dict[str, Any]) -> bool:
     return importlib.util.find_spec(f"mlx_vlm.models.{model_type}") is not None
 
 
-def supports_batching(model_type: str) -> bool:
-    return model_type in BATCHED_FAMILIES
-
-
 @dataclass
 class SequenceMedia:
     """One sequence's vision state: its whole prompt's embeddings (vision
-    features merged in), mrope positions and the position delta for what
-    follows the prompt."""
+    features merged in) and, for mrope families, its positions and the position
+    delta for what follows the prompt."""
 
     embeds: mx.array  # [prompt length, hidden]
-    positions: mx.array  # [3, prompt length]
-    delta: int  # position of token k after the prompt: prompt length + k + delta
+    positions: mx.array | None = None  # [3, prompt length]
+    delta: int = 0  # position of token k after the prompt: prompt length + k + delta
     # Qwen3-VL deepstack: the prompt's visual-token mask (numpy, [prompt
     # length]) and, per decoder layer, the features added at those tokens.
     visual_mask: np.ndarray | None = None
@@ -74,7 +105,7 @@ class SequenceMedia:
 
     @property
     def nbytes(self) -> int:
-        n = self.embeds.nbytes + self.positions.nbytes
+        n = self.embeds.nbytes + (0 if self.positions is None else self.positions.nbytes)
         return n + sum(d.nbytes for d in self.deepstack or [])
 
 
@@ -159,19 +190,31 @@ class BatchedVisionLM(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.model_type = model_type
+        self.wiring = WIRING[model_type]
         self._lm = vlm.language_model
+        self._mrope = model_type in MROPE_FAMILIES
         self._deepstack = model_type == "qwen3_vl"
+        self._embed = _token_embedding(self._lm)
+        self._cache_kinds = _cache_kinds(self._lm)
         cfg = vlm.config
-        self.media_token_ids = {t for t in (getattr(cfg, "image_token_id", None),
-                                            getattr(cfg, "video_token_id", None))
-                                if t is not None}
+        self.media_token_ids = {getattr(cfg, name) for name in (
+            "image_token_id", "image_token_index", "video_token_id", "video_token_index")
+            if isinstance(getattr(cfg, name, None), int)}
 
     @property
     def layers(self):
-        return self._lm.model.layers
+        return self._lm.layers
+
+    @property
+    def batchable(self) -> bool:
+        return not self.wiring.solo
+
+    @property
+    def prefix_lm(self) -> bool:
+        return self.wiring.prefix_lm
 
     def make_cache(self) -> list:
-        return [KVCache() for _ in self.layers] + [MediaRows([None])]
+        return [make() for make in self._cache_kinds] + [MediaRows([None])]
 
     # -- admission: one request's prompt and media -> SequenceMedia ------------
 
@@ -180,11 +223,21 @@ class BatchedVisionLM(nn.Module):
         order) and merge the features into its prompt's embeddings."""
         if prompt[-1] in self.media_token_ids:
             raise ValueError("the prompt must not end inside an image or video")
-        kwargs = _model_inputs(media)
+        kwargs = model_inputs(media, self.wiring.per_sample)
         input_ids = mx.array([prompt])
+        if self.wiring.image_mask and media:
+            kwargs[self.wiring.image_mask] = input_ids == self.vlm.config.image_token_index
         pixel_values = kwargs.pop("pixel_values", None)
-        features = self.vlm.get_input_embeddings(input_ids, pixel_values, **kwargs)
+        features = self.vlm.get_input_embeddings(
+            input_ids, pixel_values, mask=mx.ones(input_ids.shape, mx.int32), **kwargs)
         embeds = features.inputs_embeds[0]
+        if embeds.shape[0] != len(prompt):
+            raise ValueError(f"the model merged its media into {embeds.shape[0]} positions "
+                             f"for a prompt of {len(prompt)} tokens")
+        if not self._mrope:
+            seq = SequenceMedia(embeds)
+            mx.eval(seq.embeds)
+            return seq
         positions = features.position_ids[:, 0, :]  # [3, L]
         delta = int(mx.array(features.rope_deltas).reshape(-1)[0].item())
         visual_mask = deepstack = None
@@ -195,9 +248,12 @@ class BatchedVisionLM(nn.Module):
         mx.eval(seq.embeds, seq.positions, *(seq.deepstack or []))
         return seq
 
-    def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]]:
+    def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]] | None:
         """The smallest image request the model takes (one merged patch), so
-        that warm-up compiles the vision encoder's kernels too."""
+        that warm-up compiles the vision encoder's kernels too; None where its
+        tensors cannot be made without the family's processor."""
+        if not self._mrope:
+            return None
         cfg, vc = self.vlm.config, self.vlm.config.vision_config
         merge = vc.spatial_merge_size
         channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", None) or 3
@@ -209,21 +265,28 @@ class BatchedVisionLM(nn.Module):
 
     def cache_for(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> list:
         """A fresh cache for one request, its media encoded into it."""
-        return [KVCache() for _ in self.layers] + [MediaRows([self.encode(prompt, media)])]
+        return [make() for make in self._cache_kinds] + [MediaRows([self.encode(prompt, media)])]
 
     # -- the forward pass --------------------------------------------------------
 
     def __call__(self, tokens: mx.array, cache: list) -> mx.array:
         kv, rows = cache[:-1], cache[-1]
         B, L = tokens.shape
-        offsets = kv[0].offset  # an int (one sequence) or an array, one per row
+        offsets = _offsets(kv)  # an int (one sequence) or an array, one per row
         offsets = mx.array([offsets] * B) if isinstance(offsets, int) else offsets
-        h = self._lm.model.embed_tokens(tokens)
+        h = self._embed(tokens)
+        prefilling = any(seq is not None and not seq.prefilled for seq in rows.rows)
+        if not self._mrope:
+            if prefilling and self.wiring.prefix_lm:
+                return self._prefix_lm_prompt(tokens, kv, rows, offsets.tolist())
+            if prefilling:
+                h = mx.stack(self._prompt_rows(h, offsets.tolist(), rows))
+            return _logits(self._lm(tokens, inputs_embeds=h, cache=kv))
         extra: dict[str, Any] = {}
-        if any(seq is not None and not seq.prefilled for seq in rows.rows):
+        if prefilling:
             # Some row is still inside its prompt: it takes its own slice of the
             # precomputed embeddings and positions (a host sync, prefill only).
-            h, positions, extra = self._prefill_rows(tokens, h, offsets.tolist(), rows)
+            h, positions, extra = self._mrope_prompt_rows(tokens, h, offsets.tolist(), rows)
         else:
             # Text rows, and media rows past their prompt's last visual token:
             # positions continue from each row's own delta (0 for text).
@@ -235,33 +298,58 @@ class BatchedVisionLM(nn.Module):
             return self._lm.model.embed_tokens.as_linear(out)
         return self._lm.lm_head(out)
 
-    def _prefill_rows(self, tokens: mx.array, h: mx.array, offsets: list[int],
-                      rows: MediaRows) -> tuple[mx.array, mx.array, dict]:
-        """Embeddings and positions of a prefill chunk in which some rows
-        carry media: those rows take their slice of the precomputed prompt."""
-        B, L = tokens.shape
-        row_h, row_pos = [], []
-        masks, deep_rows = [], []
+    def _prompt_rows(self, h: mx.array, offsets: list[int], rows: MediaRows) -> list[mx.array]:
+        """Each row's embeddings for this chunk: a media row takes its slice of
+        the precomputed prompt; columns past the prompt are right padding."""
+        L = h.shape[1]
+        out = []
         for i, (seq, start) in enumerate(zip(rows.rows, offsets)):
+            if seq is None:
+                out.append(h[i])
+                continue
+            n = max(0, min(L, seq.embeds.shape[0] - start))  # chunk columns inside the prompt
+            out.append(mx.concatenate([seq.embeds[start:start + n], h[i, n:]]))
+            if start + n >= seq.embeds.shape[0] - 1:
+                seq.prefilled = True
+        return out
+
+    def _prefix_lm_prompt(self, tokens: mx.array, kv: list, rows: MediaRows,
+                          offsets: list[int]) -> mx.array:
+        """A prefix LM's prompt (all of it but the last token, which the generator
+        feeds next as its first decode input) in one pass over the whole prompt,
+        as mlx-vlm runs it: every prompt token sees every other, the last one
+        included, whose keys and values are held back from the cache."""
+        seq = rows.rows[0]
+        if offsets != [0] or tokens.shape[1] != len(seq.embeds) - 1:
+            raise ValueError("a prefix-LM prompt must be prefilled alone and in one piece")
+        seq.prefilled = True
+        out = self._lm(tokens, inputs_embeds=seq.embeds[None],
+                       cache=[_HoldBackLast(c) for c in kv])
+        return _logits(out)[:, :-1]
+
+    def _mrope_prompt_rows(self, tokens: mx.array, h: mx.array, offsets: list[int],
+                           rows: MediaRows) -> tuple[mx.array, mx.array, dict]:
+        """Embeddings, mrope positions and deepstack features of a prefill chunk
+        in which some rows carry media."""
+        B, L = tokens.shape
+        row_pos, masks, deep_rows = [], [], []
+        for seq, start in zip(rows.rows, offsets):
             text_pos = mx.broadcast_to(mx.arange(start, start + L)[None], (3, L))
             if seq is None:
-                row_h.append(h[i])
                 row_pos.append(text_pos)
                 masks.append(np.zeros(L, bool))
                 continue
-            n = max(0, min(L, seq.embeds.shape[0] - start))  # chunk columns inside the prompt
-            row_h.append(mx.concatenate([seq.embeds[start:start + n], h[i, n:]]))
+            n = max(0, min(L, seq.embeds.shape[0] - start))
             # Columns past the prompt are right padding: any position will do.
             row_pos.append(mx.concatenate([seq.positions[:, start:start + n],
                                            text_pos[:, n:] + seq.delta], axis=1))
-            if start + n >= seq.embeds.shape[0] - 1:
-                seq.prefilled = True
             mask = np.zeros(L, bool)
             if seq.visual_mask is not None:
                 mask[:n] = seq.visual_mask[start:start + n]
                 first = int(seq.visual_mask[:start].sum())
                 deep_rows.append([d[first:first + int(mask.sum())] for d in seq.deepstack])
             masks.append(mask)
+        h = mx.stack(self._prompt_rows(h, offsets, rows))
         extra: dict[str, Any] = {}
         if deep_rows and any(m.any() for m in masks):
             # mlx-vlm adds deepstack features row by row, taking them in order.
@@ -269,18 +357,85 @@ class BatchedVisionLM(nn.Module):
             extra = {"visual_pos_masks": mx.array(np.stack(masks)),
                      "deepstack_visual_embeds": [
                          mx.concatenate([r[k] for r in deep_rows]) for k in range(n_layers)]}
-        return mx.stack(row_h), mx.stack(row_pos, axis=1), extra
+        return h, mx.stack(row_pos, axis=1), extra
 
 
-def _model_inputs(media: list[dict[str, np.ndarray]]) -> dict[str, mx.array]:
+class _HoldBackLast:
+    """A KV cache seen through a pass over the whole prompt: it keeps all but the
+    last position's keys and values, and gives the pass all of them."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        kept_k, kept_v = self._cache.update_and_fetch(keys[..., :-1, :], values[..., :-1, :])
+        return (mx.concatenate([kept_k, keys[..., -1:, :]], axis=-2),
+                mx.concatenate([kept_v, values[..., -1:, :]], axis=-2))
+
+
+def model_inputs(media: list[dict[str, np.ndarray]],
+                 per_sample: frozenset[str] = frozenset()) -> dict[str, mx.array]:
     """Items' tensors as the model's keyword arguments: tensors of the same
-    name (pixel_values, image_grid_thw, ...) concatenated in prompt order, as
-    the processor lays out a batch of several images."""
+    name (pixel_values, image_grid_thw, ...) joined in prompt order, as the
+    processor joins a batch of images: along axis 1 for `per_sample` names,
+    else axis 0, padding other axes with zeros at their end to the largest."""
     by_name: dict[str, list[np.ndarray]] = {}
     for item in media:
         for name, value in item.items():
             by_name.setdefault(name, []).append(np.asarray(value))
-    return {name: mx.array(np.concatenate(values)) for name, values in by_name.items()}
+    return {name: mx.array(_join(values, 1 if name in per_sample else 0))
+            for name, values in by_name.items()}
+
+
+def _join(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    if len(arrays) == 1:
+        return arrays[0]
+    largest = np.max([a.shape for a in arrays], axis=0)
+    return np.concatenate([
+        np.pad(a, [(0, 0) if d == axis else (0, int(n) - a.shape[d])
+                   for d, n in enumerate(largest)]) for a in arrays], axis=axis)
+
+
+def _offsets(kv: list):
+    """Tokens each row holds, from a cache that keeps them all (a sliding
+    window's offset stops counting at its size)."""
+    full = next((c for c in kv if "Rotating" not in type(c).__name__), kv[0])
+    return full.offset
+
+
+def _logits(out) -> mx.array:
+    return getattr(out, "logits", out)
+
+
+def _token_embedding(lm: nn.Module) -> nn.Module:
+    """The language model's token embedding layer, wherever its family keeps it."""
+    for path in (("model", "embed_tokens"), ("embed_tokens",), ("model", "wte")):
+        module = lm
+        for name in path:
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"no token embedding found in {type(lm).__name__}")
+
+
+def _cache_kinds(lm: nn.Module) -> list:
+    """Makers of mlx-lm's own caches, one per layer, of the kinds the language
+    model's own make_cache asks for (mlx-lm's batch classes know only them)."""
+    if not hasattr(lm, "make_cache"):
+        return [KVCache for _ in lm.layers]
+    kinds = []
+    for c in lm.make_cache():
+        kind = type(c).__name__
+        if kind == "KVCache":
+            kinds.append(KVCache)
+        elif kind == "RotatingKVCache":
+            kinds.append(lambda size=c.max_size, keep=c.keep: RotatingKVCache(size, keep))
+        else:
+            raise ValueError(f"this model's {kind} layers are not supported yet")
+    return kinds
 
 
 def load_vision_model(path: str) -> tuple[BatchedVisionLM, str]:
@@ -288,8 +443,8 @@ def load_vision_model(path: str) -> tuple[BatchedVisionLM, str]:
     from mlx_vlm.utils import load_model
 
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-    if not supports_batching(model_type):
+    if model_type not in WIRING:
         raise ValueError(f"vision-language model type {model_type!r} is not supported yet "
-                         f"(supported: {', '.join(BATCHED_FAMILIES)})")
+                         f"(supported: {', '.join(WIRING)})")
     vlm = load_model(Path(path))
     return BatchedVisionLM(vlm, model_type), model_type

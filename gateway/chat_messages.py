@@ -101,22 +101,33 @@ class UserMessage(_Message):
     name: str | None = None
 
 
+class CalledFunction(RequestModel):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: str | list[AssistantPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    # Replaying tool calls needs the tool-calling issue (and a proto field).
-    tool_calls: Unsupported = None
+    tool_calls: list[ToolCall] | None = None
+    # The legacy single function_call, and audio replies, are not served.
     function_call: Unsupported = None
     audio: Unsupported = None
 
-    @field_validator("tool_calls", "function_call", "audio")
+    @field_validator("function_call", "audio")
     @classmethod
-    def _not_yet(cls, v: Any, info: ValidationInfo) -> Any:
+    def _not_served(cls, v: Any, info: ValidationInfo) -> Any:
         if v:
             raise ValueError(f"assistant messages with {info.field_name} are not supported "
-                             "by this server yet")
+                             "by this server; use tool_calls")
         return None
 
 

@@ -9,8 +9,9 @@ the tables ENGINE_ERRORS (what went wrong) and ENGINE_FIELDS (which field):
 never by reading the engine's message.
 """
 
+import functools
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 from fastapi import FastAPI, Request
@@ -153,6 +154,15 @@ ENGINE_FIELDS: dict[str, str | None] = {
     "chat.template_kwargs_json": "chat_template_kwargs",
     "chat.continue_final_message": "continue_final_message",
     "chat.add_generation_prompt": "add_generation_prompt",
+    "chat.tools_json": "tools",
+    "chat.tool_choice": "tool_choice",
+    "chat.parallel_tool_calls": "parallel_tool_calls",
+    "structured_output": "response_format",
+    "structured_output.json_schema": "response_format",
+    "structured_output.json_object": "response_format",
+    "structured_output.regex": "structured_outputs",
+    "structured_output.choice": "structured_outputs",
+    "structured_output.grammar": "structured_outputs",
     "max_tokens": "max_tokens",
     "stop": "stop",
     "stop_token_ids": "stop_token_ids",
@@ -212,6 +222,21 @@ def from_grpc(e: grpc.RpcError, prompt_field: str = "prompt",
 _PRIMITIVES = {"str", "int", "float", "bool", "constrained-int", "constrained-float"}
 
 
+@functools.cache
+def _union_tags() -> frozenset[str]:
+    """The discriminator values of the list-item unions (message roles,
+    content part types): pydantic puts the one it tried after the index."""
+    from gateway.chat_messages import AssistantPart, ContentPart, Message
+    tags: set[str] = set()
+    for union in (Message, ContentPart, AssistantPart):
+        for member in get_args(get_args(union)[0]):
+            for name in ("role", "type"):
+                field = member.model_fields.get(name)
+                if field is not None:
+                    tags.update(get_args(field.annotation))
+    return frozenset(tags)
+
+
 def _param(loc: tuple) -> str | None:
     """`messages[0].content` for pydantic's ("body", "messages", 0, "user", "content", "str")."""
     out = ""
@@ -221,7 +246,7 @@ def _param(loc: tuple) -> str | None:
             pass
         elif isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in p or p in _PRIMITIVES or isinstance(prev, int) and not isinstance(p, int):
+        elif "[" in p or p in _PRIMITIVES or isinstance(prev, int) and p in _union_tags():
             # The union member pydantic tried, or a discriminator tag right
             # after a list index: neither is a field the client wrote.
             pass

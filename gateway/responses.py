@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from gateway.schema_base import ResponseModel
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(ResponseModel):
@@ -33,10 +33,25 @@ class ChoiceLogprobs(ResponseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class CalledFunction(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(ResponseModel):
+    _omit_none = frozenset({"tool_calls", "reasoning_content"})
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    # The model's thinking, with --reasoning-parser (vLLM's and DeepSeek's name).
+    reasoning_content: str | None = None
 
 
 class ChatChoice(ResponseModel):
@@ -70,10 +85,27 @@ class ChatCompletion(ResponseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class FunctionDelta(ResponseModel):
+    _omit_none = frozenset({"name"})
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(ResponseModel):
+    """The first delta of call `index` carries its id, type and name."""
+    _omit_none = frozenset({"id", "type"})
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class ChatDelta(ResponseModel):
-    _omit_none = frozenset({"role", "content"})
+    _omit_none = frozenset({"role", "content", "reasoning_content", "tool_calls"})
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(ResponseModel):

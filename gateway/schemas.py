@@ -4,9 +4,9 @@ it answers). OpenAI fields this server cannot honour are declared but refused
 unless they carry their neutral value, so the error names the field.
 """
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gateway.chat_messages import Message
 from gateway.schema_base import (
@@ -34,11 +34,8 @@ Stop = str | list[str] | None
 # OpenAI fields the server cannot honour yet, and the values that ask for
 # nothing (so a client that sends the neutral value is not refused).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "service_tier": ("auto", "default"),
     "audio": (),
@@ -125,6 +122,75 @@ class SamplingFields(RequestModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# -- structured output and tools -----------------------------------------------------
+
+class JSONSchemaFormat(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # "schema" is a BaseModel attribute; the alias keeps OpenAI's name.
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Enforced either way: the output always follows the schema.
+    strict: bool | None = None
+
+
+class TextFormat(RequestModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(RequestModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat,
+                           Field(discriminator="type")]
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's extension (`structured_outputs` in the body): exactly one of
+    these constrains the output."""
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "StructuredOutputs":
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice "
+                             "and grammar")
+        return self
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # enforced when the grammar is (tool_choice)
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 # -- POST /v1/chat/completions ---------------------------------------------------
 
 class ChatCompletionRequest(SamplingFields):
@@ -143,17 +209,18 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool = False
-    parallel_tool_calls: bool | None = None  # meaningless without tools
+    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Frames sampled from each video: per second, and at most this many
     # (the server's defaults when unset; its caps always apply).
     video_fps: float | None = Field(None, gt=0)
     video_max_frames: int | None = Field(None, ge=1)
 
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
     functions: Unsupported = None
     function_call: Unsupported = None
-    response_format: Unsupported = None
     modalities: Unsupported = None
     service_tier: Unsupported = None
     audio: Unsupported = None
@@ -166,7 +233,7 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_retention: Unsupported = None
 
     refuse_unsupported = field_validator(
-        "tools", "tool_choice", "functions", "function_call", "response_format", "modalities",
+        "functions", "function_call", "modalities",
         "service_tier", "audio", "prediction", "reasoning_effort",
         "verbosity", "web_search_options", "moderation", "prompt_cache_options",
         "prompt_cache_retention")(_refuse_unless_neutral)
@@ -177,6 +244,24 @@ class ChatCompletionRequest(SamplingFields):
         if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
         return v
+
+    @model_validator(mode="after")
+    def _tools_and_formats(self) -> "ChatCompletionRequest":
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            if not self.tools:
+                raise ValueError("tool_choice requires tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                    t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not "
+                                 f"among the tools")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        fmt = self.response_format
+        if self.structured_outputs and fmt is not None and fmt.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
 
 
 # -- POST /v1/completions --------------------------------------------------------

@@ -10,6 +10,7 @@ from gateway.errors import APIError, EngineFailed, sse_error
 from gateway.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from gateway.metrics import Timer
 from gateway.responses import (
+    CalledFunction,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -18,12 +19,16 @@ from gateway.responses import (
     ChatMessage,
     Completion,
     CompletionChoice,
+    FunctionDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from gateway.sse import DONE, TEXT_HOLE, TextChunk, sse
 from vllm_mlx.v1 import engine_pb2 as pb
 
-FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+          pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Choice:
     # From the first message, when asked for.
     prompt_logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     prompt_text: str = ""
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[pb.ToolCallDelta] = field(default_factory=list)
 
     def add(self, msg: pb.GenerateResponse) -> None:
         if msg.prompt_logprobs:
@@ -58,6 +65,9 @@ class Choice:
         self.completion_tokens = msg.completion_tokens
         if msg.text:
             self.text.append(msg.text)
+        if msg.reasoning_text:
+            self.reasoning.append(msg.reasoning_text)
+        self.tool_calls.extend(msg.tool_calls)
         self.logprobs.extend(msg.logprobs)
         if msg.finished:
             self.finish_reason = finish_reason(msg)
@@ -114,7 +124,9 @@ def combine(msgs: list[pb.GenerateResponse]) -> pb.GenerateResponse:
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
         error=last.error, stop_reason=last.stop_reason,
         prompt_text="".join(m.prompt_text for m in msgs))
+    out.reasoning_text = "".join(m.reasoning_text for m in msgs)
     for m in msgs:
+        out.tool_calls.extend(m.tool_calls)
         out.token_ids.extend(m.token_ids)
         out.logprobs.extend(m.logprobs)
         out.prompt_logprobs.extend(m.prompt_logprobs)
@@ -181,12 +193,32 @@ async def chat_completion(gens: list[Generation], ctx: Context, logprobs: bool
     usage = _usage(choices[0].prompt_tokens, choices)
     ctx.timer.done(usage.prompt_tokens, usage.completion_tokens)
     return ChatCompletion(id=ctx.id, created=ctx.created, model=ctx.model, usage=usage, choices=[
-        ChatChoice(index=i, message=ChatMessage(content="".join(c.text)),
+        ChatChoice(index=i, message=_message(c),
                    logprobs=chat_logprobs(c.logprobs) if logprobs else None,
                    finish_reason=c.finish_reason)
         for i, c in enumerate(choices)],
         prompt_logprobs=prompt_logprobs(choices[0].prompt_logprobs)
         if ctx.prompt_logprobs else None)
+
+
+def _message(c: Choice) -> ChatMessage:
+    content = "".join(c.text)
+    calls = [ToolCall(id=t.id, function=CalledFunction(name=t.name, arguments=t.arguments))
+             for t in c.tool_calls]
+    return ChatMessage(content=None if calls and not content.strip() else content,
+                       tool_calls=calls or None,
+                       reasoning_content="".join(c.reasoning) if c.reasoning else None)
+
+
+def _delta_calls(calls) -> list[ToolCallDelta]:
+    """Each call as two deltas, as OpenAI streams them: id and name, then
+    the arguments."""
+    out = []
+    for t in calls:
+        out.append(ToolCallDelta(index=t.index, id=t.id, type="function",
+                                 function=FunctionDelta(name=t.name)))
+        out.append(ToolCallDelta(index=t.index, function=FunctionDelta(arguments=t.arguments)))
+    return out
 
 
 async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
@@ -217,6 +249,11 @@ async def chat_stream(gens: list[Generation], ctx: Context, logprobs: bool
                                                      logprobs=chat_logprobs(msg.logprobs))]))
             elif msg.text:
                 events.append(text_chunks[i](msg.text))
+            if msg.reasoning_text:
+                events.append(chunk([ChatChunkChoice(
+                    index=i, delta=ChatDelta(reasoning_content=msg.reasoning_text))]))
+            for call in _delta_calls(msg.tool_calls):
+                events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(tool_calls=[call]))]))
             if msg.finished:
                 events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(),
                                                      finish_reason=choices[i].finish_reason)]))
@@ -317,6 +354,11 @@ async def completion_stream(gens: list[Generation], ctx: Context, prompt_of: lis
                                                       finish_reason=None)]))
             elif msg.text:
                 events.append(text_chunks[i](msg.text))
+            if msg.reasoning_text:
+                events.append(chunk([ChatChunkChoice(
+                    index=i, delta=ChatDelta(reasoning_content=msg.reasoning_text))]))
+            for call in _delta_calls(msg.tool_calls):
+                events.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(tool_calls=[call]))]))
             if msg.finished:
                 events.append(chunk([CompletionChoice(index=i, text="",
                                                       finish_reason=choices[i].finish_reason)]))

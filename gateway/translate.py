@@ -24,7 +24,12 @@ from gateway.chat_messages import (
     VideoURLPart,
 )
 from gateway.errors import InvalidRequest
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    SamplingFields,
+)
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import media_pb2
 
@@ -142,17 +147,54 @@ def chat_input(req: ChatCompletionRequest, modalities: list[str]) -> pb.ChatInpu
             msg.name = m.name
         if isinstance(m, ToolMessage):
             msg.tool_call_id = m.tool_call_id
-        if isinstance(m, AssistantMessage) and m.refusal and not msg.content:
-            msg.content = m.refusal
+        if isinstance(m, AssistantMessage):
+            if m.refusal and not msg.content:
+                msg.content = m.refusal
+            msg.tool_calls.extend(pb.ToolCall(id=c.id, name=c.function.name,
+                                              arguments=c.function.arguments)
+                                  for c in m.tool_calls or [])
         messages.append(msg)
     if req.continue_final_message and req.messages[-1].role != "assistant":
         raise InvalidRequest("continue_final_message needs an assistant message last",
                              param="continue_final_message")
-    return pb.ChatInput(
+    chat = pb.ChatInput(
         messages=messages, add_generation_prompt=not req.continue_final_message,
         continue_final_message=req.continue_final_message,
         template_kwargs_json=json.dumps(req.chat_template_kwargs)
         if req.chat_template_kwargs else "")
+    if req.tools:
+        chat.tools_json = json.dumps([t.model_dump(exclude_none=True) for t in req.tools])
+        chat.tool_choice.CopyFrom(_tool_choice(req.tool_choice))
+    if req.parallel_tool_calls is not None:
+        chat.parallel_tool_calls = req.parallel_tool_calls
+    return chat
+
+
+def _tool_choice(choice) -> pb.ToolChoice:
+    if isinstance(choice, NamedToolChoice):
+        return pb.ToolChoice(mode=pb.ToolChoice.MODE_FUNCTION, function=choice.function.name)
+    modes = {None: pb.ToolChoice.MODE_AUTO, "auto": pb.ToolChoice.MODE_AUTO,
+             "none": pb.ToolChoice.MODE_NONE, "required": pb.ToolChoice.MODE_REQUIRED}
+    return pb.ToolChoice(mode=modes[choice])
+
+
+def structured_output(req: ChatCompletionRequest) -> pb.StructuredOutput | None:
+    """response_format (OpenAI's) or structured_outputs (vLLM's) as the
+    engine's StructuredOutput; None for plain text."""
+    fmt, so = req.response_format, req.structured_outputs
+    if fmt is not None and fmt.type == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    if fmt is not None and fmt.type == "json_schema":
+        return pb.StructuredOutput(json_schema=json.dumps(fmt.json_schema.schema_))
+    if so is None:
+        return None
+    if so.json_ is not None:
+        return pb.StructuredOutput(json_schema=json.dumps(so.json_))
+    if so.regex is not None:
+        return pb.StructuredOutput(regex=so.regex)
+    if so.choice is not None:
+        return pb.StructuredOutput(choice=pb.Choice(options=so.choice))
+    return pb.StructuredOutput(grammar=so.grammar)
 
 
 def chat_requests(req: ChatCompletionRequest, request_id: str, modalities: list[str],
@@ -160,11 +202,14 @@ def chat_requests(req: ChatCompletionRequest, request_id: str, modalities: list[
     _check_size(req, 1, max_choices)
     try:
         chat = chat_input(req, modalities)
+        constraint = structured_output(req)
         out = []
         for i, rid in enumerate(request_ids(request_id, req.n)):
             g = _common(req, rid, i, req.max_completion_tokens or req.max_tokens,
                         req.logprobs, req.top_logprobs or 0)
             g.chat.CopyFrom(chat)
+            if constraint is not None:
+                g.structured_output.CopyFrom(constraint)
             out.append(g)
         return out
     except UnicodeEncodeError as e:

@@ -36,7 +36,7 @@ class Result:
     content_hash: str
     tensors: dict[str, np.ndarray]
     placeholder_token_id: int
-    num_placeholder_tokens: int
+    token_ids: list[int]
     frames: int
     width: int
     height: int
@@ -107,7 +107,8 @@ def pack(results: list[Result], shared_memory: bool = False) -> pb.PrepareRespon
             item.kind = r.kind
             item.content_hash = r.content_hash
             item.placeholder_token_id = r.placeholder_token_id
-            item.num_placeholder_tokens = r.num_placeholder_tokens
+            item.num_placeholder_tokens = len(r.token_ids)
+            item.token_ids.extend(r.token_ids)
             item.frames, item.width, item.height = r.frames, r.width, r.height
             item.prepare_seconds = r.prepare_seconds
             if shared_memory:
@@ -171,7 +172,7 @@ def prepare_item(item: pb.MediaSource, settings: MediaSettings, pre: Preprocesso
         prepared = _preprocess(pre.video, video.frames)
         frames, width, height = len(video.frames), video.width, video.height
     out = Result(item.kind, key, prepared.tensors, prepared.placeholder_token_id,
-                 prepared.num_placeholder_tokens, frames, width, height)
+                 prepared.token_ids, frames, width, height)
     if cache is not None:
         cache.put(key, out)
     return replace(out, prepare_seconds=time.perf_counter() - start)

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from vllm_mlx.bench import test_models as make_test_models
+from vllm_mlx.bench import test_vlms as make_test_vlms
 from vllm_mlx.supervision.health import wait_for_serving
 from vllm_mlx.v1 import engine_pb2_grpc
 
@@ -57,7 +58,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2-VL folder (absolute path: transformers needs one offline)."""
-    return make_test_models.build_vlm_model(
+    return make_test_vlms.build_vlm_model(
         tmp_path_factory.mktemp("models") / "tiny-qwen2-vl").resolve()
 
 

@@ -1,6 +1,8 @@
 """vllm_mlx.models: the seed's Python API, in this process, on the tiny models;
 and the same greedy text as the server gives for the same prompt."""
 
+import json
+
 import pytest
 from openai import OpenAI
 
@@ -115,3 +117,16 @@ def test_vision_model_reads_images_and_videos_from_files(tiny_vlm, tmp_path):
             bad = tmp_path / "bad.jpg"
             bad.write_bytes(b"not an image at all" * 10)
             vlm.describe_image(str(bad))
+
+
+def test_output_constraints_as_the_server_enforces_them(model):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                     "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    out = model.chat([{"role": "user", "content": "A number?"}], json_schema=schema,
+                     temperature=1.0, seed=3, max_tokens=50)
+    assert out.finish_reason == "stop" and 1 <= json.loads(out.text)["n"] <= 9
+    assert model.generate("Pick:", choice=["left", "right"], temperature=1.0, seed=1,
+                          max_tokens=10).text in ("left", "right")
+    with pytest.raises(TypeError, match="one output constraint"):
+        model.generate("x", regex="a+", grammar='start: "a"')

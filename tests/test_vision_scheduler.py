@@ -3,7 +3,6 @@ random-weight VLMs: media requests join the same batch as text requests, each
 keeps its own image, and batching changes nothing any request gets."""
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,56 +10,38 @@ from PIL import Image
 
 from engine_worker.admission import Admission
 from engine_worker.loop import Loop
+from engine_worker.media_client import PreparedItem
 from engine_worker.messages import Request
 from engine_worker.model import load_model, read_facts
+from engine_worker.request_builder import expand_placeholders
 from engine_worker.sampling import SamplingParams
-from tests.conftest import make_test_models
+from media_worker.processor import Preprocessor
+from tests.conftest import make_test_vlms
 from tests.test_loop import Collector, tokens_of
 from vllm_mlx.settings import EngineSettings
 
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-
 
 class Prompter:
-    """Builds engine requests the way the engine's front end will: the chat
-    template renders each media part as one placeholder, the media worker's
-    processor makes the tensors, and each placeholder is expanded to as many
-    tokens as the item takes."""
+    """Builds engine requests the way the engine's front end does: the chat
+    template renders each media part as its family's token, the media
+    worker's processor prepares each item, and each item's tokens take its
+    token's place (request_builder.expand_placeholders)."""
 
     def __init__(self, path):
-        from mlx_vlm.utils import load_processor
-
-        self.processor = load_processor(Path(path))
-        self.tokenizer = self.processor.tokenizer
+        self.pre = Preprocessor(str(path))
+        self.tokenizer = self.pre.tokenizer
 
     def request(self, rid, text, images=(), videos=(), max_tokens=12, **sampling) -> Request:
         content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": text})
-        templated = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-        media = [self._image(i) for i in images] + [self._video(v) for v in videos]
-        ids = self.tokenizer.encode(templated, add_special_tokens=False)
-        prompt, items = [], iter(media)
-        pads = {self.tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-                self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)}
-        for t in ids:
-            if t in pads:
-                tensors = next(items)
-                grid = next(v for k, v in tensors.items() if k.endswith("grid_thw"))
-                prompt += [t] * (int(np.prod(grid)) // 4)
-            else:
-                prompt.append(t)
-        return Request(rid, prompt, max_tokens, SamplingParams(**sampling),
-                       media=media)
-
-    def _image(self, image) -> dict:
-        out = self.processor.image_processor(images=[image])
-        return {k: np.array(out[k]) for k in ("pixel_values", "image_grid_thw")}
-
-    def _video(self, frames) -> dict:
-        out = self.processor.video_processor(videos=[frames])
-        return {k: np.array(out[k]) for k in ("pixel_values_videos", "video_grid_thw")}
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        prepared = [self.pre.image(i) for i in images] + [self.pre.video(v) for v in videos]
+        items = [PreparedItem("", [], 0, p.placeholder_token_id, p.token_ids, 1)
+                 for p in prepared]
+        return Request(rid, expand_placeholders(list(ids), items), max_tokens,
+                       SamplingParams(**sampling), media=[p.tensors for p in prepared])
 
 
 def picture(w, h, seed) -> Image.Image:
@@ -193,7 +174,7 @@ def test_bad_media_fails_only_that_request(vlm_engine):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_other_families_batch(family, tmp_path):
-    path = make_test_models.build_vlm_model(tmp_path / family, family=family).resolve()
+    path = make_test_vlms.build_vlm_model(tmp_path / family, family=family).resolve()
     e = start_engine(path)
     try:
         p = Prompter(path)

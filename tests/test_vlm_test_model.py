@@ -1,5 +1,6 @@
-"""The tiny vision-language test models: they load with mlx-vlm (strictly) and with the
-processors the media workers use, offline, for every family the engine verifies."""
+"""The tiny Qwen vision-language test models: they load with mlx-vlm (strictly) and with
+the processors the media workers use, offline (the other families' models are checked by
+test_vision_families.py)."""
 
 import json
 
@@ -7,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_test_models
+from tests.conftest import make_test_vlms
 
 
-@pytest.mark.parametrize("family", make_test_models.VLM_FAMILIES)
+@pytest.mark.parametrize("family", make_test_vlms.QWEN_FAMILIES)
 def test_tiny_vlm_loads_and_generates(family, tmp_path):
     import mlx_vlm
     from transformers import AutoConfig
 
-    path = make_test_models.build_vlm_model(tmp_path / family, family=family).resolve()
+    path = make_test_vlms.build_vlm_model(tmp_path / family, family=family).resolve()
     AutoConfig.from_pretrained(str(path))  # transformers validates config.json
     model, processor = mlx_vlm.load(str(path))  # strict: every weight present and used
     config = json.loads((path / "config.json").read_text())
@@ -48,6 +49,6 @@ def test_tiny_vlm_loads_and_generates(family, tmp_path):
 
 
 def test_tiny_vlm_is_deterministic(tmp_path):
-    a = make_test_models.build_vlm_model(tmp_path / "a", seed=3)
-    b = make_test_models.build_vlm_model(tmp_path / "b", seed=3)
+    a = make_test_vlms.build_vlm_model(tmp_path / "a", seed=3)
+    b = make_test_vlms.build_vlm_model(tmp_path / "b", seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

@@ -5,6 +5,12 @@ import argparse
 
 from vllm_mlx.settings import EngineSettings
 
+# Kept in step with engine_worker/tool_calls.py FORMATS (a test checks): the
+# supervisor parses these flags without importing the engine. Both reasoning
+# parsers read <think> blocks (engine_worker/reasoning.py).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
 
 def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     d = EngineSettings(model="")
@@ -38,15 +44,25 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
                    help="freed buffers MLX keeps for reuse (default: 5%% of the memory "
                         "limit; 0: empty it after every prefill pass, as mlx-lm does)")
 
+    g = ap.add_argument_group("output parsing")
+    g.add_argument("--tool-call-parser", default=d.tool_call_parser,
+                   choices=["auto", *TOOL_CALL_PARSERS],
+                   help="how the model writes tool calls (default auto: read off the "
+                        "chat template)")
+    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                   help="split the model's <think> block into reasoning_content")
+
 
 def engine_worker_argv(a: argparse.Namespace) -> list[str]:
     """The flags that give an engine the settings parsed into `a`."""
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-queue", str(a.max_queue),
             "--admit-window-ms", str(a.admit_window_ms),
-            "--liveness-timeout", str(a.liveness_timeout)]
+            "--liveness-timeout", str(a.liveness_timeout),
+            "--tool-call-parser", a.tool_call_parser]
     if not a.prefix_cache:
         argv.append("--no-prefix-cache")
-    for name in ("max_model_len", "prefix_cache_bytes", "prefix_cache_dir", "max_memory",
+    for name in ("reasoning_parser", "max_model_len", "prefix_cache_bytes", "prefix_cache_dir",
+                 "max_memory",
                  "allocator_cache_bytes"):
         if getattr(a, name) is not None:
             argv += [f"--{name.replace('_', '-')}", str(getattr(a, name))]

@@ -6,12 +6,16 @@
     for chunk in model.stream_generate("Tell me a story"):
         print(chunk.text, end="")
     print(model.chat([{"role": "user", "content": "Hello"}]).text)
+    # Output that follows a JSON Schema (or regex=, choice=, grammar=, json_object=True),
+    # enforced as the server enforces response_format:
+    print(model.chat(messages, json_schema={"type": "object", ...}).text)
 
 Both classes run the server's own engine (vllm_mlx/in_process.py): the same
 request checks, chat templates, samplers, continuous batching and prefix
 cache, without gRPC. Model names resolve as `vllm-mlx-up` resolves them.
 """
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,12 +172,27 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 
 def _apply(request: pb.GenerateRequest, max_tokens: int = 256,
-           stop: str | Sequence[str] | None = None, **sampling) -> None:
+           stop: str | Sequence[str] | None = None, *, json_schema: dict | None = None,
+           json_object: bool = False, regex: str | None = None,
+           choice: Sequence[str] | None = None, grammar: str | None = None,
+           **sampling) -> None:
     """The keyword arguments onto the request; an unknown one is a TypeError,
-    never ignored."""
+    never ignored. At most one of json_schema, json_object, regex, choice and
+    grammar (Lark or GBNF) constrains the output."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+    constraints = {"json_schema": json_schema is not None and json.dumps(json_schema),
+                   "json_object": json_object, "regex": regex, "grammar": grammar}
+    given = [k for k, v in constraints.items() if v] + (["choice"] if choice else [])
+    if len(given) > 1:
+        raise TypeError(f"give one output constraint, not {' and '.join(given)}")
+    so = request.structured_output
+    for name, value in constraints.items():
+        if value:
+            setattr(so, name, value)
+    if choice:
+        so.choice.options.extend(choice)
     request.max_tokens = max_tokens
     if stop:
         request.stop.extend([stop] if isinstance(stop, str) else stop)

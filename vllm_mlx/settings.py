@@ -64,6 +64,12 @@ class EngineSettings:
     # kills it and exits, failing what was in flight, and its supervisor
     # starts a new one. One prefill step of a huge prompt batch must fit in it.
     liveness_timeout_s: float = 30.0
+    # How the model writes tool calls (engine_worker/tool_calls.py FORMATS);
+    # "auto": read off its chat template.
+    tool_call_parser: str = "auto"
+    # Splits the model's thinking into reasoning_content ("qwen3",
+    # "deepseek_r1"); None: the reply is all content.
+    reasoning_parser: str | None = None
 
 
 # vllm-mlx-up's liveness check of its children (every LIVENESS_PROBE_S): one

@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "cache": ("vllm_mlx.bench.cache", "time to first token, prefix-cache miss vs hit"),
     "media": ("vllm_mlx.bench.media", "text latency while images are prepared, and what "
                                       "preparing images and video costs"),
+    "structured": ("vllm_mlx.bench.structured", "what a JSON-schema-constrained request costs "
+                                                "itself and its batch"),
 }
 SEED_MODE = "vllm_mlx.bench.seed_mode"
 

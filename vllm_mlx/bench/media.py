@@ -348,7 +348,7 @@ def bench_images(pre, sizes: list[str], reps: int, desc: str) -> list[dict]:
         pre_s, out = timed(lambda i=img: pre.image(i), reps)
         rows.append({"size": f"{w}x{h}", "jpeg_bytes": len(data), "decode_s": decode_s,
                      "preprocess_s": pre_s, "total_s": decode_s + pre_s,
-                     "tokens": out.num_placeholder_tokens,
+                     "tokens": len(out.token_ids),
                      "tensor_bytes": int(sum(a.nbytes for a in out.tensors.values()))})
     return rows
 
@@ -362,7 +362,7 @@ def bench_video(pre, clip: bytes, counts: list[int], reps: int, desc: str) -> li
         decode_s, video = timed(lambda k=n: decode_video(clip, 30.0, k, BIG, BIG), reps)
         pre_s, out = timed(lambda v=video: pre.video(v.frames), reps)
         rows.append({"frames": len(video.frames), "decode_s": decode_s, "preprocess_s": pre_s,
-                     "total_s": decode_s + pre_s, "tokens": out.num_placeholder_tokens,
+                     "total_s": decode_s + pre_s, "tokens": len(out.token_ids),
                      "tensor_bytes": int(sum(a.nbytes for a in out.tensors.values()))})
     return rows
 

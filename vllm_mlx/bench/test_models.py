@@ -1,19 +1,14 @@
-"""Build small random-weight test models fully offline: mlx-lm-loadable llama text models
-and mlx-vlm-loadable Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision-language models.
+"""Build small random-weight test models fully offline: mlx-lm-loadable llama text models,
+and (with --vlm, from vllm_mlx.bench.test_vlms) mlx-vlm-loadable vision-language models.
 
 The tokenizer is trained in-process on a built-in corpus and the weights are derived from a
 seed, so tests get reproducible models without touching the network or the Hugging Face hub.
 
 Usage: python -m vllm_mlx.bench.test_models --out DIR [--shape tiny|smollm2-135m] [--seed N]
-       python -m vllm_mlx.bench.test_models --out DIR --vlm [qwen2_vl|qwen2_5_vl|qwen3_vl]
+       python -m vllm_mlx.bench.test_models --out DIR --vlm [FAMILY]   (default qwen2_vl)
 
-Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")`` and
-``build_vlm_model(out_dir, family="qwen2_vl", seed=0)``.
-
-The vision-language folders hold the processor configs too. Without PyTorch, transformers
-cannot build Qwen's video processor, so load the processor with mlx-vlm
-(``mlx_vlm.utils.load_processor(path)``, or import ``mlx_vlm.models.<family>`` before
-``AutoProcessor.from_pretrained(path)``: mlx-vlm registers torch-free processors).
+Importable: ``build_text_model(out_dir, seed=0, shape="tiny", dtype="float32")``; the
+vision-language models: ``vllm_mlx.bench.test_vlms.build_vlm_model``.
 """
 
 from __future__ import annotations
@@ -26,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Single tokens in Qwen3's tokenizer; `think_tokens` adds them.
+THINK_TOKENS = ["<think>", "</think>"]
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 TRAINED_VOCAB_SIZE = 512  # includes the 256 byte symbols and the special tokens
@@ -264,12 +261,13 @@ def random_parameters(shapes: list[tuple[str, tuple[int, ...]]], seed: int, hidd
 
 def build_text_model(
     out_dir: Path, *, seed: int = 0, shape: str = "tiny", dtype: str = "float32",
-    tokenizer: str = "bpe", bits: int | None = None,
+    tokenizer: str = "bpe", bits: int | None = None, think_tokens: bool = False,
 ) -> Path:
     """Write a random-weight llama model folder loadable with ``mlx_lm.load(out_dir)``;
     `tokenizer`: "bpe" (byte-level, as GPT-2, Qwen and SmolLM2) or "spm"
     (SentencePiece-style, as Llama 2 and Mistral); `bits`: quantized as
-    mlx-lm quantizes (4 or 8 bits, groups of 64)."""
+    mlx-lm quantizes (4 or 8 bits, groups of 64); `think_tokens`: <think> and
+    </think> as tokens of their own (bpe only)."""
     import mlx.core as mx
     from mlx_lm.models import llama
 
@@ -281,8 +279,11 @@ def build_text_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
 
-    build = {"bpe": build_tokenizer_json, "spm": build_spm_tokenizer_json}[tokenizer]
-    tokenizer_json = build(dims["vocab_size"])
+    special = SPECIAL_TOKENS + (THINK_TOKENS if think_tokens else [])
+    if tokenizer == "bpe":
+        tokenizer_json = build_tokenizer_json(dims["vocab_size"], special)
+    else:
+        tokenizer_json = build_spm_tokenizer_json(dims["vocab_size"])
     vocab = json.loads(tokenizer_json)["model"]["vocab"]
     eos_id, pad_id = vocab[EOS_TOKEN], vocab[PAD_TOKEN]
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -305,8 +306,7 @@ def build_text_model(
     _write_json(
         out_dir / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": pad_id}
     )
-    _write_tokenizer_config(out_dir, SPECIAL_TOKENS, CHAT_TEMPLATE,
-                            dims["max_position_embeddings"])
+    _write_tokenizer_config(out_dir, special, CHAT_TEMPLATE, dims["max_position_embeddings"])
 
     model_args = llama.ModelArgs.from_dict(config)
     weights = init_weights(model_args, seed, dtype)
@@ -329,261 +329,10 @@ def _quantized(args: Any, weights: dict[str, Any], bits: int) -> dict[str, Any]:
     return dict(tree_flatten(model.parameters()))
 
 
-# -- vision-language models ------------------------------------------------------------
-
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                 "<|video_pad|>"]
-VLM_SPECIAL_TOKENS = SPECIAL_TOKENS + VISION_TOKENS
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-# Renders content-part lists the way Qwen2-VL's template does: each image or video part
-# becomes <|vision_start|><|image_pad|><|vision_end|> (or <|video_pad|>), which the
-# processor then expands to one pad token per merged patch.
-VLM_CHAT_TEMPLATE = """\
-{%- set image_count = namespace(value=0) -%}
-{%- set video_count = namespace(value=0) -%}
-{%- for message in messages -%}
-  {%- if loop.first and message.role != 'system' -%}
-    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
-  {%- endif -%}
-  {{- '<|im_start|>' + message.role + '\\n' -}}
-  {%- if message.content is string -%}
-    {{- message.content -}}
-  {%- else -%}
-    {%- for part in message.content or [] -%}
-      {%- if part.type in ('image', 'image_url') or 'image' in part or 'image_url' in part -%}
-        {%- set image_count.value = image_count.value + 1 -%}
-        {%- if add_vision_id -%}{{- 'Picture ' ~ image_count.value ~ ': ' -}}{%- endif -%}
-        {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-      {%- elif part.type in ('video', 'video_url') or 'video' in part -%}
-        {%- set video_count.value = video_count.value + 1 -%}
-        {%- if add_vision_id -%}{{- 'Video ' ~ video_count.value ~ ': ' -}}{%- endif -%}
-        {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
-      {%- elif 'text' in part -%}
-        {{- part.text -}}
-      {%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
-  {{- '<|im_end|>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
-"""
-
-# The tiny language model every family shares. head_dim 16: the mrope sections (temporal,
-# height, width) must sum to head_dim / 2.
-VLM_TEXT_DIMS: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": TRAINED_VOCAB_SIZE,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-}
-MROPE_SECTION = [2, 3, 3]
-
-# Pixels per merged token: (patch_size * merge_size) ** 2. Images keep their size between
-# 4 and 960 merged tokens (a 1920x1080 image is scaled down to at most 960); video frames
-# between 4 and 128 per pair of frames. The low minimum keeps small frames from being
-# upscaled (Qwen's own video minimum is 128 tokens).
-MAX_IMAGE_TOKENS = 960
-MAX_VIDEO_TOKENS = 128
-MIN_TOKENS = 4
-
-
-def _vlm_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
-    text = dict(VLM_TEXT_DIMS)
-    special = {
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "vision_token_id": ids["<|vision_pad|>"],
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "bos_token_id": None,
-        "eos_token_id": ids[EOS_TOKEN],
-        "pad_token_id": ids[PAD_TOKEN],
-    }
-    if family == "qwen2_vl":
-        return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
-            **text,
-            **special,
-            "hidden_act": "silu",
-            "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION},
-            "sliding_window": 4096,
-            "use_sliding_window": False,
-            "torch_dtype": "float32",
-            "vision_config": {
-                "depth": 2,
-                "embed_dim": 32,
-                "hidden_size": text["hidden_size"],  # the merger's output: the LM's width
-                "mlp_ratio": 2,  # an int: transformers validates it
-                "num_heads": 2,
-                "in_chans": 3,
-                "in_channels": 3,
-                "patch_size": 14,
-                "spatial_patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-        }
-    if family == "qwen2_5_vl":
-        return {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
-            **text,
-            **special,
-            "hidden_act": "silu",
-            "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION},
-            "sliding_window": 4096,
-            "use_sliding_window": False,
-            "torch_dtype": "float32",
-            "vision_config": {
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "out_hidden_size": text["hidden_size"],
-                "num_heads": 2,
-                "in_chans": 3,
-                "in_channels": 3,
-                "patch_size": 14,
-                "spatial_patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "tokens_per_second": 2,
-                "window_size": 56,
-                "fullatt_block_indexes": [1],
-                "hidden_act": "silu",
-            },
-        }
-    if family == "qwen3_vl":
-        return {
-            "architectures": ["Qwen3VLForConditionalGeneration"],
-            "model_type": "qwen3_vl",
-            **special,
-            "tie_word_embeddings": True,
-            "torch_dtype": "float32",
-            "text_config": {
-                "model_type": "qwen3_vl_text",
-                **text,
-                "head_dim": text["hidden_size"] // text["num_attention_heads"],
-                "hidden_act": "silu",
-                "attention_bias": False,
-                "rope_scaling": {"rope_type": "default", "mrope_section": MROPE_SECTION,
-                                 "mrope_interleaved": True},
-                "bos_token_id": None,
-                "eos_token_id": ids[EOS_TOKEN],
-            },
-            "vision_config": {
-                "model_type": "qwen3_vl",
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "out_hidden_size": text["hidden_size"],
-                "num_heads": 2,
-                "in_channels": 3,
-                "patch_size": 16,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "num_position_embeddings": 64,  # an 8x8 grid, interpolated per image
-                "deepstack_visual_indexes": [0],
-                "hidden_act": "gelu_pytorch_tanh",
-            },
-        }
-    raise ValueError(f"unknown vision-language family {family!r}; choose from {VLM_FAMILIES}")
-
-
-def _preprocessor_configs(family: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """preprocessor_config.json and video_preprocessor_config.json for the family."""
-    patch = 16 if family == "qwen3_vl" else 14
-    token_pixels = (patch * 2) ** 2
-    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                       "qwen3_vl": "Qwen3VLProcessor"}[family]
-    if family == "qwen3_vl":
-        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    else:  # CLIP's
-        mean = [0.48145466, 0.4578275, 0.40821073]
-        std = [0.26862954, 0.26130258, 0.27577711]
-    common = {
-        "processor_class": processor_class,
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "image_mean": mean,
-        "image_std": std,
-        "patch_size": patch,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
-
-    def pixels(max_tokens: int) -> dict[str, Any]:
-        lo, hi = MIN_TOKENS * token_pixels, max_tokens * token_pixels
-        return {"min_pixels": lo, "max_pixels": hi,
-                "size": {"shortest_edge": lo, "longest_edge": hi}}
-
-    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
-             **pixels(MAX_IMAGE_TOKENS)}
-    video_type = "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor"
-    # Frames are sampled by the media workers; the processor takes them all.
-    video = {"video_processor_type": video_type, **common, **pixels(MAX_VIDEO_TOKENS),
-             "do_sample_frames": False}
-    return image, video
-
-
-def build_vlm_model(out_dir: Path, *, family: str = "qwen2_vl", seed: int = 0,
-                    dtype: str = "float32") -> Path:
-    """Write a random-weight vision-language model folder (Qwen2-VL, Qwen2.5-VL or
-    Qwen3-VL shaped) loadable with ``mlx_vlm.load(out_dir)`` and with transformers'
-    ``AutoProcessor.from_pretrained(out_dir)``. Pass an absolute path to both offline."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_vlm.utils import get_model_and_args, update_module_configs
-
-    if family not in VLM_FAMILIES:
-        raise ValueError(f"unknown vision-language family {family!r}; choose from "
-                         f"{VLM_FAMILIES}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer_json = build_tokenizer_json(VLM_TEXT_DIMS["vocab_size"], VLM_SPECIAL_TOKENS)
-    vocab = json.loads(tokenizer_json)["model"]["vocab"]
-    ids = {t: vocab[t] for t in VLM_SPECIAL_TOKENS}
-    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    config = _vlm_config(family, ids)
-    _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json",
-                {"eos_token_id": ids[EOS_TOKEN], "pad_token_id": ids[PAD_TOKEN]})
-    _write_tokenizer_config(out_dir, VLM_SPECIAL_TOKENS, VLM_CHAT_TEMPLATE,
-                            VLM_TEXT_DIMS["max_position_embeddings"])
-    image_config, video_config = _preprocessor_configs(family)
-    _write_json(out_dir / "preprocessor_config.json", image_config)
-    _write_json(out_dir / "video_preprocessor_config.json", video_config)
-    _write_json(out_dir / "chat_template.json", {"chat_template": VLM_CHAT_TEMPLATE})
-
-    # Parameter names and shapes come from mlx-vlm's own Model class; lazy, so its own
-    # random init is never computed. Configured as mlx_vlm.utils.load_model does.
-    module, _ = get_model_and_args(config)
-    params = json.loads(json.dumps(config))
-    params.setdefault("text_config", {})
-    params.setdefault("vision_config", {})
-    model_config = module.ModelConfig.from_dict(params)
-    model_config = update_module_configs(model_config, module, params, ["text", "vision"])
-    model = module.Model(model_config)
-    shapes = [(k, v.shape) for k, v in tree_flatten(model.parameters())]
-    weights = random_parameters(shapes, seed, VLM_TEXT_DIMS["hidden_size"],
-                                len(VLM_SPECIAL_TOKENS), dtype)
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return out_dir
-
-
 def _write_tokenizer_config(out_dir: Path, special_tokens: list[str], chat_template: str,
-                            model_max_length: int) -> None:
+                            model_max_length: int, **overrides: Any) -> None:
+    """tokenizer_config.json and special_tokens_map.json; `overrides` replace or add
+    tokenizer_config.json entries (a family's bos_token, its named special tokens)."""
     _write_json(
         out_dir / "tokenizer_config.json",
         {
@@ -597,6 +346,7 @@ def _write_tokenizer_config(out_dir: Path, special_tokens: list[str], chat_templ
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
             "chat_template": chat_template,
+            **overrides,
         },
     )
     _write_json(
@@ -614,6 +364,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vllm_mlx.bench.test_vlms import VLM_FAMILIES, build_vlm_model
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to (over)write")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")

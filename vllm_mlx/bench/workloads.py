@@ -49,13 +49,14 @@ def default_cache() -> Path:
 def model_folder(spec: str, cache: Path) -> Path:
     """A test-model shape (tiny, smollm2-135m, tiny-vlm), built into `cache`
     the first time, or a model folder as it is."""
-    from vllm_mlx.bench import test_models
+    from vllm_mlx.bench import test_models, test_vlms
 
     shape, bits = _quantized_shape(spec)
     if shape in test_models.SHAPES or spec == TINY_VLM:
         # Named by the builders' source too: a changed builder must not be
         # measured on a model an older one built.
-        source = hashlib.sha256(Path(test_models.__file__).read_bytes()).hexdigest()[:10]
+        source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                         for m in (test_models, test_vlms))).hexdigest()[:10]
         out = (cache / f"{spec}-{source}").resolve()  # absolute: transformers needs it offline
         if not out.exists():
             # Built aside and renamed: two runs at once never see half a model.
@@ -63,7 +64,7 @@ def model_folder(spec: str, cache: Path) -> Path:
             part = Path(tempfile.mkdtemp(prefix=f".{spec}-", dir=cache))
             try:
                 if spec == TINY_VLM:
-                    test_models.build_vlm_model(part)
+                    test_vlms.build_vlm_model(part)
                 elif bits:
                     test_models.build_text_model(part, shape=shape, dtype="bfloat16", bits=bits)
                 else:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vllm_mlx/v1/media.proto\x12\x0bvllm_mlx.v1\"}\n\x0bMediaSource\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.vllm_mlx.v1.MediaKind\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x02\x12\x12\n\nmax_frames\x18\x05 \x01(\rB\x08\n\x06source\"w\n\x0ePrepareRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.vllm_mlx.v1.MediaSource\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12\x11\n\towner_pid\x18\x04 \x01(\r\"R\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"\x89\x02\n\rPreparedMedia\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.vllm_mlx.v1.MediaKind\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12$\n\x07tensors\x18\x03 \x03(\x0b\x32\x13.vllm_mlx.v1.Tensor\x12\x1c\n\x14placeholder_token_id\x18\x04 \x01(\r\x12\x1e\n\x16num_placeholder_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x66rames\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x17\n\x0fprepare_seconds\x18\t \x01(\x01\x12\x10\n\x08shm_name\x18\n \x01(\t\"<\n\x0fPrepareResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.vllm_mlx.v1.PreparedMedia*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32S\n\x0bMediaWorker\x12\x44\n\x07Prepare\x12\x1b.vllm_mlx.v1.PrepareRequest\x1a\x1c.vllm_mlx.v1.PrepareResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vllm_mlx/v1/media.proto\x12\x0bvllm_mlx.v1\"}\n\x0bMediaSource\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.vllm_mlx.v1.MediaKind\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x02\x12\x12\n\nmax_frames\x18\x05 \x01(\rB\x08\n\x06source\"w\n\x0ePrepareRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.vllm_mlx.v1.MediaSource\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12\x11\n\towner_pid\x18\x04 \x01(\r\"R\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"\x9c\x02\n\rPreparedMedia\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.vllm_mlx.v1.MediaKind\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12$\n\x07tensors\x18\x03 \x03(\x0b\x32\x13.vllm_mlx.v1.Tensor\x12\x1c\n\x14placeholder_token_id\x18\x04 \x01(\r\x12\x1e\n\x16num_placeholder_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x66rames\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x17\n\x0fprepare_seconds\x18\t \x01(\x01\x12\x10\n\x08shm_name\x18\n \x01(\t\x12\x11\n\ttoken_ids\x18\x0b \x03(\r\"<\n\x0fPrepareResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.vllm_mlx.v1.PreparedMedia*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32S\n\x0bMediaWorker\x12\x44\n\x07Prepare\x12\x1b.vllm_mlx.v1.PrepareRequest\x1a\x1c.vllm_mlx.v1.PrepareResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vllm_mlx.v1.media_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAKIND']._serialized_start=702
-  _globals['_MEDIAKIND']._serialized_end=785
+  _globals['_MEDIAKIND']._serialized_start=721
+  _globals['_MEDIAKIND']._serialized_end=804
   _globals['_MEDIASOURCE']._serialized_start=40
   _globals['_MEDIASOURCE']._serialized_end=165
   _globals['_PREPAREREQUEST']._serialized_start=167
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=288
   _globals['_TENSOR']._serialized_end=370
   _globals['_PREPAREDMEDIA']._serialized_start=373
-  _globals['_PREPAREDMEDIA']._serialized_end=638
-  _globals['_PREPARERESPONSE']._serialized_start=640
-  _globals['_PREPARERESPONSE']._serialized_end=700
-  _globals['_MEDIAWORKER']._serialized_start=787
-  _globals['_MEDIAWORKER']._serialized_end=870
+  _globals['_PREPAREDMEDIA']._serialized_end=657
+  _globals['_PREPARERESPONSE']._serialized_start=659
+  _globals['_PREPARERESPONSE']._serialized_end=719
+  _globals['_MEDIAWORKER']._serialized_start=806
+  _globals['_MEDIAWORKER']._serialized_end=889
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PreparedMedia(_message.Message):
-    __slots__ = ("kind", "content_hash", "tensors", "placeholder_token_id", "num_placeholder_tokens", "frames", "width", "height", "prepare_seconds", "shm_name")
+    __slots__ = ("kind", "content_hash", "tensors", "placeholder_token_id", "num_placeholder_tokens", "frames", "width", "height", "prepare_seconds", "shm_name", "token_ids")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class PreparedMedia(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     kind: MediaKind
     content_hash: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -78,7 +79,8 @@ class PreparedMedia(_message.Message):
     height: int
     prepare_seconds: float
     shm_name: str
-    def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., content_hash: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., placeholder_token_id: _Optional[int] = ..., num_placeholder_tokens: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prepare_seconds: _Optional[float] = ..., shm_name: _Optional[str] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[MediaKind, str]] = ..., content_hash: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., placeholder_token_id: _Optional[int] = ..., num_placeholder_tokens: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prepare_seconds: _Optional[float] = ..., shm_name: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
     __slots__ = ("items",)
