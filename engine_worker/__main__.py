@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,
+        prefix_cache_dir=a.prefix_cache_dir,
         max_memory=a.max_memory, allocator_cache_bytes=a.allocator_cache_bytes,
         mllm=a.mllm, media_workers=tuple(a.media_workers),
         liveness_timeout_s=a.liveness_timeout, tool_call_parser=a.tool_call_parser,

@@ -19,6 +19,15 @@ and two patterns multiplied the passes:
 - a few arrivals per step, a pass each. So while a batch decodes and requests
   keep arriving, they join in whole prefill batches, waiting at most
   admit_window_s.
+
+It also holds back a request whose prompt is mostly a prefix that another
+one is being prefilled with (a system prompt, a document that several
+questions are asked about), until that pass has put the prefix in the
+prefix cache: then it prefills only the rest. Prefilling the prefix again
+beside the first would cost as much again on a device a prefill keeps busy:
+8 requests sharing a 1,000-token prefix got their first tokens after 17.8 s
+(p50) this way, 100.1 s all prefilled together (2-core CPU,
+docs/benchmarks.md).
 """
 
 import time
@@ -27,18 +36,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine_worker.blocks import BLOCK_TOKENS, shared_blocks
+
 # A media request held back for text requests joins anyway after this long.
 MEDIA_HOLD_MAX_S = 0.5
 # An idle engine gathers a burst until this long passes with no new arrival.
 IDLE_GATHER_GAP_S = 0.001
 # How long an idle engine sleeps when nothing is held back.
 IDLE_WAIT_S = 0.5
+# A request waits for another's prefill of a prefix they share when that
+# pass computes at least this share of what the request would prefill
+# (its prompt less what the prefix cache holds): waiting then saves at least
+# half its prefill, even on a device where a pass costs the same whatever
+# its size.
+SHARED_PREFILL_WAIT = 0.5
 
 
 class Waiting(Protocol):
     """What the policy reads of a request."""
     request_id: str
     media: list
+    prompt: list[int]
+    prefix_keys: list[int]  # blocks.block_keys of its prompt; empty: it uses no cache
 
 
 @dataclass
@@ -49,6 +68,9 @@ class BatchState:
     prefilling: int = 0  # prompts still in the generator's prefill batch
     prefill_turning: bool = False  # some of them move to decoding on the next step
     text_awaiting_first: bool = False  # a running text request has no token yet
+    # Block keys of prompt prefixes being prefilled, which the prefix cache
+    # will hold once their passes have run.
+    prefill_keys: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -100,11 +122,13 @@ class Admission:
         return IDLE_GATHER_GAP_S if self._held_since is not None else IDLE_WAIT_S
 
     def choose(self, batch: BatchState, cost: Callable[[Waiting], int],
-               fits: Callable[[int], bool]) -> Decision:
+               fits: Callable[[int], bool],
+               cached_blocks: Callable[[Waiting], int] = lambda r: 0) -> Decision:
         """Take the requests that join now off the waiting queue. `cost`: the
         KV bytes a request reserves; `fits(total)`: whether that many bytes
         of requests' KV fit (the caller may evict cached prefixes to make it
-        so)."""
+        so); `cached_blocks`: how many leading blocks of a request's prompt
+        the prefix cache holds."""
         decision = Decision()
         if not self.waiting:
             self._arrived = 0
@@ -134,14 +158,20 @@ class Admission:
         media_ok = (not batch.text_awaiting_first and all(w.media for w in self.waiting)) or (
             self._media_held_since is not None
             and now - self._media_held_since >= MEDIA_HOLD_MAX_S)
-        later_media: list[Waiting] = []
-        media_in_batch = False
+        later: list[Waiting] = []  # held back, in order
+        media_held = media_in_batch = False
         reserved = batch.kv_reserved
         admit = decision.admit
+        admitted_keys: set[int] = set()
         while self.waiting and len(admit) < cap and batch.running + len(admit) < self.max_num_seqs:
             r = self.waiting[0]
             if r.media and (media_in_batch or not media_ok):
-                later_media.append(self.waiting.popleft())
+                later.append(self.waiting.popleft())
+                media_held = True
+                continue
+            if r.prefix_keys and (batch.prefill_keys or admitted_keys) and _waits_for_prefill(
+                    r, batch.prefill_keys, admitted_keys, cached_blocks):
+                later.append(self.waiting.popleft())
                 continue
             need = cost(r)
             if not fits(reserved + need):
@@ -152,12 +182,13 @@ class Admission:
             admit.append(self.waiting.popleft())
             reserved += need
             media_in_batch = media_in_batch or bool(r.media)
-        self.waiting.extendleft(reversed(later_media))
+            admitted_keys.update(r.prefix_keys)
+        self.waiting.extendleft(reversed(later))
         if not self.waiting:
             self._held_since = None  # that hold is over; the next burst starts its own
         if media_in_batch:
             self._media_held_since = None
-        elif later_media and self._media_held_since is None:
+        elif media_held and self._media_held_since is None:
             self._media_held_since = now
         self._busy_peak = max(self._busy_peak, batch.running + len(admit))
         return decision
@@ -185,3 +216,14 @@ class Admission:
             return None
         group = max(1, min(self.prefill_batch_size, self.max_num_seqs - running))
         return len(self.waiting) // group * group
+
+
+def _waits_for_prefill(r: Waiting, prefilling: set[int], admitted: set[int],
+                       cached_blocks: Callable[[Waiting], int]) -> bool:
+    """Whether a prompt being prefilled (or about to be: `admitted` now)
+    shares enough of what `r` would prefill for `r` to wait for its KV."""
+    shared = max(shared_blocks(r.prefix_keys, prefilling), shared_blocks(r.prefix_keys, admitted))
+    if not shared:
+        return False
+    cached = cached_blocks(r) * BLOCK_TOKENS
+    return (shared * BLOCK_TOKENS - cached) >= SHARED_PREFILL_WAIT * (len(r.prompt) - cached)

@@ -2,8 +2,9 @@
 
 `insert` puts admitted requests in (each starting from its longest cached
 prefix), `step` takes one decode step and turns its tokens into outputs,
-`remove` takes one out early. Finished requests' KV goes to the prefix cache.
-Only the loop's thread calls it.
+`remove` takes one out early. A prompt's KV goes to the prefix cache as its
+prompt pass ends (and a long prompt's along the way), a finished request's
+as it finishes. Only the loop's thread calls it.
 """
 
 import logging
@@ -15,8 +16,9 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker import grammar, mlx_compat, prefill
 from engine_worker.admission import BatchState
+from engine_worker.blocks import BLOCK_TOKENS
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
-from engine_worker.prefix_cache import PrefixCache, batch_kv, finished_rows
+from engine_worker.prefix_cache import PrefixCache, batch_kv, gather_rows
 from engine_worker.sampling import guarded
 from engine_worker.vision import BatchedVisionLM
 from vllm_mlx.settings import EngineSettings, fault_injection
@@ -37,6 +39,14 @@ class _Running:
         self.failure = self.failure or message
 
 
+@dataclass
+class _Prefilling:
+    """A prompt in the generator's prefill batch, and how much of it the
+    prefix cache holds (see Batch._keep_prompt_kv)."""
+    keys: list[int]  # block keys of all but its last token
+    cached: int  # tokens
+
+
 class Batch:
     def __init__(self, settings: EngineSettings, model, prefix: PrefixCache | None,
                  kv_bytes: Callable[[Request], int], stats: pb.Stats,
@@ -52,6 +62,7 @@ class Batch:
         # first token carries them out.
         self._prompt_scores: dict[int, prefill.PromptScores] = {}
         self._awaiting_first: set[int] = set()  # text requests without a token yet
+        self._prefilling: dict[int, _Prefilling] = {}  # prompts the cache is to hold
         self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
@@ -85,6 +96,8 @@ class Batch:
         s = self.state
         s.running, s.text_awaiting_first = len(self.running), bool(self._awaiting_first)
         s.kv_reserved = sum(self._kv_bytes(st.request) for st in self.running.values())
+        s.prefill_keys = {k for p in self._prefilling.values()
+                          for k in p.keys[p.cached // BLOCK_TOKENS:]}
         return s
 
     def insert(self, requests: list[Request]) -> None:
@@ -129,6 +142,8 @@ class Batch:
                 self._prompt_scores[uid] = prefill.PromptScores(r.prompt, r.prompt_logprobs)
             if not r.media:
                 self._awaiting_first.add(uid)
+            if self.prefix is not None and len(r.prefix_keys) * BLOCK_TOKENS > n:
+                self._prefilling[uid] = _Prefilling(r.prefix_keys, n)
             self._stats.prompt_tokens_total += len(r.prompt)
 
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
@@ -143,7 +158,7 @@ class Batch:
             return self.model.cache_for(r.prompt, r.media), 0
         if self.prefix is None or r.prompt_logprobs is not None:
             return None, 0  # scoring the prompt needs its whole prompt pass
-        return self.prefix.fetch(r.prompt)
+        return self.prefix.fetch(r.prompt, r.prefix_keys or None)
 
     def step(self) -> tuple[list, list]:
         """One generator step: what mlx-lm returns, for `handle`."""
@@ -168,6 +183,43 @@ class Batch:
         self._stats.prefill_passes += bool(staying)
         self.state.prefilling = len(staying)
         self.state.prefill_turning = any(p.end_of_segment for p in staying)
+        if self._prefilling and staying:
+            self._keep_prompt_kv(staying)
+
+    def _keep_prompt_kv(self, staying: list) -> None:
+        """Offer the KV of prompts whose pass just ran to later ones, as vLLM
+        offers each block it has computed: what a pass computed is right
+        whatever becomes of its request. A prompt's all but last token (the
+        prefill proper) is kept when its pass ends; a long one's, prefilled
+        a chunk a step, also each time it has doubled since it was last
+        kept, so that the copies add up to at most twice the prompt."""
+        prompts = mlx_compat.prompt_batch(self.gen)
+        row_of = {uid: i for i, uid in enumerate(prompts.uids)}
+        taken = []  # (uid, row, tokens held, whether its prefill is over)
+        for p in staying:
+            tracked = self._prefilling.get(p.uid)
+            if tracked is None or p.uid not in row_of:
+                continue
+            row = row_of[p.uid]
+            held = len(prompts.tokens[row])
+            if p.end_of_segment or held >= 2 * tracked.cached:
+                taken.append((p.uid, row, held, p.end_of_segment))
+        if not taken:
+            return
+        kv = batch_kv(prompts.prompt_cache)
+        if kv is None:  # a vision model: a copy per layer and row, as mlx-lm makes them
+            caches = [prompts.extract_cache(row) for _, row, _, _ in taken]
+        else:  # its pass has been evaluated: so can the copies be, at once
+            caches = gather_rows(kv, [row for _, row, _, _ in taken])
+            mx.async_eval([a for keys, values, _ in caches[0].layers for a in (keys, values)])
+        entries = []
+        for (uid, row, held, over), cache in zip(taken, caches):
+            tracked = self._prefilling[uid]
+            entries.append((prompts.tokens[row], cache, tracked.keys[:held // BLOCK_TOKENS]))
+            tracked.cached = held
+            if over:
+                del self._prefilling[uid]
+        self.prefix.insert(entries)
 
     def _handle(self, responses, outbox: StepOutputs) -> None:
         running = self.running
@@ -248,14 +300,14 @@ class Batch:
             # One copy per layer for all of them, not one per layer and row.
             uids, kv = dropped_from
             row_of = {uid: i for i, uid in enumerate(uids)}
-            rows = finished_rows(kv, [row_of[uid] for _, _, uid in finished])
+            rows = gather_rows(kv, [row_of[uid] for _, _, uid in finished])
             # Evaluated after the next step: the KV they copy comes from the
             # step still in flight, and evaluating now waited for it (0.4 ms
             # a time on the 2-core CPU, whatever the number of rows).
             self._copies_to_evaluate += [a for keys, values, _ in rows[0].layers
                                          for a in (keys, values)]
             finished = [(t, row, uid) for (t, _, uid), row in zip(finished, rows)]
-        entries = [(t, c) for t, c, _ in finished if t and c]
+        entries = [(t, c, None) for t, c, _ in finished if t and c]
         if entries:
             self.prefix.insert(entries)
 
@@ -271,6 +323,7 @@ class Batch:
         self._logprob_uids.discard(uid)
         self._grammars.pop(uid, None)
         self._prompt_scores.pop(uid, None)
+        self._prefilling.pop(uid, None)
         r = self.running.pop(uid).request
         self._finish(r, Output(r.request_id, token, reason, logprob, error, prompt_logprobs))
 

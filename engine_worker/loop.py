@@ -15,21 +15,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import mlx.core as mx
 
 from engine_worker import grammar
 from engine_worker.admission import Admission
 from engine_worker.batch import Batch
+from engine_worker.blocks import block_keys
 from engine_worker.memory import MemoryBudget, make_room, set_up_memory
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
+from engine_worker.prefix_store import PrefixStore, can_store, model_identity
 from engine_worker.stats import TokenRate, new_stats, read_memory, read_prefix_cache
 from engine_worker.warmup import warm_up
 from vllm_mlx.settings import EngineSettings
 
 log = logging.getLogger("engine")
+
+# A quiet engine writes its prefix cache out (--prefix-cache-dir) for at most
+# this long at a time, then reports in, as an idle engine does, and goes on;
+# a stopping one for at most STOP_SAVE_S.
+SAVE_SLICE_S = 1.0
+STOP_SAVE_S = 10.0
 
 
 class Loop:
@@ -95,6 +104,8 @@ class Loop:
                 raise QueueFull(f"{len(self._in_flight)} requests are in flight")
             self._in_flight.add(request.request_id)
             self.stats.requests_total += 1
+        if self._prefix is not None and not request.media and request.prompt_logprobs is None:
+            request.prefix_keys = block_keys(request.prompt[:-1])  # here, off the loop's thread
         self._send("add", request)
 
     def _grammar_tokenizer(self):
@@ -163,8 +174,10 @@ class Loop:
                 # Publish even when there is nothing to say: the stats go with it.
                 self._update_stats(idle=True)
                 self._flush(always=True)
-                self._wake.wait(self._admission.idle_wait_s())
+                quiet = not self._wake.wait(self._admission.idle_wait_s())
                 self._wake.clear()
+                if quiet and self._prefix is not None:
+                    self._save_prefixes(SAVE_SLICE_S)
                 spent["idle"] += clock() - t1
                 continue
             generated = self.stats.generation_tokens_total
@@ -192,6 +205,8 @@ class Loop:
                 self._read_memory()
         batch.fail_all("engine shutting down")
         self._flush()
+        if self._prefix is not None:
+            self._save_prefixes(STOP_SAVE_S, until_woken=False)
 
     def _set_up(self) -> None:
         s = self.settings
@@ -210,7 +225,9 @@ class Loop:
         elif s.prefix_cache:
             budget = s.prefix_cache_bytes if s.prefix_cache_bytes is not None else default_budget()
             log.info("prefix cache on, budget %.1f MiB", budget / 2**20)
-            self._prefix = PrefixCache(budget)
+            self._prefix = PrefixCache(budget, self._prefix_store())
+            if self._prefix.store is not None:
+                self._prefix.restore()
         lane = s
         if not getattr(model, "batchable", True):
             # Its requests cannot share a batch (vision.Wiring.solo): they queue
@@ -225,6 +242,25 @@ class Loop:
                             self._finish)
         if s.warmup:
             warm_up(self._batch.gen, self.loaded.model)
+
+    def _prefix_store(self) -> PrefixStore | None:
+        folder = self.settings.prefix_cache_dir
+        if not folder:
+            return None
+        if not can_store(self.loaded.model):
+            log.warning("prefix cache: not kept in %s: this model's cache holds more than "
+                        "plain KV (a vision model)", folder)
+            return None
+        return PrefixStore(Path(folder), model_identity(Path(self.loaded.facts.path)),
+                           self.memory.kv_per_token)
+
+    def _save_prefixes(self, limit_s: float, until_woken: bool = True) -> None:
+        """Write cached prefixes to the store until `limit_s` passes, none
+        is left unwritten or (`until_woken`) something arrives."""
+        end = time.perf_counter() + limit_s
+        while (time.perf_counter() < end and not (until_woken and self._wake.is_set())
+               and self._prefix.save_one()):
+            pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -251,9 +287,11 @@ class Loop:
     def _admit(self) -> None:
         if not self._admission.waiting:
             return  # the common case in decoding: no need to sum the batch's KV
+        prefix = self._prefix
         decision = self._admission.choose(
             self._batch.admission_state(), self._reservation,
-            lambda total: make_room(self.memory, self._prefix, total))
+            lambda total: make_room(self.memory, prefix, total),
+            lambda r: prefix.cached_blocks(r.prefix_keys) if prefix is not None else 0)
         for r, need in decision.too_large:
             self._finish(r, Output(r.request_id, None, "error",
                                    error=f"the request needs {need} bytes of KV cache, "

@@ -55,6 +55,9 @@ class Request:
     # `matcher` (grammar.compile) before the loop sees the request.
     grammar: str = ""
     matcher: Any = None
+    # Block keys of all but the prompt's last token (blocks.py), set by the
+    # core when the prefix cache may serve it; empty for media requests.
+    prefix_keys: list[int] = field(default_factory=list)
 
 
 class Output(NamedTuple):

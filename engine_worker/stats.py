@@ -61,4 +61,5 @@ def read_prefix_cache(stats: pb.Stats, cache) -> None:
     stats.cache_hits, stats.cache_misses = cache.hits, cache.misses
     stats.cache_tokens_reused, stats.cache_evictions = cache.tokens_reused, cache.evictions
     stats.cache_bytes = cache.nbytes
+    stats.cache_hit_rate = cache.hit_rate()
 

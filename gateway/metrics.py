@@ -103,6 +103,8 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "cache_evictions": ("prefix_cache_evictions", "counter",
                         "Prefix-cache entries dropped to stay under its byte budget"),
     "cache_bytes": ("prefix_cache_bytes", "gauge", "KV bytes held by the engine's prefix cache"),
+    "cache_hit_rate": ("prefix_cache_hit_rate", "gauge",
+                       "Share of prompt tokens served by the prefix cache, last 5 minutes"),
     "weights_bytes": ("weights_bytes", "gauge", "Bytes of the model's weights"),
     "kv_bytes": ("kv_bytes", "gauge", "KV bytes of the requests in the batch"),
     "allocator_cache_bytes": ("allocator_cache_bytes", "gauge",

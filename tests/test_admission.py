@@ -1,5 +1,6 @@
-"""The admission policy over plain data: requests are ids (and a media flag),
-time is a clock the test moves, memory is a number."""
+"""The admission policy over plain data: requests are ids (and a media flag,
+a prompt and its block keys), time is a clock the test moves, memory is a
+number."""
 
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from engine_worker.admission import (
 class R:
     request_id: str
     media: list = field(default_factory=list)
+    prompt: list[int] = field(default_factory=lambda: [1, 2, 3])
+    prefix_keys: list[int] = field(default_factory=list)
 
 
 class Clock:
@@ -155,3 +158,48 @@ def test_the_batch_never_exceeds_max_num_seqs_and_aborts_leave_the_queue():
     assert ids(p.choose(BatchState(running=1), free, roomy)) == ["0", "2", "3"]
     assert ids(p.choose(BatchState(running=4), free, roomy)) == []
     assert ids(p.choose(BatchState(running=3), free, roomy)) == ["4"]
+
+
+def prompt_of(shared: list[int], own: int, seed: int) -> R:
+    """A request whose prompt is `shared` followed by `own` tokens of its own."""
+    from engine_worker.blocks import block_keys
+
+    prompt = shared + [1000 * seed + i for i in range(own)]
+    return R(f"p{seed}", prompt=prompt, prefix_keys=block_keys(prompt[:-1]))
+
+
+def test_requests_sharing_most_of_a_prompt_wait_for_its_prefill():
+    from engine_worker.blocks import block_keys
+
+    p, _ = policy(window=0.0)
+    shared = list(range(1000))
+    burst = [prompt_of(shared, 16, i) for i in range(4)]
+    other = R("other", prompt=list(range(5000, 5100)), prefix_keys=block_keys(
+        list(range(5000, 5099))))
+    for r in (*burst, other):
+        p.add(r)
+    # The first goes; the others would prefill its 1,000 tokens again: they
+    # wait, and a request that shares nothing goes ahead of them.
+    assert ids(p.choose(BatchState(), free, roomy)) == ["p0", "other"]
+    prefilling = BatchState(running=2, prefilling=2, prefill_keys=set(burst[0].prefix_keys))
+    assert ids(p.choose(prefilling, free, roomy)) == []
+    # Its pass has run: the prefix cache holds the prefix; they join, together.
+    assert ids(p.choose(BatchState(running=2), free, roomy, lambda r: 62)) == ["p1", "p2", "p3"]
+
+
+def test_a_request_does_not_wait_to_save_less_than_half_its_prefill():
+    p, _ = policy(window=0.0)
+    shared = list(range(64))
+    leader, follower = prompt_of(shared, 500, 0), prompt_of(shared, 500, 1)
+    p.add(follower)
+    batch = BatchState(running=1, prefill_keys=set(leader.prefix_keys))
+    assert ids(p.choose(batch, free, roomy)) == ["p1"]  # 64 shared of 564: not worth a wait
+    # Shared beyond what the cache holds is what counts: 1,000 tokens shared
+    # with a pass, but 960 of them cached already.
+    shared = list(range(1000))
+    leader, follower = prompt_of(shared, 200, 2), prompt_of(shared, 200, 3)
+    p.add(follower)
+    batch = BatchState(running=1, prefill_keys=set(leader.prefix_keys[60:]))
+    assert ids(p.choose(batch, free, roomy, lambda r: 60)) == ["p3"]
+    p.add(prompt_of(shared, 200, 4))
+    assert ids(p.choose(batch, free, roomy, lambda r: 0)) == []  # nothing cached: it waits

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from .conftest import ROOT
+
 
 def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "vllm_mlx.bench.cli", *args],
@@ -140,16 +142,22 @@ def test_gateway_ttft_probes_under_load(tiny_model, tmp_path):
 
 def test_cache_miss_against_hit(tiny_model, tmp_path):
     out = tmp_path / "cache.json"
+    # This tree as the baseline too: the option's path, not a comparison.
     done = bench("cache", "--models", str(tiny_model), "--prefix-len", "300", "--rounds", "1",
-                 "--turns", "2", "--output", str(out))
+                 "--turns", "2", "--shared-len", "100", "--concurrent", "3",
+                 "--baseline-src", str(ROOT), "--output", str(out))
     assert "prefix cache: time to first token, miss vs hit" in done.stdout
     assert "TTFT miss ms (300 tok)" in done.stdout
+    assert "3 at once, 100 shared: TTFT p50 ms" in done.stdout
     r = results_of(out, "cache")
     assert (r["prefix_len"], r["rounds"], r["turns"]) == (300, 1, 2)
     [row] = r["results"]
     positive(row, "ttft_miss_s", "ttft_hit_s", "speedup", "chat_final_len", "chat_cached_s",
              "chat_plain_s", "chat_cached_ttft_s", "chat_plain_ttft_s", "cache_hits",
-             "cache_misses", "cache_tokens_reused", "cache_bytes")
+             "cache_misses", "cache_tokens_reused", "cache_bytes", "abort_ttft_miss_s",
+             "abort_ttft_hit_s", "abort_speedup", "shared_ttft_p50_s", "shared_ttft_max_s")
+    positive(row["baseline"], "abort_ttft_miss_s", "abort_ttft_hit_s", "shared_ttft_p50_s")
+    assert len(row["shared_ttfts_s"]) == len(row["baseline"]["shared_ttfts_s"]) == 3
     assert row["model"] == tiny_model.name and row["chat_turns"] == 2
     # Both engines decode greedily: the cache changes how fast, not what.
     assert row["chat_same_tokens"] is True

@@ -233,13 +233,107 @@ def test_gateway_metrics_and_admin_route(engine_proc, tmp_path):
             text = c.get("/metrics", headers=auth).text
             for name in ("prefix_cache_hits_total", "prefix_cache_misses_total",
                          "prefix_cache_tokens_reused_total", "prefix_cache_evictions_total",
-                         "prefix_cache_bytes"):
+                         "prefix_cache_bytes", "prefix_cache_hit_rate"):
                 assert f"vllm_mlx_engine_{name} " in text, name
+            # Two 30-token prompts, the second all but its last token a hit.
+            (rate,) = [float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith("vllm_mlx_engine_prefix_cache_hit_rate ")]
+            assert 0 < rate < 1
             r = c.post("/v1/admin/clear-prefix-cache", headers=auth)
             assert r.status_code == 200, r.text
         settled(engine_proc.stub, cache_bytes=0)
     finally:
         g.stop()
+
+
+def test_a_prompt_is_reused_after_its_client_disconnects(engine_proc, plain):
+    """A client that goes away after its first token (stop pressed, a
+    timeout): its prompt's KV was kept as its prefill ended, so the next
+    request with the same prompt prefills only what is new."""
+    stub = engine_proc.stub
+    prompt, question = ids(300, seed=50), ids(12, seed=51)
+    before = settled(stub, running=0)
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=1500,
+                                            ignore_eos=True), timeout=60)
+    assert any(r.token_ids for r in call)  # the first token, then the client leaves
+    call.cancel()
+    s = settled(stub, running=0, cache_misses=before.cache_misses + 1)
+    assert s.generation_tokens_total - before.generation_tokens_total < 1500  # aborted
+    follow = prompt + question
+    assert generate(stub, follow) == greedy(plain, "disconnect-ref", follow, max_tokens=12)
+    s = settled(stub, cache_hits=before.cache_hits + 1)
+    # All of the first prompt but its last token, whose pass came with the first token.
+    assert s.cache_tokens_reused - before.cache_tokens_reused == len(prompt) - 1
+
+
+def test_a_long_prompt_is_kept_as_its_prefill_goes_and_survives_an_abort(tiny_model, plain):
+    """Prefilled 64 tokens a step, a prompt's KV is kept each time it has
+    doubled: aborted after its second step, the 128 tokens prefilled so far
+    serve the next prompt that shares them, exactly."""
+    collector, passes = Collector(), []
+
+    def after_step(prompt_responses, responses):
+        if prompt_responses:
+            passes.append(len(passes))
+            if len(passes) == 2:
+                e.abort("long")
+
+    s = EngineSettings(model=str(tiny_model), max_num_seqs=8, warmup=False, prefill_step_size=64)
+    e = Loop(s, lambda s: load_model(read_facts(s.model)), collector.publish,
+             after_step=after_step)
+    e.start()
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        e.collector = collector
+        prompt = ids(300, seed=55)
+        assert run(e, "long", prompt, max_tokens=4)[-1].finish_reason == "abort"
+        assert tokens_of(e.collector.outputs["long"]) == []  # still prefilling
+        follow = prompt[:250] + ids(10, seed=56)
+        assert greedy(e, "follow", follow) == greedy(plain, "follow-ref", follow)
+        assert (e.stats.cache_hits, e.stats.cache_tokens_reused) == (1, 128)
+    finally:
+        e.stop()
+
+
+def test_requests_sharing_a_prefix_that_arrive_together_prefill_it_once(engine_proc, plain):
+    """8 requests at once, a 1,000-token prefix and a question each: one
+    prefills the prefix, the other 7 wait for its KV and reuse it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stub = engine_proc.stub
+    prefix = ids(1000, seed=60)
+    prompts = [prefix + ids(16, seed=61 + i) for i in range(8)]
+    want = [greedy(plain, f"shared-ref-{i}", p, max_tokens=12) for i, p in enumerate(prompts)]
+    before = settled(stub, running=0)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: generate(stub, p), prompts))
+    assert got == want
+    s = settled(stub, running=0, cache_hits=before.cache_hits + 7)
+    assert s.cache_misses - before.cache_misses == 1
+    assert s.cache_tokens_reused - before.cache_tokens_reused >= 7 * len(prefix)
+
+
+def test_eviction_takes_the_least_recently_used(tiny_model, tmp_path, plain):
+    """Entries A, B, C; a request reuses part of A (and adds an entry of its
+    own); then D no longer fits beside them: B, now the least recently used,
+    goes, not A, the oldest."""
+    # The tiny model's KV: 512 bytes a token; an entry: 100 prompt + 12 new tokens.
+    e = start_engine(tiny_model, tmp_path, "--prefix-cache-bytes", str(512 * 500), "--no-warmup")
+    try:
+        a, b, c, d = (ids(100, seed=70 + i) for i in range(4))
+        for prompt in (a, b, c):
+            generate(e.stub, prompt)
+        generate(e.stub, a[:80] + ids(20, seed=75))  # uses A's first 80 tokens
+        s = settled(e.stub, running=0, cache_hits=1, cache_evictions=0)
+        generate(e.stub, d)
+        s = settled(e.stub, running=0, cache_evictions=1)
+        for prompt, reused in ((a, len(a)), (b, 0)):
+            follow = prompt + ids(8, seed=79)
+            assert generate(e.stub, follow) == greedy(plain, f"lru-ref-{reused}", follow, 12)
+            before, s = s, settled(e.stub, running=0, requests_total=s.requests_total + 1)
+            assert s.cache_tokens_reused - before.cache_tokens_reused == reused
+    finally:
+        e.stop()
 
 
 def test_kept_kv_holds_only_its_own_bytes(tiny_model):
@@ -294,9 +388,10 @@ def test_a_few_shared_tokens_are_not_worth_a_copy(cached, plain):
 
 
 def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeypatch):
-    """Requests of different prompt lengths decoded in one batch, ending two
-    together, then one, then the last: each time the finished rows are
-    gathered in one copy per layer (finished_rows), and each row must still
+    """Requests of different prompt lengths prefilled in one pass, then
+    decoded in one batch, ending two together, then one, then the last: the
+    prompts' KV as their pass ends and each time the finished rows are
+    gathered in one copy per layer (gather_rows), and each row must still
     be exactly its own KV, padding excluded."""
     from engine_worker import batch
 
@@ -306,14 +401,14 @@ def test_finished_rows_are_cached_from_one_copy_per_layer(cached, plain, monkeyp
         gathered.append(len(rows))
         return gather(kv, rows)
 
-    gather = batch.finished_rows
-    monkeypatch.setattr(batch, "finished_rows", counted)
+    gather = batch.gather_rows
+    monkeypatch.setattr(batch, "gather_rows", counted)
     prompts = [ids(n, seed=60 + n) for n in (30, 45, 61, 77)]
     lengths = [12, 12, 20, 30]
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         cached.submit(Request(f"together-{i}", p, n, SamplingParams()))
     firsts = [tokens_of(cached.collector.wait(f"together-{i}")) for i in range(len(prompts))]
-    assert gathered == [2, 1, 1]
+    assert gathered == [4, 2, 1, 1]  # the 4 prompts, then the finished rows
     for i, (p, first) in enumerate(zip(prompts, firsts)):
         follow = p + first + ids(9, seed=80 + i)
         reused = cached.stats.cache_tokens_reused
@@ -347,14 +442,14 @@ def test_the_index_finds_the_longest_shared_prefix_and_drops_what_it_extends():
     a, b = ids(40, seed=90), None
     b = a[:20] + ids(30, seed=91)
     pc = PrefixCache(1 << 30)
-    pc.insert([(a, kv(a)), (b, kv(b))])
+    pc.insert([(a, kv(a), None), (b, kv(b), None)])
     assert fetched(pc, a[:35] + [1, 2]) == 35
     assert fetched(pc, b + [3]) == len(b)
     assert fetched(pc, a[:18] + [4] * 20) == 18   # one block, then token by token
     assert fetched(pc, a[:15] + [5] * 20) == 0     # less than a block: a miss
     assert fetched(pc, a) == len(a) - 1            # one token is always left
     c = a + ids(10, seed=92)
-    pc.insert([(c, kv(c))])
+    pc.insert([(c, kv(c), None)])
     assert len(pc) == 2                            # c extends a: a is gone
     assert fetched(pc, c + [6]) == len(c)
     pc.max_bytes = pc.nbytes - 1

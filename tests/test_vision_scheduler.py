@@ -217,8 +217,8 @@ class RecordingAdmission(Admission):
                          settings.admit_window_s)
         self.groups: list[tuple[list[str], bool]] = []
 
-    def choose(self, batch, cost, fits):
-        decision = super().choose(batch, cost, fits)
+    def choose(self, batch, cost, fits, cached_blocks):
+        decision = super().choose(batch, cost, fits, cached_blocks)
         if decision.admit:
             self.groups.append(([r.request_id for r in decision.admit],
                                 batch.text_awaiting_first))

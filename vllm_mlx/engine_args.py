@@ -29,6 +29,10 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache-bytes", type=int,
                    help="byte budget of the prefix cache (default: 10%% of memory, "
                         "at most 8 GiB)")
+    g.add_argument("--prefix-cache-dir", metavar="DIR",
+                   help="keep the prefix cache in this folder too, so that a restarted "
+                        "engine starts warm (within the cache's byte budget; another "
+                        "model's files there are ignored)")
     g.add_argument("--max-memory", type=int,
                    help="bytes for weights + KV + prefix cache (default: 90%% of the "
                         "device's memory)")
@@ -57,7 +61,8 @@ def engine_worker_argv(a: argparse.Namespace) -> list[str]:
             "--tool-call-parser", a.tool_call_parser]
     if not a.prefix_cache:
         argv.append("--no-prefix-cache")
-    for name in ("reasoning_parser", "max_model_len", "prefix_cache_bytes", "max_memory",
+    for name in ("reasoning_parser", "max_model_len", "prefix_cache_bytes", "prefix_cache_dir",
+                 "max_memory",
                  "allocator_cache_bytes"):
         if getattr(a, name) is not None:
             argv += [f"--{name.replace('_', '-')}", str(getattr(a, name))]

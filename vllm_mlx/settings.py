@@ -46,6 +46,9 @@ class EngineSettings:
     prefix_cache: bool = True
     # The cache's byte budget; None: derived from the machine's memory.
     prefix_cache_bytes: int | None = None
+    # A folder that keeps the prefix cache across engine restarts (within its
+    # byte budget, for this model only); None: kept in memory only.
+    prefix_cache_dir: str | None = None
     # Weights + reserved KV + prefix cache stay under this; None: 90% of the
     # device's memory. Requests that do not fit yet wait; one that never can
     # is refused.

@@ -8,9 +8,18 @@ Two engine processes per model, one with the prefix cache and one with
   question. The first request with a new prefix is a miss; a second one with
   the same prefix and another question is a hit. Median of --rounds rounds,
   after one untimed.
+- TTFT after an abort: the same, but the first request's client goes away
+  after its first token (the cache must have kept its prompt all the same).
+- Shared prefix, concurrent: --concurrent requests at once, a fresh
+  --shared-len-token prefix and a question each; TTFT p50 and max over all
+  rounds.
 - Chat: --turns turns, each prompt being the previous prompt + its completion
   + a new user message; total wall time and mean TTFT per turn, on both
   engines. Both engines must produce the same tokens.
+
+--baseline-src DIR adds a third engine, with the prefix cache, run from
+another source tree (`git archive main | tar -x -C DIR`), to the abort and
+concurrent cases, rounds alternating between it and this one.
 
     vllm-mlx-bench cache --models tiny smollm2-135m --output bench-cache.json
 """
@@ -19,6 +28,7 @@ import argparse
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_mlx.bench import report
@@ -36,6 +46,10 @@ QUESTION_LEN = 16
 SYSTEM_PROMPT_LEN = 200
 USER_MESSAGE_LEN = 30
 CHAT_COMPLETION_LEN = 32
+# One prefill step of 8 x 1,000 tokens (the concurrent case, without a
+# shared prefill) ran past the default liveness timeout of 30 s on the busy
+# 2-core CPU, and the engine's worker took the core for hung.
+ENGINE_FLAGS = ["--liveness-timeout", "3600"]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -44,27 +58,53 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                           "first use) or model folders")
     ap.add_argument("--prefix-len", type=int, default=2000,
                     help="tokens of the shared prefix the TTFT requests start with")
-    ap.add_argument("--rounds", type=int, default=3, help="timed miss/hit pairs")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed miss/hit pairs (and rounds of the concurrent case)")
+    ap.add_argument("--shared-len", type=int, default=1000,
+                    help="tokens of the prefix the concurrent requests share")
+    ap.add_argument("--concurrent", type=int, default=8,
+                    help="requests sent at once with the shared prefix")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="a source tree whose engine is measured beside this one "
+                         "(abort and concurrent cases)")
     ap.add_argument("--turns", type=int, default=10, help="turns of the chat")
     ap.add_argument("--cache", type=Path, default=default_cache(),
                     help="where test models are built")
     ap.add_argument("--port", type=int, default=0,
-                    help="the cached engine's gRPC port (the other: the next); 0: free ports")
+                    help="the cached engine's gRPC port (the others: the next ones); "
+                         "0: free ports")
 
 
-def generate(stub, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
-    """(seconds to the first token, all generated tokens)."""
+def generate(stub, prompt: list[int], max_tokens: int,
+             leave_after_first: bool = False) -> tuple[float, list[int]]:
+    """(seconds to the first token, all generated tokens); `leave_after_first`:
+    the client cancels the call once the first token is in."""
     from vllm_mlx.v1 import engine_pb2 as pb
 
     tic = time.perf_counter()
     ttft, tokens = None, []
-    for r in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
-                                              max_tokens=max_tokens, ignore_eos=True),
-                           timeout=3600):
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                            max_tokens=max_tokens, ignore_eos=True),
+                         timeout=3600)
+    for r in call:
         if ttft is None and r.token_ids:
             ttft = time.perf_counter() - tic
         tokens += r.token_ids
+        if leave_after_first and tokens:
+            call.cancel()
+            break
     return ttft, tokens
+
+
+def miss_then_hit(stub, vocab: int, prefix_len: int, rng: random.Random,
+                  abort: bool = False) -> tuple[float, float]:
+    """TTFT of a request with a fresh prefix, then of one sharing it;
+    `abort`: the first one's client leaves after its first token."""
+    prefix = random_ids(prefix_len, vocab, rng)
+    miss, _ = generate(stub, prefix + random_ids(QUESTION_LEN, vocab, rng),
+                       1024 if abort else 4, leave_after_first=abort)
+    hit, _ = generate(stub, prefix + random_ids(QUESTION_LEN, vocab, rng), 4)
+    return miss, hit
 
 
 def bench_ttft(stub, vocab: int, prefix_len: int, rounds: int, rng: random.Random,
@@ -75,13 +115,50 @@ def bench_ttft(stub, vocab: int, prefix_len: int, rounds: int, rng: random.Rando
     stub.ClearPrefixCache(pb.ClearPrefixCacheRequest(), timeout=5)
     # The first round is untimed: shapes compile on first use.
     for _ in report.progress(range(rounds + 1), desc):
-        prefix = random_ids(prefix_len, vocab, rng)
-        m, _ = generate(stub, prefix + random_ids(QUESTION_LEN, vocab, rng), 4)
-        h, _ = generate(stub, prefix + random_ids(QUESTION_LEN, vocab, rng), 4)
+        m, h = miss_then_hit(stub, vocab, prefix_len, rng)
         miss.append(m)
         hit.append(h)
     miss, hit = statistics.median(miss[1:]), statistics.median(hit[1:])
     return dict(ttft_miss_s=miss, ttft_hit_s=hit, speedup=miss / hit)
+
+
+def shared_prefix_ttfts(stub, vocab: int, shared_len: int, n: int,
+                        rng: random.Random) -> list[float]:
+    """TTFT of each of `n` requests sent at once with a fresh shared prefix."""
+    prefix = random_ids(shared_len, vocab, rng)
+    prompts = [prefix + random_ids(QUESTION_LEN, vocab, rng) for _ in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        return [ttft for ttft, _ in pool.map(lambda p: generate(stub, p, 4), prompts)]
+
+
+def bench_abort_and_shared(stubs: dict, vocab: int, a: argparse.Namespace,
+                           name: str) -> dict:
+    """Per engine in `stubs` (name -> stub, each with the prefix cache):
+    miss vs hit after an aborted first request, and TTFTs of the concurrent
+    shared-prefix case; rounds alternate between engines, each engine's
+    random prompts the same."""
+    rngs = {engine: random.Random(2) for engine in stubs}
+    found = {engine: dict(miss=[], hit=[], shared=[]) for engine in stubs}
+    # The first round is untimed: shapes compile on first use.
+    for i in report.progress(range(a.rounds + 1), f"{name} abort, shared prefix"):
+        order = list(stubs) if i % 2 else list(stubs)[::-1]
+        for engine in order:
+            miss, hit = miss_then_hit(stubs[engine], vocab, a.prefix_len, rngs[engine],
+                                      abort=True)
+            ttfts = shared_prefix_ttfts(stubs[engine], vocab, a.shared_len, a.concurrent,
+                                        rngs[engine])
+            if i:
+                found[engine]["miss"].append(miss)
+                found[engine]["hit"].append(hit)
+                found[engine]["shared"] += ttfts
+    out = {}
+    for engine, f in found.items():
+        miss, hit = statistics.median(f["miss"]), statistics.median(f["hit"])
+        shared = report.summary(f["shared"])
+        out[engine] = dict(abort_ttft_miss_s=miss, abort_ttft_hit_s=hit,
+                           abort_speedup=miss / hit, shared_ttft_p50_s=shared["p50"],
+                           shared_ttft_max_s=shared["max"], shared_ttfts_s=f["shared"])
+    return out
 
 
 def bench_chat(stub, vocab: int, turns: int, seed: int, desc: str | None = None) -> dict:
@@ -110,12 +187,16 @@ def one_model(spec: str, a: argparse.Namespace, ports: list[int]) -> dict:
     engines = []
     channels = []
     try:
-        engines.append(start_engine(model, ports[0], []))
-        engines.append(start_engine(model, ports[1], ["--no-prefix-cache"]))
-        channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in ports]
-        cached, plain = (engine_pb2_grpc.EngineStub(c) for c in channels)
+        engines.append(start_engine(model, ports[0], ENGINE_FLAGS))
+        engines.append(start_engine(model, ports[1], [*ENGINE_FLAGS, "--no-prefix-cache"]))
+        if a.baseline_src:
+            engines.append(start_engine(model, ports[2], ENGINE_FLAGS, cwd=a.baseline_src))
+        channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in ports[:len(engines)]]
+        cached, plain, *baseline = (engine_pb2_grpc.EngineStub(c) for c in channels)
         ttft = bench_ttft(cached, vocab, a.prefix_len, a.rounds, random.Random(0),
                           f"{name} miss/hit")
+        stubs = {"this": cached, **({"baseline": baseline[0]} if baseline else {})}
+        abort_shared = bench_abort_and_shared(stubs, vocab, a, name)
         bench_chat(cached, vocab, 2, seed=99)  # untimed warm-up of both
         bench_chat(plain, vocab, 2, seed=99)
         with_cache = bench_chat(cached, vocab, a.turns, seed=1, desc=f"{name} chat, cache")
@@ -126,7 +207,8 @@ def one_model(spec: str, a: argparse.Namespace, ports: list[int]) -> dict:
             c.close()
         for e in engines:
             e.stop()
-    return dict(model=name, prefix_len=a.prefix_len, **ttft,
+    return dict(model=name, prefix_len=a.prefix_len, **ttft, **abort_shared.pop("this"),
+                baseline=abort_shared.get("baseline"),
                 chat_turns=a.turns, chat_final_len=with_cache["final_len"],
                 chat_cached_s=with_cache["total_s"], chat_plain_s=without["total_s"],
                 chat_cached_ttft_s=with_cache["mean_ttft_s"],
@@ -137,7 +219,7 @@ def one_model(spec: str, a: argparse.Namespace, ports: list[int]) -> dict:
 
 
 def run(a: argparse.Namespace) -> dict:
-    results = [one_model(spec, a, ports(a.port, 2)) for spec in a.models]
+    results = [one_model(spec, a, ports(a.port, 3)) for spec in a.models]
     print(report.banner("prefix cache: time to first token, miss vs hit; a chat with and "
                         "without it"))
     print(report.table(
@@ -148,5 +230,20 @@ def run(a: argparse.Namespace) -> dict:
         ["model", f"TTFT miss ms ({a.prefix_len} tok)", "hit ms", "speedup",
          f"{a.turns}-turn chat s, cache", "no cache", "TTFT/turn ms, cache", "no cache",
          "same tokens"]))
+    rows = []
+    for r in results:
+        for engine, f in (("this", r), ("baseline", r["baseline"])):
+            if f:
+                rows.append([r["model"], engine, f"{f['abort_ttft_miss_s'] * 1000:.0f}",
+                             f"{f['abort_ttft_hit_s'] * 1000:.0f}",
+                             f"{f['abort_speedup']:.1f}x",
+                             f"{f['shared_ttft_p50_s'] * 1000:.0f}",
+                             f"{f['shared_ttft_max_s'] * 1000:.0f}"])
+    print(report.banner("after an aborted first request; requests sharing a prefix at once"))
+    print(report.table(rows, ["model", "engine", f"TTFT miss ms ({a.prefix_len} tok, aborted)",
+                              "then hit ms", "speedup",
+                              f"{a.concurrent} at once, {a.shared_len} shared: TTFT p50 ms",
+                              "max ms"]))
     return dict(models=a.models, prefix_len=a.prefix_len, rounds=a.rounds, turns=a.turns,
-                results=results)
+                shared_len=a.shared_len, concurrent=a.concurrent,
+                baseline_src=str(a.baseline_src) if a.baseline_src else None, results=results)

@@ -130,10 +130,11 @@ def _tail(log) -> str:
 class Child:
     """A started process and its log, stopped by `stop` (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
         self.log = _log_file()
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, cwd=cwd)
 
     @property
     def pid(self) -> int:
@@ -156,14 +157,15 @@ class Child:
         self.log.close()
 
 
-def start_engine(model: Path, port: int, flags: list[str]) -> Child:
+def start_engine(model: Path, port: int, flags: list[str], cwd: Path | None = None) -> Child:
     """An engine process (64 decoded together, a queue long enough for any
-    benchmark's burst), once it reports SERVING."""
+    benchmark's burst), once it reports SERVING. `cwd`: a source tree whose
+    engine it runs instead of this one."""
     from vllm_mlx.supervision.health import wait_for_serving
 
     child = Child([sys.executable, "-m", "engine_worker", "--model", str(model),
                    "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "64",
-                   "--max-queue", "1024", *flags])
+                   "--max-queue", "1024", *flags], cwd=cwd)
     try:
         wait_for_serving(f"127.0.0.1:{port}", 600, is_alive=child.alive)
     except (RuntimeError, TimeoutError) as e:

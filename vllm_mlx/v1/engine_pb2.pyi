@@ -305,7 +305,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes", "in_flight", "weights_bytes", "kv_bytes", "allocator_cache_bytes", "rss_bytes", "memory_limit_bytes")
+    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes", "in_flight", "weights_bytes", "kv_bytes", "allocator_cache_bytes", "rss_bytes", "memory_limit_bytes", "cache_hit_rate")
     class LoopSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class Stats(_message.Message):
     ALLOCATOR_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     generation_tokens_per_s: float
@@ -359,7 +360,8 @@ class Stats(_message.Message):
     allocator_cache_bytes: int
     rss_bytes: int
     memory_limit_bytes: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ..., in_flight: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., allocator_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+    cache_hit_rate: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ..., in_flight: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., allocator_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class ClearPrefixCacheRequest(_message.Message):
     __slots__ = ()
