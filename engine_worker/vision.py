@@ -284,7 +284,11 @@ class BatchedVisionLM(nn.Module):
 
     def cache_for(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> list:
         """A fresh cache for one request, its media encoded into it."""
-        return [make() for make in self._cache_kinds] + [MediaRows([self.encode(prompt, media)])]
+        return self.cache_with(self.encode(prompt, media))
+
+    def cache_with(self, seq: SequenceMedia) -> list:
+        """A fresh cache for one request whose media is encoded (`seq`)."""
+        return [make() for make in self._cache_kinds] + [MediaRows([seq])]
 
     # -- the forward pass --------------------------------------------------------
 
@@ -416,8 +420,13 @@ def _attention_in_slices(slices: list[mx.array]):
     without a mask by query rows, exactly (every query row attends to all keys
     on its own), and note the pieces in `slices`: a 1080p image's attention
     over 3,772 patches is most of the encoder's time, and one piece is what a
-    decode step waits for."""
-    whole = mx.fast.scaled_dot_product_attention
+    decode step waits for. A family that evaluates its features while building
+    (Qwen3-VL's deepstack) leaves nothing to slice: what it built is done."""
+    whole, evaluate = mx.fast.scaled_dot_product_attention, mx.eval
+
+    def evaluate_all(*arrays):
+        slices.clear()
+        return evaluate(*arrays)
 
     def sliced(q, k, v, *, scale, mask=None, **kwargs):
         if mask is not None or kwargs or q.ndim != 4:
@@ -432,11 +441,11 @@ def _attention_in_slices(slices: list[mx.array]):
         slices.extend(parts)
         return mx.concatenate(parts, axis=2)
 
-    mx.fast.scaled_dot_product_attention = sliced
+    mx.fast.scaled_dot_product_attention, mx.eval = sliced, evaluate_all
     try:
         yield
     finally:
-        mx.fast.scaled_dot_product_attention = whole
+        mx.fast.scaled_dot_product_attention, mx.eval = whole, evaluate
 
 
 class _HoldBackLast:
