@@ -40,6 +40,13 @@ from engine_worker.blocks import BLOCK_TOKENS, shared_blocks
 
 # A media request held back for text requests joins anyway after this long.
 MEDIA_HOLD_MAX_S = 0.5
+# The vision encoder's share of the engine's time while text rows decode:
+# before each step it runs until ENCODE_SHARE of the last steps' mean time has
+# passed (at least one slice), so a text stream's inter-token latency grows by
+# about that share while images are encoded.
+ENCODE_SHARE = 0.25
+# With no text row decoding it runs this long before looking at the queue again.
+ENCODE_ALONE_S = 0.05
 # An idle engine gathers a burst until this long passes with no new arrival.
 IDLE_GATHER_GAP_S = 0.001
 # How long an idle engine sleeps when nothing is held back.
@@ -71,6 +78,7 @@ class BatchState:
     # Block keys of prompt prefixes being prefilled, which the prefix cache
     # will hold once their passes have run.
     prefill_keys: set[int] = field(default_factory=set)
+    encoding: bool = False  # a media request's encoder is running between steps
 
 
 @dataclass
@@ -145,13 +153,12 @@ class Admission:
             # waits would not all fit beside it: join on the step after, in
             # step with the generator.
             return decision
-        # A media request's vision encoder runs on the loop's thread before
-        # the step, and its image tokens then fill the generator's prefill
-        # batch: every other request waits for both (about 23 ms for one
-        # 1080p image with Qwen2-VL on an H200; 0.85 s of encoder alone on a
-        # 2-core CPU). So media requests join one per step, and only once no
-        # text request is waiting or still waiting for its first token; text
-        # requests behind them go ahead, and media requests keep their order.
+        # A media request's vision encoder runs on the loop's thread between
+        # steps (`EncodeBudget`), and its image tokens then fill the
+        # generator's prefill batch. So media requests start one at a time,
+        # once the last one's encoder is done and no text request is waiting
+        # or still waiting for its first token; text requests behind them go
+        # ahead, and media requests keep their order.
         # One held back for MEDIA_HOLD_MAX_S joins anyway: steady text traffic
         # must not starve it.
         now = self.clock()
@@ -159,7 +166,7 @@ class Admission:
             self._media_held_since is not None
             and now - self._media_held_since >= MEDIA_HOLD_MAX_S)
         later: list[Waiting] = []  # held back, in order
-        media_held = media_in_batch = False
+        media_held, media_in_batch = False, batch.encoding
         reserved = batch.kv_reserved
         admit = decision.admit
         admitted_keys: set[int] = set()
@@ -186,7 +193,7 @@ class Admission:
         self.waiting.extendleft(reversed(later))
         if not self.waiting:
             self._held_since = None  # that hold is over; the next burst starts its own
-        if media_in_batch:
+        if any(r.media for r in admit):
             self._media_held_since = None
         elif media_held and self._media_held_since is None:
             self._media_held_since = now
@@ -227,3 +234,23 @@ def _waits_for_prefill(r: Waiting, prefilling: set[int], admitted: set[int],
         return False
     cached = cached_blocks(r) * BLOCK_TOKENS
     return (shared * BLOCK_TOKENS - cached) >= SHARED_PREFILL_WAIT * (len(r.prompt) - cached)
+
+
+class EncodeBudget:
+    """How long the vision encoder may run before each decode step."""
+
+    def __init__(self, share: float = ENCODE_SHARE, alone_s: float = ENCODE_ALONE_S,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.share, self.alone_s, self.clock = share, alone_s, clock
+        self._step_s: float | None = None  # mean of recent steps' time
+
+    def stepped(self, seconds: float) -> None:
+        """A decode step with text rows in it took `seconds`."""
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+
+    def deadline(self, text_decoding: bool) -> float:
+        """When the encoder stops for the next step (it runs at least one
+        slice). `text_decoding`: some text row is in the batch."""
+        if not text_decoding:
+            return self.clock() + self.alone_s
+        return self.clock() + self.share * (self._step_s or 0.0)

@@ -1,13 +1,15 @@
 """The running batch: mlx-lm's BatchGenerator and the requests inside it.
 
 `insert` puts admitted requests in (each starting from its longest cached
-prefix), `step` takes one decode step and turns its tokens into outputs,
+prefix; a media request once its encoder has run, slice by slice, in
+`encode`), `step` takes one decode step and turns its tokens into outputs,
 `remove` takes one out early. A prompt's KV goes to the prefix cache as its
 prompt pass ends (and a long prompt's along the way), a finished request's
 as it finishes. Only the loop's thread calls it.
 """
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from engine_worker.blocks import BLOCK_TOKENS
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
 from engine_worker.prefix_cache import PrefixCache, batch_kv, gather_rows
 from engine_worker.sampling import guarded
-from engine_worker.vision import BatchedVisionLM
+from engine_worker.vision import BatchedVisionLM, Encoding, SequenceMedia
 from vllm_mlx.settings import EngineSettings, fault_injection
 from vllm_mlx.v1 import engine_pb2 as pb
 
@@ -66,6 +68,10 @@ class Batch:
         self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
+        # Media requests whose encoder runs between steps, in admission order;
+        # then their encoded media until `_initial_cache` takes it.
+        self.encoding: deque[tuple[Request, Encoding]] = deque()
+        self._encoded: dict[str, SequenceMedia] = {}
         self.gen = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -95,21 +101,53 @@ class Batch:
     def admission_state(self) -> BatchState:
         s = self.state
         s.running, s.text_awaiting_first = len(self.running), bool(self._awaiting_first)
+        s.running += len(self.encoding)
         s.kv_reserved = sum(self._kv_bytes(st.request) for st in self.running.values())
         s.prefill_keys = {k for p in self._prefilling.values()
                           for k in p.keys[p.cached // BLOCK_TOKENS:]}
+        s.kv_reserved += sum(self._kv_bytes(r) for r, _ in self.encoding)
+        s.encoding = bool(self.encoding)
         return s
+
+    @property
+    def text_decoding(self) -> bool:
+        """Whether some running request is a text one (a stream the encoder
+        would stall)."""
+        return any(not st.request.media for st in self.running.values())
+
+    def encode(self, deadline: float, clock: Callable[[], float]) -> None:
+        """Run the first waiting media request's encoder until `deadline` (at
+        least one slice); once done, the request joins the batch."""
+        r, job = self.encoding[0]
+        try:
+            done = job.advance(deadline, clock)
+        except Exception as e:
+            self.encoding.popleft()
+            self._encoding_failed(r, e)
+            return
+        if done:
+            self.encoding.popleft()
+            self._encoded[r.request_id] = job.seq
+            self.insert([r])
+
+    def _encoding_failed(self, r: Request, e: Exception) -> None:
+        log.exception("request %s: encoding its media failed", r.request_id)
+        self._finish(r, Output(r.request_id, None, "error",
+                               error=f"encoding the media failed: {e}"))
 
     def insert(self, requests: list[Request]) -> None:
         # Each prompt prefills only what follows its longest cached prefix.
         batch, caches, cached = [], [], []
         for r in requests:
             try:
+                if r.media and r.request_id not in self._encoded:
+                    if not isinstance(self.model, BatchedVisionLM):
+                        raise ValueError("this model takes text only")
+                    self.encoding.append((r, self.model.start_encoding(r.prompt, r.media)))
+                    continue
                 cache, n = self._initial_cache(r)
             except Exception as e:  # bad media tensors: this request only
-                log.exception("request %s: encoding its media failed", r.request_id)
-                self._finish(r, Output(r.request_id, None, "error",
-                                       error=f"encoding the media failed: {e}"))
+                self._encoding_failed(r, e)
                 continue
             state = _Running(r)
             fault = FAULT_INJECTION and r.request_id.startswith("fault-")
@@ -152,9 +190,9 @@ class Batch:
         which image they hold, so they neither use nor feed the prefix cache.
         A prefix LM's prompts, text ones too, are embedded whole up front:
         they are prefilled in one pass (vision.py)."""
-        if r.media or getattr(self.model, "prefix_lm", False):
-            if not isinstance(self.model, BatchedVisionLM):
-                raise ValueError("this model takes text only")
+        if r.media:
+            return self.model.cache_with(self._encoded.pop(r.request_id)), 0
+        if getattr(self.model, "prefix_lm", False):
             return self.model.cache_for(r.prompt, r.media), 0
         if self.prefix is None or r.prompt_logprobs is not None:
             return None, 0  # scoring the prompt needs its whole prompt pass
@@ -268,6 +306,11 @@ class Batch:
     def remove(self, request_id: str, keep_kv: bool) -> bool:
         """End a running request early (finish reason "abort"). `keep_kv`: its
         KV may serve later prompts."""
+        for i, (r, _) in enumerate(self.encoding):
+            if r.request_id == request_id:
+                del self.encoding[i]
+                self._finish(r, Output(request_id, None, "abort"))
+                return True
         for uid, state in self.running.items():
             if state.request.request_id == request_id:
                 keep_kv = keep_kv and self.prefix is not None and not state.request.media
@@ -280,6 +323,9 @@ class Batch:
         return False
 
     def fail_all(self, message: str) -> None:
+        while self.encoding:
+            r, _ = self.encoding.popleft()
+            self._finish(r, Output(r.request_id, None, "error", error=message))
         for uid in list(self.running):
             self._finish_uid(uid, "error", error=message)
 

@@ -15,7 +15,7 @@ from engine_worker.memory import MemoryBudget
 from vllm_mlx.v1 import engine_pb2 as pb
 
 # "prefill" is the part of "step" that mlx-lm spent in prompt passes.
-LOOP_PHASES = ("admit", "step", "prefill", "handle", "publish", "idle")
+LOOP_PHASES = ("admit", "encode", "step", "prefill", "handle", "publish", "idle")
 RATE_WINDOW_S = 5.0
 
 

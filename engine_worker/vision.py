@@ -24,6 +24,8 @@ engine takes its requests one at a time (loop.py says so in its log).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,9 +106,13 @@ class SequenceMedia:
     prefilled: bool = False
 
     @property
+    def arrays(self) -> list[mx.array]:
+        return [self.embeds, *([] if self.positions is None else [self.positions]),
+                *(self.deepstack or [])]
+
+    @property
     def nbytes(self) -> int:
-        n = self.embeds.nbytes + (0 if self.positions is None else self.positions.nbytes)
-        return n + sum(d.nbytes for d in self.deepstack or [])
+        return sum(a.nbytes for a in self.arrays)
 
 
 class MediaRows:
@@ -221,6 +227,23 @@ class BatchedVisionLM(nn.Module):
     def encode(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> SequenceMedia:
         """Run the vision encoder over a request's media (items in prompt
         order) and merge the features into its prompt's embeddings."""
+        seq = self._build(prompt, media)
+        mx.eval(*seq.arrays)
+        return seq
+
+    def start_encoding(self, prompt: list[int],
+                       media: list[dict[str, np.ndarray]]) -> Encoding:
+        """The same work as `encode`, to be run a slice at a time between
+        decode steps (`Encoding.advance`)."""
+        slices: list[mx.array] = []
+        with _attention_in_slices(slices):
+            seq = self._build(prompt, media)
+        return Encoding(seq, slices)
+
+    def _build(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> SequenceMedia:
+        """The request's SequenceMedia, not yet evaluated: mlx-vlm's code only
+        builds the encoder's graph (it evaluates nothing that depends on the
+        pixels)."""
         if prompt[-1] in self.media_token_ids:
             raise ValueError("the prompt must not end inside an image or video")
         kwargs = model_inputs(media, self.wiring.per_sample)
@@ -235,18 +258,14 @@ class BatchedVisionLM(nn.Module):
             raise ValueError(f"the model merged its media into {embeds.shape[0]} positions "
                              f"for a prompt of {len(prompt)} tokens")
         if not self._mrope:
-            seq = SequenceMedia(embeds)
-            mx.eval(seq.embeds)
-            return seq
+            return SequenceMedia(embeds)
         positions = features.position_ids[:, 0, :]  # [3, L]
         delta = int(mx.array(features.rope_deltas).reshape(-1)[0].item())
         visual_mask = deepstack = None
         if self._deepstack and getattr(features, "deepstack_visual_embeds", None) is not None:
             visual_mask = np.array(features.visual_pos_masks[0])
             deepstack = list(features.deepstack_visual_embeds)
-        seq = SequenceMedia(embeds, positions, delta, visual_mask, deepstack)
-        mx.eval(seq.embeds, seq.positions, *(seq.deepstack or []))
-        return seq
+        return SequenceMedia(embeds, positions, delta, visual_mask, deepstack)
 
     def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]] | None:
         """The smallest image request the model takes (one merged patch), so
@@ -265,7 +284,11 @@ class BatchedVisionLM(nn.Module):
 
     def cache_for(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> list:
         """A fresh cache for one request, its media encoded into it."""
-        return [make() for make in self._cache_kinds] + [MediaRows([self.encode(prompt, media)])]
+        return self.cache_with(self.encode(prompt, media))
+
+    def cache_with(self, seq: SequenceMedia) -> list:
+        """A fresh cache for one request whose media is encoded (`seq`)."""
+        return [make() for make in self._cache_kinds] + [MediaRows([seq])]
 
     # -- the forward pass --------------------------------------------------------
 
@@ -358,6 +381,71 @@ class BatchedVisionLM(nn.Module):
                      "deepstack_visual_embeds": [
                          mx.concatenate([r[k] for r in deep_rows]) for k in range(n_layers)]}
         return h, mx.stack(row_pos, axis=1), extra
+
+
+class Encoding:
+    """A request's media being encoded, a slice at a time. The whole graph is
+    built up front; its attention is split by query rows
+    (`_attention_in_slices`), and each `advance` evaluates slices in order until
+    its deadline passes: each slice computes only what it needs that earlier
+    ones have not, so decode steps can run between slices."""
+
+    def __init__(self, seq: SequenceMedia, slices: list[mx.array]):
+        self.seq = seq
+        self._pending = [*slices, seq.arrays]
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def advance(self, deadline: float, clock: Callable[[], float]) -> bool:
+        """Evaluate slices until `deadline` (at least one); True once done."""
+        while self._pending:
+            mx.eval(self._pending.pop(0))
+            if clock() >= deadline:
+                break
+        return self.done
+
+
+def slice_macs() -> int:
+    """Multiply-adds of attention per slice: each takes about a millisecond on
+    the 2-core CPU; a GPU runs far more in the time, and pays a launch per
+    slice."""
+    return 2**26 if mx.default_device().type == mx.DeviceType.gpu else 2**20
+
+
+@contextmanager
+def _attention_in_slices(slices: list[mx.array]):
+    """While mlx-vlm builds a vision encoder's graph, split each attention
+    without a mask by query rows, exactly (every query row attends to all keys
+    on its own), and note the pieces in `slices`: a 1080p image's attention
+    over 3,772 patches is most of the encoder's time, and one piece is what a
+    decode step waits for. A family that evaluates its features while building
+    (Qwen3-VL's deepstack) leaves nothing to slice: what it built is done."""
+    whole, evaluate = mx.fast.scaled_dot_product_attention, mx.eval
+
+    def evaluate_all(*arrays):
+        slices.clear()
+        return evaluate(*arrays)
+
+    def sliced(q, k, v, *, scale, mask=None, **kwargs):
+        if mask is not None or kwargs or q.ndim != 4:
+            return whole(q, k, v, scale=scale, mask=mask, **kwargs)
+        batch, heads, rows, dim = q.shape
+        step = max(1, slice_macs() // max(1, batch * heads * k.shape[2] * dim))
+        if step >= rows:
+            out = whole(q, k, v, scale=scale)
+            slices.append(out)
+            return out
+        parts = [whole(q[:, :, i:i + step], k, v, scale=scale) for i in range(0, rows, step)]
+        slices.extend(parts)
+        return mx.concatenate(parts, axis=2)
+
+    mx.fast.scaled_dot_product_attention, mx.eval = sliced, evaluate_all
+    try:
+        yield
+    finally:
+        mx.fast.scaled_dot_product_attention, mx.eval = whole, evaluate
 
 
 class _HoldBackLast:

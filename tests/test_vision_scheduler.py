@@ -282,3 +282,44 @@ def test_steady_text_traffic_does_not_starve_a_media_request(tiny_vlm):
     # Text requests stop once the image is in: sent[0] is how many came first.
     assert image_admitted() and sent[0] < limit, "text traffic starved the image"
     assert sent[0] > 0 and waited >= MEDIA_HOLD_MAX_S * 0.9
+
+
+def test_sliced_encoding_matches_the_whole_encoder(tiny_vlm):
+    """The encoder run a slice at a time gives exactly what it gives in one go."""
+    import mlx.core as mx
+
+    model = load_model(read_facts(str(tiny_vlm))).model
+    r = Prompter(tiny_vlm).request("img", "Describe.", images=[picture(320, 240, 7)])
+    whole = model.encode(r.prompt, r.media)
+    job = model.start_encoding(r.prompt, r.media)
+    slices = 0
+    while not job.advance(0.0, time.perf_counter):
+        slices += 1
+    assert slices > 2
+    for a, b in zip(whole.arrays, job.seq.arrays):
+        assert mx.array_equal(a, b).item()
+    assert job.seq.delta == whole.delta
+
+
+def test_text_streams_step_while_an_image_is_encoded(tiny_vlm):
+    """An image request's encoder runs between decode steps: a text stream
+    gets tokens on several steps while it is encoded, and both finish right."""
+    p = Prompter(tiny_vlm)
+    image = p.request("img", "Describe.", images=[picture(640, 480, 3)], max_tokens=4)
+    sent, steps_while_encoding = [], [0]
+
+    def after_step(prompt_responses, responses):
+        if not sent:  # on the loop's thread, once the text stream decodes
+            sent.append(image)
+            e.submit(image)
+        if e._batch.encoding and responses:
+            steps_while_encoding[0] += 1
+
+    e = start_engine(tiny_vlm, after_step=after_step)
+    try:
+        e.submit(p.request("text", "Hello there", max_tokens=400))
+        img, text = e.collector.wait("img"), e.collector.wait("text")
+    finally:
+        e.stop()
+    assert steps_while_encoding[0] >= 2
+    assert img[-1].finish_reason and text[-1].finish_reason

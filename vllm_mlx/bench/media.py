@@ -69,6 +69,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--per-round", type=int, default=40,
                    help="text requests per state and round")
     g.add_argument("--gap-ms", type=float, default=20, help="pause between text requests")
+    g.add_argument("--text-tokens", type=int, default=1,
+                   help="tokens per text request; above 1 they stream, and the figures are "
+                        "inter-token latencies (gaps between a stream's tokens), not TTFT")
     g.add_argument("--image-size", type=size, default="1920x1080", metavar="WxH",
                    help="the load's images")
     g.add_argument("--load-images", type=int, default=100,
@@ -127,7 +130,11 @@ def load_image(size: str, seed: int) -> str:
     return data_url(jpeg(photo_like(*parse_size(size), seed), 85))
 
 
-async def text_round(client, n: int, gap_s: float) -> list[float]:
+async def text_round(client, n: int, gap_s: float, tokens: int = 1) -> list[float]:
+    """Time to first token of n requests, or with tokens > 1 the gaps between
+    streamed tokens."""
+    if tokens > 1:
+        return await stream_round(client, n, gap_s, tokens)
     out = []
     for i in range(n):
         tic = time.perf_counter()
@@ -138,6 +145,22 @@ async def text_round(client, n: int, gap_s: float) -> list[float]:
         out.append(time.perf_counter() - tic)
         await asyncio.sleep(gap_s)
     return out
+
+
+async def stream_round(client, n: int, gap_s: float, tokens: int) -> list[float]:
+    from vllm_mlx.bench.sse_client import stream_chat
+
+    gaps = []
+    for i in range(n):
+        out = await stream_chat(client, json.dumps({
+            "model": "default", "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "messages": [{"role": "user",
+                                          "content": f"Count from the number {i}."}]}).encode())
+        if out.error:
+            raise RuntimeError(out.error)
+        gaps += out.gaps
+        await asyncio.sleep(gap_s)
+    return gaps
 
 
 async def image_load(client, urls: list[str], stop: asyncio.Event, done: list[float]) -> None:
@@ -239,8 +262,8 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
                 {"type": "image_url", "image_url": {"url": load_image(a.image_size, 10**7)}}]}]})
         for _ in report.progress(range(a.rounds), "rounds"):
             print("state quiet", flush=True)  # markers for profilers attached from outside
-            samples["quiet"] += await loop["quiet"].around(text_round(client, a.per_round,
-                                                                      gap_s))
+            samples["quiet"] += await loop["quiet"].around(text_round(
+                client, a.per_round, gap_s, a.text_tokens))
             for mode, state in (("prepare", "decoding"), ("chat", "loaded")):
                 here, there = ctx.Pipe()
                 start = next(seeds)
@@ -250,8 +273,8 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
                 proc.start()
                 await asyncio.to_thread(here.recv)  # "started"
                 print(f"state {state}", flush=True)
-                samples[state] += await loop[state].around(text_round(client, a.per_round,
-                                                                      gap_s))
+                samples[state] += await loop[state].around(text_round(
+                    client, a.per_round, gap_s, a.text_tokens))
                 here.send("stop")
                 latency[state] += await asyncio.to_thread(here.recv)
                 proc.join()
@@ -289,6 +312,7 @@ def run_load(a: argparse.Namespace, model: Path) -> dict:
     finally:
         stack.stop()
     return dict(rounds=a.rounds, per_round=a.per_round, gap_ms=a.gap_ms,
+                text_tokens=a.text_tokens,
                 image_size=a.image_size, load_images=a.load_images,
                 in_flight=IN_FLIGHT, media_workers=len(stack.media), **result)
 
@@ -297,7 +321,8 @@ def print_load(r: dict) -> None:
     def load(calls: int, p50: float | None, what: str) -> str:
         return f"{calls} {what}" + (f", p50 {p50:.0f} ms" if p50 is not None else "")
 
-    print(report.banner("text time to first token while images are prepared"))
+    what = "inter-token latency" if r.get("text_tokens", 1) > 1 else "time to first token"
+    print(report.banner(f"text {what} while images are prepared"))
     print(report.table([
         ["quiet", f"{r['quiet_p50_ms']:.1f}", f"{r['quiet_p99_ms']:.1f}", "", "", ""],
         [f"{IN_FLIGHT} images being decoded", f"{r['decoding_p50_ms']:.1f}",
