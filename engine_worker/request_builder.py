@@ -122,6 +122,11 @@ def _content(m: pb.ChatMessage) -> list[dict]:
 THINK_TAIL_TOKENS = 16
 
 
+def _parallel(chat: pb.ChatInput) -> bool:
+    """Whether the reply may call several tools (OpenAI's default: yes)."""
+    return chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+
+
 def _tools(chat: pb.ChatInput) -> list[dict]:
     """chat.tools_json, checked: OpenAI function tools, each with a name."""
     field = "chat.tools_json"
@@ -206,11 +211,10 @@ class RequestBuilder:
                        and chat.tool_choice.mode != pb.ToolChoice.MODE_NONE)
         if thinking is None and not parse_tools:
             return None
-        parallel = chat.parallel_tool_calls if chat and chat.HasField("parallel_tool_calls") \
-            else True
         return ReplyParser(
             ReasoningSplitter(thinking) if thinking is not None else None,
-            tool_calls.ToolCallParser(self.tool_format, parallel) if parse_tools else None)
+            tool_calls.ToolCallParser(self.tool_format, _parallel(chat)) if parse_tools
+            else None)
 
     def _grammar(self, request: pb.GenerateRequest, prompt: list[int]) -> str:
         """The grammar the output must follow ("" : none), checked."""
@@ -226,11 +230,9 @@ class RequestBuilder:
                 if not chat.tools_json:
                     raise structured.GrammarError("chat.tool_choice",
                                                   "tool_choice needs tools")
-                parallel = (chat.parallel_tool_calls if chat.HasField("parallel_tool_calls")
-                            else True)
                 _, special = self._grammar_tools()
                 constraint = structured.from_tool_choice(
-                    _tools(chat), chat.tool_choice, parallel, self.tool_format, special)
+                    _tools(chat), chat.tool_choice, _parallel(chat), self.tool_format, special)
             if constraint is None:
                 return ""
             if request.ignore_eos:
