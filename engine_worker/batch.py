@@ -2,10 +2,10 @@
 
 `insert` puts admitted requests in (each starting from its longest cached
 prefix; a media request once its encoder has run, slice by slice, in
-`encode`), `step` takes one decode step and turns its tokens into outputs,
-`remove` takes one out early. A prompt's KV goes to the prefix cache as its
-prompt pass ends (and a long prompt's along the way), a finished request's
-as it finishes. Only the loop's thread calls it.
+`encode`, unless the cache holds the KV of all its media), `step` takes one
+decode step and turns its tokens into outputs, `remove` takes one out early.
+A prompt's KV goes to the prefix cache as its prompt pass ends (and a long
+prompt's along the way), a finished request's as it finishes. Only the loop's thread calls it.
 """
 
 import logging
@@ -18,11 +18,11 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine_worker import grammar, mlx_compat, prefill
 from engine_worker.admission import BatchState
-from engine_worker.blocks import BLOCK_TOKENS
+from engine_worker.blocks import BLOCK_TOKENS, MediaSpan, media_end
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
-from engine_worker.prefix_cache import PrefixCache, batch_kv, gather_rows
+from engine_worker.prefix_cache import BatchRow, PrefixCache, batch_kv, gather_rows
 from engine_worker.sampling import guarded
-from engine_worker.vision import BatchedVisionLM, Encoding, SequenceMedia
+from engine_worker.vision import BatchedVisionLM, Encoding, SequenceMedia, for_prefix_cache, resumed
 from vllm_mlx.settings import EngineSettings, fault_injection
 from vllm_mlx.v1 import engine_pb2 as pb
 
@@ -47,6 +47,7 @@ class _Prefilling:
     prefix cache holds (see Batch._keep_prompt_kv)."""
     keys: list[int]  # block keys of all but its last token
     cached: int  # tokens
+    media: list[MediaSpan]
 
 
 class Batch:
@@ -143,9 +144,12 @@ class Batch:
                 if r.media and r.request_id not in self._encoded:
                     if not isinstance(self.model, BatchedVisionLM):
                         raise ValueError("this model takes text only")
-                    self.encoding.append((r, self.model.start_encoding(r.prompt, r.media)))
-                    continue
-                cache, n = self._initial_cache(r)
+                    cache, n = self._media_cached(r)
+                    if cache is None:
+                        self.encoding.append((r, self.model.start_encoding(r.prompt, r.media)))
+                        continue
+                else:
+                    cache, n = self._initial_cache(r)
             except Exception as e:  # bad media tensors: this request only
                 self._encoding_failed(r, e)
                 continue
@@ -181,22 +185,33 @@ class Batch:
             if not r.media:
                 self._awaiting_first.add(uid)
             if self.prefix is not None and len(r.prefix_keys) * BLOCK_TOKENS > n:
-                self._prefilling[uid] = _Prefilling(r.prefix_keys, n)
+                self._prefilling[uid] = _Prefilling(r.prefix_keys, n, r.media_spans)
             self._stats.prompt_tokens_total += len(r.prompt)
 
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
         """The cache a request starts from and how many prompt tokens it
-        holds. Media requests start empty: their token ids alone do not say
-        which image they hold, so they neither use nor feed the prefix cache.
-        A prefix LM's prompts, text ones too, are embedded whole up front:
-        they are prefilled in one pass (vision.py)."""
-        if r.media:
-            return self.model.cache_with(self._encoded.pop(r.request_id)), 0
+        holds: its longest cached prefix (a media request's once its media
+        is encoded). A prefix LM's prompts, text ones too, are embedded whole
+        up front: they are prefilled in one pass (vision.py)."""
         if getattr(self.model, "prefix_lm", False):
             return self.model.cache_for(r.prompt, r.media), 0
-        if self.prefix is None or r.prompt_logprobs is not None:
-            return None, 0  # scoring the prompt needs its whole prompt pass
-        return self.prefix.fetch(r.prompt, r.prefix_keys or None)
+        cache, n = (self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
+                    if self.prefix is not None and r.prefix_keys else (None, 0))
+        seq = self._encoded.pop(r.request_id) if r.media else None
+        if cache is None:
+            return (self.model.cache_with(seq), 0) if seq else (None, 0)
+        return resumed(cache, seq), n
+
+    def _media_cached(self, r: Request) -> tuple[list | None, int]:
+        """A media request's cache and its length where the prefix cache
+        holds the KV of all its media (the second turn of a chat about a
+        picture): its encoder need not run. (None, 0) otherwise."""
+        if self.prefix is None or not r.prefix_keys or self.prefix.cached_tokens(
+                r.prompt, r.prefix_keys, r.media_spans) < media_end(r.media_spans):
+            return None, 0
+        cache, n = self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
+        row = cache[-1].rows[0]
+        return resumed(cache, row and row.after(n)), n
 
     def step(self) -> tuple[list, list]:
         """One generator step: what mlx-lm returns, for `handle`."""
@@ -246,14 +261,15 @@ class Batch:
             return
         kv = batch_kv(prompts.prompt_cache)
         if kv is None:  # a vision model: a copy per layer and row, as mlx-lm makes them
-            caches = [prompts.extract_cache(row) for _, row, _, _ in taken]
+            caches = [for_prefix_cache(prompts.extract_cache(row)) for _, row, _, _ in taken]
         else:  # its pass has been evaluated: so can the copies be, at once
             caches = gather_rows(kv, [row for _, row, _, _ in taken])
             mx.async_eval([a for keys, values, _ in caches[0].layers for a in (keys, values)])
         entries = []
         for (uid, row, held, over), cache in zip(taken, caches):
             tracked = self._prefilling[uid]
-            entries.append((prompts.tokens[row], cache, tracked.keys[:held // BLOCK_TOKENS]))
+            entries.append((prompts.tokens[row], cache, tracked.keys[:held // BLOCK_TOKENS],
+                            tracked.media))
             tracked.cached = held
             if over:
                 del self._prefilling[uid]
@@ -296,8 +312,7 @@ class Batch:
                     outbox.add(Output(r.request_id, resp.token, None, logprob,
                                       prompt_logprobs=prompt_logprobs))
             else:
-                if not r.media:  # token ids alone do not say which image it saw
-                    finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid))
+                finished_kv.append((resp.all_tokens, resp.prompt_cache, resp.uid, r.media_spans))
                 self._finish_uid(resp.uid, resp.finish_reason, resp.token, logprob,
                                  prompt_logprobs=prompt_logprobs)
         self._keep_kv(finished_kv, in_step=True)
@@ -313,11 +328,12 @@ class Batch:
                 return True
         for uid, state in self.running.items():
             if state.request.request_id == request_id:
-                keep_kv = keep_kv and self.prefix is not None and not state.request.media
+                r = state.request
+                keep_kv = keep_kv and self.prefix is not None and bool(r.prefix_keys)
                 kept = self.gen.remove([uid], return_prompt_caches=keep_kv)
                 if keep_kv and uid in kept:
                     cache, tokens = kept[uid]
-                    self._keep_kv([(tokens, cache, uid)])
+                    self._keep_kv([(tokens, cache, uid, r.media_spans)])
                 self._finish_uid(uid, "abort")
                 return True
         return False
@@ -335,10 +351,11 @@ class Batch:
         self.gen = self._new_generator()
         self._note_prefill([])
 
-    def _keep_kv(self, finished: list[tuple[list[int] | None, list | None, int]],
+    def _keep_kv(self, finished: list[tuple[list[int] | None, list | None, int, list[MediaSpan]]],
                  in_step: bool = False) -> None:
         """Offer finished requests' KV (of prompt + completion; with their
-        uids) to later ones. `in_step`: the step just taken finished them."""
+        uids and media) to later ones. `in_step`: the step just taken
+        finished them."""
         dropped_from, self._dropped_from = self._dropped_from, None
         if self.prefix is None or not finished:
             return
@@ -346,14 +363,15 @@ class Batch:
             # One copy per layer for all of them, not one per layer and row.
             uids, kv = dropped_from
             row_of = {uid: i for i, uid in enumerate(uids)}
-            rows = gather_rows(kv, [row_of[uid] for _, _, uid in finished])
+            rows = gather_rows(kv, [row_of[uid] for _, _, uid, _ in finished])
             # Evaluated after the next step: the KV they copy comes from the
             # step still in flight, and evaluating now waited for it (0.4 ms
             # a time on the 2-core CPU, whatever the number of rows).
             self._copies_to_evaluate += [a for keys, values, _ in rows[0].layers
                                          for a in (keys, values)]
-            finished = [(t, row, uid) for (t, _, uid), row in zip(finished, rows)]
-        entries = [(t, c, None) for t, c, _ in finished if t and c]
+            finished = [(t, row, uid, m) for (t, _, uid, m), row in zip(finished, rows)]
+        entries = [(t, c if isinstance(c, BatchRow) else for_prefix_cache(c), None, m)
+                   for t, c, _, m in finished if t and c]
         if entries:
             self.prefix.insert(entries)
 

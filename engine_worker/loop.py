@@ -105,8 +105,9 @@ class Loop:
                 raise QueueFull(f"{len(self._in_flight)} requests are in flight")
             self._in_flight.add(request.request_id)
             self.stats.requests_total += 1
-        if self._prefix is not None and not request.media and request.prompt_logprobs is None:
-            request.prefix_keys = block_keys(request.prompt[:-1])  # here, off the loop's thread
+        if self._prefix is not None and _cacheable(request):
+            request.prefix_keys = block_keys(request.prompt[:-1], request.media_spans)  # here,
+            # off the loop's thread
         self._send("add", request)
 
     def _grammar_tokenizer(self):
@@ -337,3 +338,12 @@ class Loop:
         rate = self._rate.per_second(idle)
         if rate is not None:
             s.generation_tokens_per_s = rate
+
+
+def _cacheable(request: Request) -> bool:
+    """Whether the prefix cache may serve a request: scoring a prompt needs
+    its whole prompt pass, and media needs each item's content hash."""
+    if request.prompt_logprobs is not None:
+        return False
+    spans = request.media_spans
+    return not request.media or (bool(spans) and all(content for _, _, content in spans))

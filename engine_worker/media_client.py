@@ -70,13 +70,15 @@ class _WorkerHung(Exception):
 @dataclass(eq=False)
 class PreparedItem:
     """One prepared image or video: its tensors' segment and layout, the token
-    the chat template renders for it (0: none) and the tokens that replace it."""
+    the chat template renders for it (0: none), the tokens that replace it,
+    and the media worker's hash of its content and preparation."""
     segment: str
     layout: Layout
     nbytes: int
     placeholder_token_id: int
     token_ids: list[int]
     frames: int
+    content_hash: str = ""
     users: int = 0
 
     def acquire(self) -> None:
@@ -96,7 +98,7 @@ def from_proto(pm: mpb.PreparedMedia) -> PreparedItem:
     nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                  for _, dtype, shape, _ in layout)
     return PreparedItem(pm.shm_name, layout, nbytes, pm.placeholder_token_id,
-                        list(pm.token_ids), pm.frames)
+                        list(pm.token_ids), pm.frames, pm.content_hash)
 
 
 def cache_key(source: mpb.MediaSource) -> str | None:

@@ -50,13 +50,16 @@ class Request:
     # ...); the prompt already holds each item's placeholder tokens. From the
     # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors.
     media: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # Where each item's tokens lie in the prompt, with its content hash
+    # (blocks.MediaSpan): what lets the prefix cache tell pictures apart.
+    media_spans: list[tuple[int, int, str]] = field(default_factory=list)
     # Constrained decoding: the grammar the output follows, in llguidance's
     # JSON form ("": none). The core's reader thread compiles it into
     # `matcher` (grammar.compile) before the loop sees the request.
     grammar: str = ""
     matcher: Any = None
     # Block keys of all but the prompt's last token (blocks.py), set by the
-    # core when the prefix cache may serve it; empty for media requests.
+    # core when the prefix cache may serve it.
     prefix_keys: list[int] = field(default_factory=list)
 
 

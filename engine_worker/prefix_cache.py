@@ -35,7 +35,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache, trim_prompt_cache
 
 from engine_worker import mlx_compat
-from engine_worker.blocks import BLOCK_TOKENS, block_keys, shared_blocks
+from engine_worker.blocks import BLOCK_TOKENS, MediaSpan, block_keys, shared_blocks
 from engine_worker.memory import device_memory
 from engine_worker.vision import MediaRows
 
@@ -61,8 +61,7 @@ def can_reuse(model) -> bool:
     """Only plain KV caches can be trimmed back to any prefix. Rotating
     (sliding-window) and recurrent/hybrid caches cannot, and reusing them
     would be silently wrong, so such models run without the prefix cache.
-    A vision model's MediaRows entry holds no tokens: text requests to it
-    still share prefixes (media requests never enter the cache)."""
+    A vision model's MediaRows entry holds no tokens (vision.py)."""
     return all(type(c) is KVCache or type(c) is MediaRows for c in make_prompt_cache(model))
 
 
@@ -125,12 +124,21 @@ def gather_rows(kv: list[tuple], rows: list[int]) -> list[BatchRow]:
     return [BatchRow(copies, i) for i in range(len(rows))]
 
 
+def _media_before(media, n: int) -> tuple[MediaSpan, ...]:
+    """The items that start among a sequence's first `n` tokens."""
+    return tuple(m for m in media if m[0] < n)
+
+
 @dataclass
 class _Entry:
     tokens: list[int]
     cache: list | BatchRow
     nbytes: int
     keys: list[int]
+    # Its images and videos: a match token by token past its whole blocks
+    # stops where one starts, since placeholder tokens do not say which
+    # picture they stand for.
+    media: tuple[MediaSpan, ...] = ()
     saved: str = ""  # its file in the store, once written
 
 
@@ -157,24 +165,20 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def fetch(self, prompt: list[int], keys: list[int] | None = None) -> tuple[list | None, int]:
+    def fetch(self, prompt: list[int], keys: list[int] | None = None,
+              media: list[MediaSpan] = ()) -> tuple[list | None, int]:
         """A private copy of the KV for the longest cached prefix of
         `prompt`, and that prefix's length (0 and None on a miss). The
         prefix is always shorter than the prompt. `keys`: block_keys of
-        prompt[:-1], when the caller has them."""
+        prompt[:-1], when the caller has them; `media`: the prompt's items."""
         if keys is None:
-            keys = block_keys(prompt[:-1])
-        blocks = self.cached_blocks(keys)
-        found_id = self._holder[keys[blocks - 1]] if blocks else None
-        depth = blocks * BLOCK_TOKENS
-        found = self._entries.get(found_id)
-        if found is None or found.tokens[:depth] != prompt[:depth]:
+            keys = block_keys(prompt[:-1], media)
+        found_id, reused = self._match(prompt, keys, media)
+        if found_id is None:
             self.misses += 1
             self._note_lookup(len(prompt), 0)
             return None, 0
-        reused, limit = depth, min(len(found.tokens), len(prompt) - 1)
-        while reused < limit and found.tokens[reused] == prompt[reused]:
-            reused += 1
+        found = self._entries[found_id]
         cache = (found.cache.caches() if isinstance(found.cache, BatchRow)
                  else copy.deepcopy(found.cache))
         trim_prompt_cache(cache, len(found.tokens) - reused)
@@ -184,34 +188,59 @@ class PrefixCache:
         self._note_lookup(len(prompt), reused)
         return cache, reused
 
+    def cached_tokens(self, prompt: list[int], keys: list[int],
+                      media: list[MediaSpan] = ()) -> int:
+        """How many tokens `fetch` would reuse, with no copy made."""
+        return self._match(prompt, keys, media)[1]
+
+    def _match(self, prompt: list[int], keys: list[int],
+               media: list[MediaSpan]) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with `prompt`, and that prefix's length."""
+        blocks = self.cached_blocks(keys)
+        found_id = self._holder[keys[blocks - 1]] if blocks else None
+        depth = blocks * BLOCK_TOKENS
+        found = self._entries.get(found_id)
+        if found is None or found.tokens[:depth] != prompt[:depth]:
+            return None, 0
+        reused, limit = depth, min(len(found.tokens), len(prompt) - 1,
+                                   *(s for s, _, _ in (*found.media, *media) if s >= depth))
+        while reused < limit and found.tokens[reused] == prompt[reused]:
+            reused += 1
+        return found_id, reused
+
     def cached_blocks(self, keys: list[int]) -> int:
         """How many leading blocks of a prompt (its block keys) the deepest
         entry that shares them holds."""
         return shared_blocks(keys, self._holder)
 
-    def insert(self, entries: list[tuple[list[int], list | BatchRow, list[int] | None]]) -> None:
-        """Keep each (tokens, cache, keys): the KV of exactly those tokens,
-        and their block keys (None: computed here), evicting the least
-        recently used entries past the byte budget. A `BatchRow`'s copy is
-        its caller's to evaluate (see Batch._keep_kv)."""
+    def insert(self, entries: list[tuple[list[int], list | BatchRow, list[int] | None,
+                                         list[MediaSpan]]]) -> None:
+        """Keep each (tokens, cache, keys, media): the KV of exactly those
+        tokens, their block keys (None: computed here) and the spans of the
+        images and videos among them, evicting the least recently used
+        entries past the byte budget. A `BatchRow`'s copy is its caller's to
+        evaluate (see Batch._keep_kv)."""
         # A finished request's KV comes out of the batch as a lazy copy of
         # its rows; until evaluated, it holds the whole batch's KV buffers
         # alive, many times its own size. Evaluate them, all of one step's in
         # one go and asynchronously, so no decode step waits for it.
-        mx.async_eval([a for _, cache, _ in entries if not isinstance(cache, BatchRow)
+        mx.async_eval([a for _, cache, _, _ in entries if not isinstance(cache, BatchRow)
                        for c in cache
                        for a in (getattr(c, "keys", None), getattr(c, "values", None))
                        if a is not None])
-        for tokens, cache, keys in entries:
+        for tokens, cache, keys, media in entries:
             if len(tokens) >= MIN_REUSE_TOKENS:
-                self._insert(list(tokens), cache, block_keys(tokens) if keys is None else keys)
+                media = _media_before(media, len(tokens))
+                self._insert(list(tokens), cache,
+                             block_keys(tokens, media) if keys is None else keys, media)
         self.shrink(self.nbytes - self.max_bytes)
 
     def _insert(self, tokens: list[int], cache: list | BatchRow, keys: list[int],
-                saved: str = "") -> bool:
+                media: tuple[MediaSpan, ...] = (), saved: str = "") -> bool:
         """False: an entry holds these tokens already (a hit's prompt, repeated)."""
         holder = self._entries.get(self._holder.get(keys[-1])) if keys else None
-        if holder is not None and holder.tokens[:len(tokens)] == tokens:
+        if holder is not None and holder.tokens[:len(tokens)] == tokens \
+                and _media_before(holder.media, len(tokens)) == media:
             return False
         # An entry these tokens extend serves nothing the new one cannot,
         # trimmed: drop it, as mlx-lm's cache does.
@@ -222,10 +251,11 @@ class PrefixCache:
         for old_id in covered:
             old = self._entries.get(old_id)
             if old is not None and len(old.tokens) <= len(tokens) \
-                    and tokens[:len(old.tokens)] == old.tokens:
+                    and tokens[:len(old.tokens)] == old.tokens \
+                    and old.media == _media_before(media, len(old.tokens)):
                 self._remove(old_id)
         nbytes = cache.nbytes if isinstance(cache, BatchRow) else sum(c.nbytes for c in cache)
-        self._entries[entry_id] = _Entry(tokens, cache, nbytes, keys, saved)
+        self._entries[entry_id] = _Entry(tokens, cache, nbytes, keys, media, saved)
         self.nbytes += nbytes
         self._unsaved += not saved
         return True

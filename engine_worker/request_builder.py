@@ -13,6 +13,7 @@ import json
 import llguidance
 
 from engine_worker import grammar, structured, tool_calls
+from engine_worker.blocks import MediaSpan
 from engine_worker.media_client import MediaClient, MediaRefused, PreparedItem
 from engine_worker.memory import MemoryBudget
 from engine_worker.messages import Request
@@ -65,28 +66,39 @@ def media_parts(request: pb.GenerateRequest) -> list[tuple[int, int, mpb.MediaSo
             for j, part in enumerate(m.parts) if part.WhichOneof("part") == "media"]
 
 
-def expand_placeholders(ids: list[int], items: list[PreparedItem]) -> list[int]:
+def expand_placeholders(ids: list[int], items: list[PreparedItem]
+                        ) -> tuple[list[int], list[MediaSpan]]:
     """Each item's placeholder token, as the chat template renders it, becomes the
     item's tokens; items of a family whose template renders none (placeholder 0)
-    go before the whole prompt, in order."""
-    out = [t for it in items if not it.placeholder_token_id for t in it.token_ids]
-    placed = [it for it in items if it.placeholder_token_id]
-    placeholders = {it.placeholder_token_id for it in placed}
+    go before the whole prompt, in order. Also where each item's tokens lie, in
+    `items`' order."""
+    out: list[int] = []
+    span: dict[int, MediaSpan] = {}
+
+    def place(i: int, item: PreparedItem) -> None:
+        span[i] = (len(out), len(out) + len(item.token_ids), item.content_hash)
+        out.extend(item.token_ids)
+
+    for i, it in enumerate(items):
+        if not it.placeholder_token_id:
+            place(i, it)
+    placed = [(i, it) for i, it in enumerate(items) if it.placeholder_token_id]
+    placeholders = {it.placeholder_token_id for _, it in placed}
     k = 0
     for t in ids:
         if t not in placeholders:
             out.append(t)
             continue
-        if k >= len(placed) or placed[k].placeholder_token_id != t:
+        if k >= len(placed) or placed[k][1].placeholder_token_id != t:
             raise InvalidRequest("the prompt's image/video placeholders do not match its "
                                  "media parts (is a placeholder token written in the text?)",
                                  "chat.messages")
-        out += placed[k].token_ids
+        place(*placed[k])
         k += 1
     if k != len(placed):
         raise InvalidRequest(f"the chat template placed {k} of the {len(placed)} media parts",
                              "chat.messages")
-    return out
+    return out, [span[i] for i in range(len(items))]
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -362,9 +374,9 @@ class RequestBuilder:
         """The core's Request; `memory` is the core's budget, `media` the
         request's prepared items (prepare_media)."""
         facts = self.facts
-        prompt = self.prompt_ids(request)
+        prompt, spans = self.prompt_ids(request), []
         if media:
-            prompt = expand_placeholders(prompt, list(media))
+            prompt, spans = expand_placeholders(prompt, list(media))
         context = facts.context_length
         too_long = epb.ERROR_CODE_CONTEXT_LENGTH_EXCEEDED
         if len(prompt) >= context:
@@ -419,4 +431,5 @@ class RequestBuilder:
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
             include_stop=request.include_stop_in_output, prompt_logprobs=prompt_logprobs,
             media=SharedTensors([(it.segment, it.layout) for it in media]) if media else [],
+            media_spans=spans,
             grammar=rule)

@@ -114,6 +114,42 @@ class SequenceMedia:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
+    def for_prefix_cache(self) -> SequenceMedia:
+        """What a prefix-cache entry keeps of it: the positions alone (a few
+        bytes a token, against the embeddings' thousands), from which `after`
+        finds the rope delta of any prefix."""
+        return SequenceMedia(mx.zeros((0, self.embeds.shape[1]), self.embeds.dtype),
+                             self.positions, self.delta, prefilled=True)
+
+    def after(self, n: int) -> SequenceMedia | None:
+        """The state of a row whose first `n` tokens, all its media among
+        them, are in its KV: what follows is text, placed at its cache offset
+        plus the rope delta the media left (None: no delta, as a text row)."""
+        if self.positions is None:
+            return None
+        # Past the prompt (or for a row that was itself resumed: it keeps no
+        # positions), the delta is the one every later token takes.
+        delta = (self.delta if n >= self.positions.shape[1]
+                 else int(self.positions[:, :n].max().item()) + 1 - n)
+        return SequenceMedia(mx.zeros((0, self.embeds.shape[1]), self.embeds.dtype),
+                             mx.zeros((3, 0), self.positions.dtype), delta, prefilled=True)
+
+
+def for_prefix_cache(cache: list) -> list:
+    """A request's cache as the prefix cache keeps it (its media rows
+    reduced to `SequenceMedia.for_prefix_cache`)."""
+    if not cache or not isinstance(cache[-1], MediaRows):
+        return cache
+    return [*cache[:-1], MediaRows([r and r.for_prefix_cache() for r in cache[-1].rows])]
+
+
+def resumed(cache: list, seq: SequenceMedia | None) -> list:
+    """A prefix-cache copy (`for_prefix_cache`) for a request whose own
+    vision state is `seq` (None: a text request)."""
+    if not cache or not isinstance(cache[-1], MediaRows):
+        return cache
+    return [*cache[:-1], MediaRows([seq])]
+
 
 class MediaRows:
     """The cache entry that carries per-row vision state through the batch.

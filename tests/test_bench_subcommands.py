@@ -168,6 +168,19 @@ def test_cache_miss_against_hit(tiny_model, tmp_path):
 # -- media ---------------------------------------------------------------------------
 
 
+def test_media_second_turn(tmp_path):
+    out = tmp_path / "turns.json"
+    done = bench("media", "--parts", "turns", "--cache", str(tmp_path / "models"),
+                 "--rounds", "1", "--image-size", "320x240", "--prompt-tokens", "400",
+                 "--max-tokens", "8", "--output", str(out))
+    assert "the second turn about a picture" in done.stdout
+    r = results_of(out, "media")["turns"]
+    positive(r, "first_ttft_ms", "second_ttft_ms", "speedup", "prompt_tokens")
+    # The filler is fitted to the asked length by measuring the prompt.
+    assert abs(r["prompt_tokens"] - 400) <= 40, r["prompt_tokens"]
+    assert len(r["first_ttft_all_ms"]) == len(r["second_ttft_all_ms"]) == 1
+
+
 def test_media_load_and_prepare(tmp_path):
     out = tmp_path / "media.json"
     done = bench("media", "--cache", str(tmp_path / "models"),

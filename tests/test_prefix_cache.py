@@ -128,23 +128,134 @@ def test_untrimmable_cache_types_turn_reuse_off(tiny_model, monkeypatch, caplog)
     assert "prefix cache off" in caplog.text
 
 
-def test_images_key_the_cache_apart(tiny_vlm):
-    """Two prompts with the same tokens but different images must not share KV:
-    media requests neither feed nor read the prefix cache."""
-    from tests.test_vision_scheduler import Prompter, picture, start_engine, tokens_of
+def vlm_engines(path):
+    """The vision-language model at `path` in two engines, with and without the
+    prefix cache; the cached one counts its encoder's runs (`encodes`)."""
+    from tests.test_vision_scheduler import start_engine
 
-    e = start_engine(tiny_vlm)
-    try:
-        p = Prompter(tiny_vlm)
-        outs = []
-        for i, image in enumerate((picture(80, 60, 1), picture(80, 60, 2), picture(80, 60, 1))):
-            r = p.request(f"img-{i}", "Describe.", images=[image])
-            e.submit(r)
-            outs.append(tokens_of(e.collector.wait(r.request_id)))
-        assert outs[0] != outs[1] and outs[0] == outs[2]
-        assert e.stats.cache_hits == e.stats.cache_misses == e.stats.cache_bytes == 0
-    finally:
-        e.stop()
+    cached_e, plain_e = start_engine(path), start_engine(path, prefix_cache=False)
+    cached_e.encodes = []
+    model = cached_e.loaded.model
+    start_encoding = model.start_encoding
+
+    def counted(prompt, media):
+        cached_e.encodes.append(len(media))
+        return start_encoding(prompt, media)
+
+    model.start_encoding = counted
+    return cached_e, plain_e
+
+
+@pytest.fixture(scope="module")
+def vlm_pair(tiny_vlm):
+    """The tiny Qwen2-VL in two engines (vlm_engines), and a prompter."""
+    from tests.test_vision_scheduler import Prompter
+
+    cached_e, plain_e = vlm_engines(tiny_vlm)
+    yield cached_e, plain_e, Prompter(tiny_vlm)
+    cached_e.stop()
+    plain_e.stop()
+
+
+def answer(engine, request) -> list[int]:
+    from tests.test_vision_scheduler import tokens_of
+
+    engine.submit(request)
+    return tokens_of(engine.collector.wait(request.request_id))
+
+
+def second_turn(cached_e, plain_e, p, image, same_tokens: bool = True
+                ) -> tuple[list[dict], list[int]]:
+    """Turn one (the picture and a question), then turn two carrying it and its
+    answer: turn two's KV, rope delta included, comes from the cache, so the
+    encoder does not run, and greedy decoding gives what the engine without
+    the cache gives (`same_tokens`: unless its encoder is not repeatable).
+    Turn two's messages and tokens."""
+    first = [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "What is in it?"}]}]
+    r1 = p.chat("turn-1", first, [image], max_tokens=16)
+    reply = p.tokenizer.decode(answer(cached_e, r1))
+    encodes = len(cached_e.encodes)
+    second = [*first, {"role": "assistant", "content": reply},
+              {"role": "user", "content": [{"type": "text", "text": "And its colours?"}]}]
+    r2 = p.chat("turn-2", second, [image], max_tokens=16)
+    before = cached_e.stats.cache_tokens_reused
+    got = answer(cached_e, r2)
+    assert len(cached_e.encodes) == encodes  # no encoder run
+    assert cached_e.stats.cache_tokens_reused - before >= r2.media_spans[0][1]
+    if same_tokens:
+        assert got == answer(plain_e, p.chat("turn-2-plain", second, [image], max_tokens=16))
+    # Asked again another way: served from turn two's own entry, itself resumed.
+    again = [*second[:-1], {"role": "user", "content": "And its shapes?"}]
+    reused = cached_e.stats.cache_tokens_reused
+    tokens = answer(cached_e, p.chat("turn-2-again", again, [image], max_tokens=16))
+    assert len(cached_e.encodes) == encodes
+    assert cached_e.stats.cache_tokens_reused - reused >= r2.media_spans[0][1]
+    if same_tokens:
+        assert tokens == answer(plain_e, p.chat("again-plain", again, [image], max_tokens=16))
+    return second, got
+
+
+def test_images_key_the_cache_apart(vlm_pair):
+    """The same tokens with another picture reuse nothing from the picture on;
+    the same picture again reuses all of it and skips the encoder."""
+    from tests.test_vision_scheduler import picture
+
+    cached_e, plain_e, p = vlm_pair
+    outs, reused = [], []
+    for i, seed in enumerate((11, 12, 11)):
+        r = p.request(f"apart-{i}", "Describe this picture in detail.",
+                      images=[picture(80, 60, seed)])
+        before = cached_e.stats.cache_tokens_reused
+        outs.append(answer(cached_e, r))
+        reused.append(cached_e.stats.cache_tokens_reused - before)
+        assert outs[-1] == answer(plain_e, r)
+        start = r.media_spans[0][0]
+    assert outs[0] != outs[1] and outs[0] == outs[2]
+    assert reused[1] <= start  # the text before the picture, at most
+    assert reused[2] >= r.media_spans[0][1]
+
+
+def test_second_turn_about_a_picture_skips_its_encoder_and_prefill(vlm_pair):
+    from tests.test_vision_scheduler import picture
+
+    cached_e, plain_e, p = vlm_pair
+    image = picture(96, 72, 21)
+    second, got = second_turn(cached_e, plain_e, p, image)
+    encodes = len(cached_e.encodes)
+
+    # A third turn bringing a second picture reuses up to it, encodes, and
+    # still decodes as the plain engine does.
+    third = [*second, {"role": "assistant", "content": p.tokenizer.decode(got)},
+             {"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "And this one?"}]}]
+    images = [image, picture(64, 64, 22)]
+    r3 = p.chat("turn-3", third, images, max_tokens=16)
+    before = cached_e.stats.cache_tokens_reused
+    got = answer(cached_e, r3)
+    assert len(cached_e.encodes) == encodes + 1
+    assert r3.media_spans[0][1] < cached_e.stats.cache_tokens_reused - before \
+        <= r3.media_spans[1][0]
+    assert got == answer(plain_e, p.chat("turn-3-plain", third, images, max_tokens=16))
+
+
+def test_text_requests_share_only_what_precedes_a_picture(vlm_pair):
+    """A text request whose tokens match a media entry's up to the picture's
+    placeholders takes none of the picture's KV, and decodes as without the cache."""
+    from tests.test_vision_scheduler import picture
+
+    cached_e, plain_e, p = vlm_pair
+    system = {"role": "system", "content": "You describe pictures. " * 12}
+    with_image = [system, {"role": "user", "content": [{"type": "image"},
+                                                       {"type": "text", "text": "Go."}]}]
+    r = p.chat("sys-image", with_image, [picture(80, 60, 31)])
+    answer(cached_e, r)
+    text = p.chat("sys-text", [system, {"role": "user", "content": "Go."}])
+    before = cached_e.stats.cache_tokens_reused
+    got = answer(cached_e, text)
+    assert 0 < cached_e.stats.cache_tokens_reused - before <= r.media_spans[0][0]
+    assert got == answer(plain_e, p.chat("sys-text-plain", [system,
+                                                            {"role": "user", "content": "Go."}]))
 
 
 # -- a real engine process: stats, the admin RPC, the gateway ----------------------------
@@ -442,14 +553,14 @@ def test_the_index_finds_the_longest_shared_prefix_and_drops_what_it_extends():
     a, b = ids(40, seed=90), None
     b = a[:20] + ids(30, seed=91)
     pc = PrefixCache(1 << 30)
-    pc.insert([(a, kv(a), None), (b, kv(b), None)])
+    pc.insert([(a, kv(a), None, ()), (b, kv(b), None, ())])
     assert fetched(pc, a[:35] + [1, 2]) == 35
     assert fetched(pc, b + [3]) == len(b)
     assert fetched(pc, a[:18] + [4] * 20) == 18   # one block, then token by token
     assert fetched(pc, a[:15] + [5] * 20) == 0     # less than a block: a miss
     assert fetched(pc, a) == len(a) - 1            # one token is always left
     c = a + ids(10, seed=92)
-    pc.insert([(c, kv(c), None)])
+    pc.insert([(c, kv(c), None, ())])
     assert len(pc) == 2                            # c extends a: a is gone
     assert fetched(pc, c + [6]) == len(c)
     pc.max_bytes = pc.nbytes - 1

@@ -135,6 +135,26 @@ def test_items_join_as_the_processor_batches_them(family, family_model):
 # -- in the engine loop --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", [f for f in ALL if f != "qwen2_vl"])  # test_prefix_cache.py
+def test_a_second_turn_about_a_picture_reuses_its_kv(family, family_model):
+    """The prefix cache serves the second turn of a chat about a picture
+    (test_prefix_cache.second_turn) in every family whose KV can be cut back
+    to a prefix; the others run with it off."""
+    from tests.test_prefix_cache import second_turn, vlm_engines
+
+    path = family_model(family)
+    cached_e, plain_e = vlm_engines(path)
+    try:
+        if cached_e._prefix is None:
+            assert family in ("paligemma", "gemma3")  # both ways / sliding windows
+            return
+        second_turn(cached_e, plain_e, Prompter(path), picture(96, 72, 21),
+                    same_tokens=family not in UNSTABLE)
+    finally:
+        cached_e.stop()
+        plain_e.stop()
+
+
 @pytest.mark.parametrize("family", OTHERS)
 def test_batched_as_alone_and_as_mlx_vlm(family, family_model):
     path = family_model(family)

@@ -2,6 +2,7 @@
 random-weight VLMs: media requests join the same batch as text requests, each
 keeps its own image, and batching changes nothing any request gets."""
 
+import hashlib
 import time
 
 import numpy as np
@@ -34,14 +35,22 @@ class Prompter:
     def request(self, rid, text, images=(), videos=(), max_tokens=12, **sampling) -> Request:
         content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": text})
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                 add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
+        return self.chat(rid, [{"role": "user", "content": content}], images, videos,
+                         max_tokens, **sampling)
+
+    def chat(self, rid, messages, images=(), videos=(), max_tokens=12, **sampling) -> Request:
+        """A request for a whole conversation; `images` and `videos` in prompt order."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
         prepared = [self.pre.image(i) for i in images] + [self.pre.video(v) for v in videos]
-        items = [PreparedItem("", [], 0, p.placeholder_token_id, p.token_ids, 1)
+        # The media worker hashes an item's bytes; its tensors stand in for them here.
+        items = [PreparedItem("", [], 0, p.placeholder_token_id, p.token_ids, 1,
+                              hashlib.sha256(b"".join(np.ascontiguousarray(t).tobytes()
+                                                      for t in p.tensors.values())).hexdigest())
                  for p in prepared]
-        return Request(rid, expand_placeholders(list(ids), items), max_tokens,
-                       SamplingParams(**sampling), media=[p.tensors for p in prepared])
+        prompt, spans = expand_placeholders(list(ids), items)
+        return Request(rid, prompt, max_tokens, SamplingParams(**sampling),
+                       media=[p.tensors for p in prepared], media_spans=spans)
 
 
 def picture(w, h, seed) -> Image.Image:

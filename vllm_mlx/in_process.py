@@ -56,7 +56,7 @@ class LocalMedia:
                     raise MediaRefused(i, str(e)) from None
                 segment, layout = write_segment(r.tensors)
                 items.append(PreparedItem(segment, layout, r.nbytes, r.placeholder_token_id,
-                                          r.token_ids, r.frames))
+                                          r.token_ids, r.frames, r.content_hash))
         except BaseException:
             for it in items:
                 unlink(it.segment)

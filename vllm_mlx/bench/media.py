@@ -1,5 +1,6 @@
-"""Media: text latency while images are prepared (`load`), and what preparing
-images and videos costs (`prepare`), on the tiny Qwen2-VL test model.
+"""Media: text latency while images are prepared (`load`), what preparing
+images and videos costs (`prepare`), and the second turn of a chat about a
+picture against the first (`turns`), on the tiny Qwen2-VL test model.
 
 load: the whole stack (`vllm-mlx-up`: gateway, engine, 2 media workers).
 Text requests (chat, max_tokens=1, so latency is time to first token) go one
@@ -21,6 +22,10 @@ of Prepare through a real media worker process. Two processor profiles: the
 tiny test model's (images capped at 752,640 pixels, video frames at 100,352)
 and Qwen2-VL-7B's shipped preprocessor_config.json (max_pixels 12,845,056 for
 both, so 1080p is preprocessed at full size).
+
+turns: the whole stack (`vllm-mlx-up`); time to first token of a first turn
+(a fresh --image-size picture and text, --prompt-tokens in all) and of the
+second turn about the same picture (vllm_mlx/bench/turns.py).
 
     vllm-mlx-bench media --output bench-media.json
     vllm-mlx-bench media --parts load --rounds 3 --per-round 100 --output FILE
@@ -60,7 +65,7 @@ COUNTS = ("steps", "prefill_passes")  # of the engine loop's stats; the rest are
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--parts", nargs="+", choices=["load", "prepare"],
+    ap.add_argument("--parts", nargs="+", choices=["load", "prepare", "turns"],
                     default=["load", "prepare"], help="what to measure (see above)")
     ap.add_argument("--cache", type=Path, default=default_cache(),
                     help="where the tiny test model is built")
@@ -73,12 +78,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="tokens per text request; above 1 they stream, and the figures are "
                         "inter-token latencies (gaps between a stream's tokens), not TTFT")
     g.add_argument("--image-size", type=size, default="1920x1080", metavar="WxH",
-                   help="the load's images")
+                   help="the load's images, and the turns' pictures")
     g.add_argument("--load-images", type=int, default=100,
                    help="images each load process makes before it starts (at most what "
                         "one state's load sends)")
     g.add_argument("--port", type=int, default=0, help="the gateway's; 0: a free port")
     g.add_argument("--engine-port", type=int, default=0, help="the engine's; 0: a free port")
+    g = ap.add_argument_group("turns (and --rounds, --image-size)")
+    g.add_argument("--prompt-tokens", type=int, default=2000,
+                   help="the first turn's prompt, picture included")
+    g.add_argument("--max-tokens", type=int, default=32, help="each turn's answer")
     g = ap.add_argument_group("prepare")
     g.add_argument("--reps", type=int, default=3, help="runs per figure (median kept)")
     g.add_argument("--image-sizes", type=size, nargs="+", metavar="WxH",
@@ -116,6 +125,9 @@ def run(a: argparse.Namespace) -> dict:
     if "prepare" in a.parts:
         out["prepare"] = run_prepare(a, model)
         print_prepare(out["prepare"])
+    if "turns" in a.parts:
+        out["turns"] = run_second_turns(a, model)
+        print_turns(out["turns"])
     return out
 
 
@@ -315,6 +327,26 @@ def run_load(a: argparse.Namespace, model: Path) -> dict:
                 text_tokens=a.text_tokens,
                 image_size=a.image_size, load_images=a.load_images,
                 in_flight=IN_FLIGHT, media_workers=len(stack.media), **result)
+
+
+def run_second_turns(a: argparse.Namespace, model: Path) -> dict:
+    from vllm_mlx.bench.turns import run_turns
+
+    port, engine_port = ports(0, 2)
+    stack = Stack(model, a.port or port, a.engine_port or engine_port)
+    try:
+        return run_turns(stack.url, parse_size(a.image_size), a.prompt_tokens, a.rounds,
+                         a.max_tokens)
+    finally:
+        stack.stop()
+
+
+def print_turns(r: dict) -> None:
+    print(report.banner("the second turn about a picture: time to first token"))
+    print(report.table([[r["image_size"], r["prompt_tokens"], f"{r['first_ttft_ms']:.1f}",
+                         f"{r['second_ttft_ms']:.1f}", f"{r['speedup']:.1f}x"]],
+                       ["picture", "prompt tokens", "first turn ms", "second turn ms",
+                        "speed-up"]))
 
 
 def print_load(r: dict) -> None:

@@ -23,6 +23,7 @@ class Outcome:
     chunks: int = 0              # events with content
     usage_tokens: int | None = None
     prompt_tokens: int | None = None
+    text: str = ""               # the content streamed
 
     @property
     def output_tokens(self) -> int:
@@ -102,6 +103,8 @@ class _Stream:
             self.out.prompt_tokens = usage.get("prompt_tokens")
         if _has_content(obj):
             self.out.chunks += 1
+            self.out.text += "".join((c.get("delta") or {}).get("content") or ""
+                                     for c in obj.get("choices") or ())
             return True
         return False
 
