@@ -24,6 +24,7 @@ engine takes its requests one at a time (loop.py says so in its log).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,7 +273,7 @@ class BatchedVisionLM(nn.Module):
         """The same work as `encode`, to be run a slice at a time between
         decode steps (`Encoding.advance`)."""
         slices: list[mx.array] = []
-        with _attention_in_slices(slices):
+        with _encoder_in_slices(slices):
             seq = self._build(prompt, media)
         return Encoding(seq, slices)
 
@@ -422,7 +423,7 @@ class BatchedVisionLM(nn.Module):
 class Encoding:
     """A request's media being encoded, a slice at a time. The whole graph is
     built up front; its attention is split by query rows
-    (`_attention_in_slices`), and each `advance` evaluates slices in order until
+    (`_encoder_in_slices`), and each `advance` evaluates slices in order until
     its deadline passes: each slice computes only what it needs that earlier
     ones have not, so decode steps can run between slices."""
 
@@ -451,37 +452,48 @@ def slice_macs() -> int:
 
 
 @contextmanager
-def _attention_in_slices(slices: list[mx.array]):
-    """While mlx-vlm builds a vision encoder's graph, split each attention
-    without a mask by query rows, exactly (every query row attends to all keys
-    on its own), and note the pieces in `slices`: a 1080p image's attention
-    over 3,772 patches is most of the encoder's time, and one piece is what a
-    decode step waits for. A family that evaluates its features while building
-    (Qwen3-VL's deepstack) leaves nothing to slice: what it built is done."""
-    whole, evaluate = mx.fast.scaled_dot_product_attention, mx.eval
+def _encoder_in_slices(slices: list[mx.array]):
+    """While mlx-vlm builds a vision encoder's graph, split its two largest
+    single operations into exact pieces, and note the pieces in `slices`:
+    each attention without a mask, by query rows (every query row attends to
+    all keys on its own), and each 3-D convolution, by batch rows (the
+    Qwen-VL patch embedding takes every patch as a row of its own). A 1080p
+    image's attention over 3,772 patches is most of the encoder's time; its
+    patch embedding took 150-350 ms in one piece on the 2-core CPU; one piece
+    is what a decode step waits for. A family that evaluates its features
+    while building (Qwen3-VL's deepstack) leaves nothing to slice: what it
+    built is done."""
+    whole, whole_conv3d, evaluate = mx.fast.scaled_dot_product_attention, mx.conv3d, mx.eval
 
     def evaluate_all(*arrays):
         slices.clear()
         return evaluate(*arrays)
 
+    def in_pieces(rows: int, row_macs: int, axis: int, piece) -> mx.array:
+        step = max(1, slice_macs() // max(1, row_macs))
+        parts = [piece(i, min(rows, i + step)) for i in range(0, max(rows, 1), step)]
+        slices.extend(parts)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
     def sliced(q, k, v, *, scale, mask=None, **kwargs):
         if mask is not None or kwargs or q.ndim != 4:
             return whole(q, k, v, scale=scale, mask=mask, **kwargs)
         batch, heads, rows, dim = q.shape
-        step = max(1, slice_macs() // max(1, batch * heads * k.shape[2] * dim))
-        if step >= rows:
-            out = whole(q, k, v, scale=scale)
-            slices.append(out)
-            return out
-        parts = [whole(q[:, :, i:i + step], k, v, scale=scale) for i in range(0, rows, step)]
-        slices.extend(parts)
-        return mx.concatenate(parts, axis=2)
+        return in_pieces(rows, batch * heads * k.shape[2] * dim, 2,
+                         lambda i, j: whole(q[:, :, i:j], k, v, scale=scale))
 
-    mx.fast.scaled_dot_product_attention, mx.eval = sliced, evaluate_all
+    def conv3d_sliced(x, weight, *args, **kwargs):
+        # Multiply-adds per row: the weight's once per output position
+        # (as many as input positions, over the stride's volume).
+        per_row = weight.size * max(1, math.prod(x.shape[1:-1]) // math.prod(weight.shape[1:-1]))
+        return in_pieces(x.shape[0], per_row, 0,
+                         lambda i, j: whole_conv3d(x[i:j], weight, *args, **kwargs))
+
+    mx.fast.scaled_dot_product_attention, mx.conv3d, mx.eval = sliced, conv3d_sliced, evaluate_all
     try:
         yield
     finally:
-        mx.fast.scaled_dot_product_attention, mx.eval = whole, evaluate
+        mx.fast.scaled_dot_product_attention, mx.conv3d, mx.eval = whole, whole_conv3d, evaluate
 
 
 class _HoldBackLast:
