@@ -105,6 +105,9 @@ class Loop:
                 raise QueueFull(f"{len(self._in_flight)} requests are in flight")
             self._in_flight.add(request.request_id)
             self.stats.requests_total += 1
+        if isinstance(request.media, list) and request.media \
+                and hasattr(self.loaded.model, "media_inputs"):
+            request.media = self.loaded.model.media_inputs(request.media)
         if self._prefix is not None and _cacheable(request):
             request.prefix_keys = block_keys(request.prompt[:-1], request.media_spans)  # here,
             # off the loop's thread

@@ -48,8 +48,10 @@ class Request:
     # Vision-language models: each image or video of the prompt, in prompt
     # order, as its processor's tensors by name (pixel_values, image_grid_thw,
     # ...); the prompt already holds each item's placeholder tokens. From the
-    # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors.
-    media: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # front end they cross the pipe as vllm_mlx.ipc.shared_tensors.SharedTensors;
+    # the core's reader thread makes them the model's MLX arguments
+    # (vision.py's media_inputs), so the loop's thread does not copy them.
+    media: list[dict[str, np.ndarray]] | dict[str, Any] = field(default_factory=list)
     # Where each item's tokens lie in the prompt, with its content hash
     # (blocks.MediaSpan): what lets the prefix cache tell pictures apart.
     media_spans: list[tuple[int, int, str]] = field(default_factory=list)

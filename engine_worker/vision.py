@@ -261,29 +261,39 @@ class BatchedVisionLM(nn.Module):
 
     # -- admission: one request's prompt and media -> SequenceMedia ------------
 
-    def encode(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> SequenceMedia:
+    def encode(self, prompt: list[int],
+               media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         """Run the vision encoder over a request's media (items in prompt
         order) and merge the features into its prompt's embeddings."""
         seq = self._build(prompt, media)
         mx.eval(*seq.arrays)
         return seq
 
+    def media_inputs(self, media: list[dict[str, np.ndarray]]) -> dict[str, mx.array]:
+        """A request's items as the model's arguments (`model_inputs`): the
+        copy of their tensors into MLX arrays, which `start_encoding` takes
+        instead of the items, so that the engine can make it off its loop's
+        thread (a 1080p image's are 18 MB)."""
+        return model_inputs(media, self.wiring.per_sample)
+
     def start_encoding(self, prompt: list[int],
-                       media: list[dict[str, np.ndarray]]) -> Encoding:
+                       media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> Encoding:
         """The same work as `encode`, to be run a slice at a time between
-        decode steps (`Encoding.advance`)."""
+        decode steps (`Encoding.advance`). `media`: the items, or their
+        `media_inputs`."""
         slices: list[mx.array] = []
         with _encoder_in_slices(slices):
             seq = self._build(prompt, media)
         return Encoding(seq, slices)
 
-    def _build(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> SequenceMedia:
+    def _build(self, prompt: list[int],
+               media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         """The request's SequenceMedia, not yet evaluated: mlx-vlm's code only
         builds the encoder's graph (it evaluates nothing that depends on the
         pixels)."""
         if prompt[-1] in self.media_token_ids:
             raise ValueError("the prompt must not end inside an image or video")
-        kwargs = model_inputs(media, self.wiring.per_sample)
+        kwargs = dict(media) if isinstance(media, dict) else self.media_inputs(media)
         input_ids = mx.array([prompt])
         if self.wiring.image_mask and media:
             kwargs[self.wiring.image_mask] = input_ids == self.vlm.config.image_token_index
@@ -319,7 +329,8 @@ class BatchedVisionLM(nn.Module):
         start = cfg.vision_start_token_id
         return [start, cfg.image_token_id, start], media
 
-    def cache_for(self, prompt: list[int], media: list[dict[str, np.ndarray]]) -> list:
+    def cache_for(self, prompt: list[int],
+                  media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> list:
         """A fresh cache for one request, its media encoded into it."""
         return self.cache_with(self.encode(prompt, media))
 
