@@ -118,18 +118,21 @@ class Batch:
 
     def encode(self, deadline: float, clock: Callable[[], float]) -> None:
         """Run the first waiting media request's encoder until `deadline` (at
-        least one slice); once done, the request joins the batch."""
+        least one slice); on the call after the one that finished it, the
+        request joins the batch: the step after its last slice would
+        otherwise also run its prompt's first pass, one long gap for the
+        text streams instead of two short ones."""
         r, job = self.encoding[0]
-        try:
-            done = job.advance(deadline, clock)
-        except Exception as e:
-            self.encoding.popleft()
-            self._encoding_failed(r, e)
-            return
-        if done:
+        if job.done:
             self.encoding.popleft()
             self._encoded[r.request_id] = job.seq
             self.insert([r])
+            return
+        try:
+            job.advance(deadline, clock)
+        except Exception as e:
+            self.encoding.popleft()
+            self._encoding_failed(r, e)
 
     def _encoding_failed(self, r: Request, e: Exception) -> None:
         log.exception("request %s: encoding its media failed", r.request_id)

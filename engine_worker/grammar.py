@@ -59,7 +59,7 @@ class GrammarRow:
         vocab = logits.shape[-1]
         masks = np.full((1, (vocab + 31) // 32), -1, dtype=np.int32)
         _fill(self.matcher, masks[0])
-        return mx.where(_allowed(masks, vocab), logits, mx.array(-mx.inf, logits.dtype))
+        return mx.where(_allowed(masks, vocab), logits, _NEG_INF)
 
     def advance(self, token: int) -> bool:
         """Feed the row's last token; False when the request cannot go on."""
@@ -87,15 +87,23 @@ def mask_logits(logits: mx.array, inputs: mx.array, uids: list[int],
     for k, (i, row) in enumerate(constrained):
         if row.advance(last[i]):
             _fill(row.matcher, masks[k])
+    allowed = _allowed(masks, vocab)
+    if len(constrained) == len(uids):  # one select, not a gather and a scatter
+        return mx.where(allowed, logits, _NEG_INF)
     at = mx.array([i for i, _ in constrained])
-    logits[at] = mx.where(_allowed(masks, vocab), logits[at], mx.array(-mx.inf, logits.dtype))
+    logits[at] = mx.where(allowed, logits[at], _NEG_INF)
     return logits
 
 
+_NEG_INF = -float("inf")  # a Python scalar: the select keeps the logits' dtype
+
+
 def _allowed(masks: np.ndarray, vocab: int) -> mx.array:
-    """Rows of 32-bit words (bit j of word w: token 32w + j) as rows x vocab booleans."""
-    bits = (mx.array(masks.view(np.uint32))[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
-    return bits.reshape(masks.shape[0], -1)[:, :vocab].astype(mx.bool_)
+    """Rows of 32-bit words (bit j of word w: token 32w + j) as rows x vocab
+    booleans. Unpacked by numpy: one copy in, one select on the device, where
+    unpacking there took five ops (1.1 ms a step on the CPU at 128k tokens)."""
+    bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return mx.array(bits.view(np.bool_))
 
 
 def _fill(matcher: llguidance.LLMatcher, row: np.ndarray) -> None:

@@ -166,6 +166,7 @@ class Loop:
         clock = time.perf_counter
         while not self._stopping:
             t0 = clock()
+            encodings = len(batch.encoding)
             self._drain_inbox()
             self._admit()
             t1 = clock()
@@ -173,9 +174,12 @@ class Loop:
             text_decoding = False
             if batch.encoding:
                 # Media is encoded here, a slice at a time, under a budget
-                # (admission.EncodeBudget): text streams keep their pace.
+                # (admission.EncodeBudget): text streams keep their pace. An
+                # admission that has just built an encoder's graph was this
+                # step's share already.
                 text_decoding = batch.text_decoding
-                batch.encode(self._encode_budget.deadline(text_decoding), clock)
+                if not (text_decoding and len(batch.encoding) > encodings):
+                    batch.encode(self._encode_budget.deadline(text_decoding), clock)
                 t0, t1 = t1, clock()
                 spent["encode"] += t1 - t0
                 if not batch.running:

@@ -105,11 +105,22 @@ class SequenceMedia:
     deepstack: list[mx.array] | None = None
     # Set once every prompt token but the last (always text) is in the KV cache.
     prefilled: bool = False
+    # The delta as built, until `settle` reads it into `delta`: reading it
+    # while the encoder's graph is built would wait for the device to finish
+    # what is queued before it (a decode step, on a GPU).
+    unread_delta: mx.array | None = None
 
     @property
     def arrays(self) -> list[mx.array]:
         return [self.embeds, *([] if self.positions is None else [self.positions]),
-                *(self.deepstack or [])]
+                *(self.deepstack or []),
+                *([] if self.unread_delta is None else [self.unread_delta])]
+
+    def settle(self) -> None:
+        """Read the rope delta, once `arrays` are evaluated."""
+        if self.unread_delta is not None:
+            self.delta = int(self.unread_delta.item())
+            self.unread_delta = None
 
     @property
     def nbytes(self) -> int:
@@ -239,6 +250,11 @@ class BatchedVisionLM(nn.Module):
         self._deepstack = model_type == "qwen3_vl"
         self._embed = _token_embedding(self._lm)
         self._cache_kinds = _cache_kinds(self._lm)
+        # The encoder's own stream: its slices, and the small reads mlx-vlm
+        # makes while building its graph (grid sizes, the rope delta), wait
+        # only for encoder work, not for the decode step queued before them,
+        # and a device that can runs them beside the decode steps.
+        self._encoder_stream = mx.new_stream(mx.default_device())
         cfg = vlm.config
         self.media_token_ids = {getattr(cfg, name) for name in (
             "image_token_id", "image_token_index", "video_token_id", "video_token_index")
@@ -267,6 +283,7 @@ class BatchedVisionLM(nn.Module):
         order) and merge the features into its prompt's embeddings."""
         seq = self._build(prompt, media)
         mx.eval(*seq.arrays)
+        seq.settle()
         return seq
 
     def media_inputs(self, media: list[dict[str, np.ndarray]]) -> dict[str, mx.array]:
@@ -293,6 +310,11 @@ class BatchedVisionLM(nn.Module):
         pixels)."""
         if prompt[-1] in self.media_token_ids:
             raise ValueError("the prompt must not end inside an image or video")
+        with mx.stream(self._encoder_stream):
+            return self._build_on_stream(prompt, media)
+
+    def _build_on_stream(self, prompt: list[int],
+                         media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         kwargs = dict(media) if isinstance(media, dict) else self.media_inputs(media)
         input_ids = mx.array([prompt])
         if self.wiring.image_mask and media:
@@ -307,12 +329,12 @@ class BatchedVisionLM(nn.Module):
         if not self._mrope:
             return SequenceMedia(embeds)
         positions = features.position_ids[:, 0, :]  # [3, L]
-        delta = int(mx.array(features.rope_deltas).reshape(-1)[0].item())
         visual_mask = deepstack = None
         if self._deepstack and getattr(features, "deepstack_visual_embeds", None) is not None:
             visual_mask = np.array(features.visual_pos_masks[0])
             deepstack = list(features.deepstack_visual_embeds)
-        return SequenceMedia(embeds, positions, delta, visual_mask, deepstack)
+        return SequenceMedia(embeds, positions, 0, visual_mask, deepstack,
+                             unread_delta=mx.array(features.rope_deltas).reshape(-1)[0])
 
     def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]] | None:
         """The smallest image request the model takes (one merged patch), so
@@ -452,6 +474,8 @@ class Encoding:
             mx.eval(self._pending.pop(0))
             if clock() >= deadline:
                 break
+        if self.done:
+            self.seq.settle()
         return self.done
 
 
