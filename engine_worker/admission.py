@@ -40,12 +40,8 @@ from engine_worker.blocks import BLOCK_TOKENS, shared_blocks
 
 # A media request held back for text requests joins anyway after this long.
 MEDIA_HOLD_MAX_S = 0.5
-# The vision encoder's share of the engine's time while text rows decode:
-# before each step it runs until ENCODE_SHARE of the last steps' mean time has
-# passed (at least one slice), so a text stream's inter-token latency grows by
-# about that share while images are encoded.
-ENCODE_SHARE = 0.25
-# With no text row decoding it runs this long before looking at the queue again.
+# With no text row decoding, the vision encoder runs this long before the
+# loop looks at its queue again (with text rows, one slice a step).
 ENCODE_ALONE_S = 0.05
 # An idle engine gathers a burst until this long passes with no new arrival.
 IDLE_GATHER_GAP_S = 0.001
@@ -154,7 +150,7 @@ class Admission:
             # step with the generator.
             return decision
         # A media request's vision encoder runs on the loop's thread between
-        # steps (`EncodeBudget`), and its image tokens then fill the
+        # steps (loop.py), and its image tokens then fill the
         # generator's prefill batch. So media requests start one at a time,
         # once the last one's encoder is done and no text request is waiting
         # or still waiting for its first token; text requests behind them go
@@ -234,23 +230,3 @@ def _waits_for_prefill(r: Waiting, prefilling: set[int], admitted: set[int],
         return False
     cached = cached_blocks(r) * BLOCK_TOKENS
     return (shared * BLOCK_TOKENS - cached) >= SHARED_PREFILL_WAIT * (len(r.prompt) - cached)
-
-
-class EncodeBudget:
-    """How long the vision encoder may run before each decode step."""
-
-    def __init__(self, share: float = ENCODE_SHARE, alone_s: float = ENCODE_ALONE_S,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.share, self.alone_s, self.clock = share, alone_s, clock
-        self._step_s: float | None = None  # mean of recent steps' time
-
-    def stepped(self, seconds: float) -> None:
-        """A decode step with text rows in it took `seconds`."""
-        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
-
-    def deadline(self, text_decoding: bool) -> float:
-        """When the encoder stops for the next step (it runs at least one
-        slice). `text_decoding`: some text row is in the batch."""
-        if not text_decoding:
-            return self.clock() + self.alone_s
-        return self.clock() + self.share * (self._step_s or 0.0)

@@ -116,23 +116,26 @@ class Batch:
         would stall)."""
         return any(not st.request.media for st in self.running.values())
 
-    def encode(self, deadline: float, clock: Callable[[], float]) -> None:
-        """Run the first waiting media request's encoder until `deadline` (at
-        least one slice); on the call after the one that finished it, the
-        request joins the batch: the step after its last slice would
-        otherwise also run its prompt's first pass, one long gap for the
-        text streams instead of two short ones."""
+    def encode(self, deadline: float | None, clock: Callable[[], float]) -> None:
+        """Run the first waiting media request's encoder: one slice queued
+        beside the decode steps (`deadline` None: text rows decode), or
+        slices until `deadline`. On the call after its last slice, the
+        request joins the batch: the step after that slice would otherwise
+        also run its prompt's first pass, one long gap for the text streams
+        instead of two short ones."""
         r, job = self.encoding[0]
-        if job.done:
-            self.encoding.popleft()
-            self._encoded[r.request_id] = job.seq
-            self.insert([r])
-            return
         try:
-            job.advance(deadline, clock)
+            if not job.queued:
+                job.queue_next() if deadline is None else job.advance(deadline, clock)
+                return
+            seq = job.finish()
         except Exception as e:
             self.encoding.popleft()
             self._encoding_failed(r, e)
+            return
+        self.encoding.popleft()
+        self._encoded[r.request_id] = seq
+        self.insert([r])
 
     def _encoding_failed(self, r: Request, e: Exception) -> None:
         log.exception("request %s: encoding its media failed", r.request_id)

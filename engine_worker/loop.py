@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from engine_worker import grammar
-from engine_worker.admission import Admission, EncodeBudget
+from engine_worker.admission import ENCODE_ALONE_S, Admission
 from engine_worker.batch import Batch
 from engine_worker.blocks import block_keys
 from engine_worker.memory import MemoryBudget, make_room, set_up_memory
@@ -68,7 +68,6 @@ class Loop:
             settings.max_num_seqs, settings.prefill_batch_size, settings.admit_window_s)
         self._batch: Batch | None = None  # set at load
         self._prefix: PrefixCache | None = None  # likewise, unless turned off
-        self._encode_budget = EncodeBudget()
         self._outbox = StepOutputs()
         self._rate = TokenRate()
         self._stopping = False
@@ -171,15 +170,14 @@ class Loop:
             self._admit()
             t1 = clock()
             spent["admit"] += t1 - t0
-            text_decoding = False
             if batch.encoding:
-                # Media is encoded here, a slice at a time, under a budget
-                # (admission.EncodeBudget): text streams keep their pace. An
-                # admission that has just built an encoder's graph was this
-                # step's share already.
+                # Media is encoded here, a slice at a time: while text rows
+                # decode, one slice queued per step, so text streams keep
+                # their pace; an admission that has just built an encoder's
+                # graph was this step's share already.
                 text_decoding = batch.text_decoding
                 if not (text_decoding and len(batch.encoding) > encodings):
-                    batch.encode(self._encode_budget.deadline(text_decoding), clock)
+                    batch.encode(None if text_decoding else clock() + ENCODE_ALONE_S, clock)
                 t0, t1 = t1, clock()
                 spent["encode"] += t1 - t0
                 if not batch.running:
@@ -217,8 +215,6 @@ class Loop:
             self._flush()
             t4 = clock()
             spent["step"] += t2 - t1
-            if text_decoding:
-                self._encode_budget.stepped(t2 - t1)
             spent["handle"] += t3 - t2
             spent["publish"] += t4 - t3
             self.stats.steps += 1

@@ -454,29 +454,38 @@ class BatchedVisionLM(nn.Module):
 
 
 class Encoding:
-    """A request's media being encoded, a slice at a time. The whole graph is
-    built up front; its attention is split by query rows
-    (`_encoder_in_slices`), and each `advance` evaluates slices in order until
-    its deadline passes: each slice computes only what it needs that earlier
-    ones have not, so decode steps can run between slices."""
+    """A request's media being encoded, a slice at a time, on the encoder's
+    own stream. The whole graph is built up front; its attention and patch
+    embedding are split into pieces (`_encoder_in_slices`), each computing
+    only what it needs that earlier ones have not, so decode steps run
+    between slices."""
 
     def __init__(self, seq: SequenceMedia, slices: list[mx.array]):
         self.seq = seq
         self._pending = [*slices, seq.arrays]
 
     @property
-    def done(self) -> bool:
+    def queued(self) -> bool:
+        """Every slice is evaluated or queued on the device."""
         return not self._pending
 
-    def advance(self, deadline: float, clock: Callable[[], float]) -> bool:
-        """Evaluate slices until `deadline` (at least one); True once done."""
+    def queue_next(self) -> None:
+        """Queue the next slice and return at once: the device runs it
+        between the decode steps queued around it, and nothing waits for it."""
+        mx.async_eval(self._pending.pop(0))
+
+    def advance(self, deadline: float, clock: Callable[[], float]) -> None:
+        """Evaluate slices until `deadline` (at least one)."""
         while self._pending:
             mx.eval(self._pending.pop(0))
             if clock() >= deadline:
                 break
-        if self.done:
-            self.seq.settle()
-        return self.done
+
+    def finish(self) -> SequenceMedia:
+        """The encoded media, once every slice is queued (waits for the last)."""
+        mx.eval(self.seq.arrays)
+        self.seq.settle()
+        return self.seq
 
 
 def slice_macs() -> int:

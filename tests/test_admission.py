@@ -5,14 +5,11 @@ number."""
 from dataclasses import dataclass, field
 
 from engine_worker.admission import (
-    ENCODE_ALONE_S,
-    ENCODE_SHARE,
     IDLE_GATHER_GAP_S,
     IDLE_WAIT_S,
     MEDIA_HOLD_MAX_S,
     Admission,
     BatchState,
-    EncodeBudget,
 )
 
 
@@ -139,22 +136,6 @@ def test_one_media_request_encodes_at_a_time_and_text_passes_it():
     assert ids(p.choose(BatchState(running=2), free, roomy)) == ["img-0"]
     assert ids(p.choose(BatchState(running=3, encoding=True), free, roomy)) == []
     assert ids(p.choose(BatchState(running=3), free, roomy)) == ["img-1"]
-
-
-def test_encode_budget_is_a_share_of_the_mean_step_while_text_decodes():
-    clock = Clock()
-    budget = EncodeBudget(clock=clock)
-    # No step timed yet: one slice, then the step.
-    assert budget.deadline(text_decoding=True) == clock.now
-    # No text row to stall: a long run, then a look at the queue.
-    assert budget.deadline(text_decoding=False) == clock.now + ENCODE_ALONE_S
-    for _ in range(50):
-        budget.stepped(0.004)
-    assert abs(budget.deadline(True) - (clock.now + ENCODE_SHARE * 0.004)) < 1e-9
-    # The mean follows slower steps (prefills beside it) within a few steps.
-    for _ in range(10):
-        budget.stepped(0.040)
-    assert ENCODE_SHARE * 0.035 < budget.deadline(True) - clock.now <= ENCODE_SHARE * 0.040
 
 
 def test_memory_a_request_waits_for_room_or_is_refused_when_it_never_fits():
