@@ -130,8 +130,7 @@ class SequenceMedia:
         """What a prefix-cache entry keeps of it: the positions alone (a few
         bytes a token, against the embeddings' thousands), from which `after`
         finds the rope delta of any prefix."""
-        return SequenceMedia(mx.zeros((0, self.embeds.shape[1]), self.embeds.dtype),
-                             self.positions, self.delta, prefilled=True)
+        return self._prefilled(self.positions, self.delta)
 
     def after(self, n: int) -> SequenceMedia | None:
         """The state of a row whose first `n` tokens, all its media among
@@ -143,8 +142,12 @@ class SequenceMedia:
         # positions), the delta is the one every later token takes.
         delta = (self.delta if n >= self.positions.shape[1]
                  else int(self.positions[:, :n].max().item()) + 1 - n)
+        return self._prefilled(mx.zeros((3, 0), self.positions.dtype), delta)
+
+    def _prefilled(self, positions: mx.array | None, delta: int) -> SequenceMedia:
+        """A row whose prompt is all in its KV: no embeddings left to feed."""
         return SequenceMedia(mx.zeros((0, self.embeds.shape[1]), self.embeds.dtype),
-                             mx.zeros((3, 0), self.positions.dtype), delta, prefilled=True)
+                             positions, delta, prefilled=True)
 
 
 def for_prefix_cache(cache: list) -> list:
