@@ -117,7 +117,9 @@ class SequenceMedia:
                 *([] if self.unread_delta is None else [self.unread_delta])]
 
     def settle(self) -> None:
-        """Read the rope delta, once `arrays` are evaluated."""
+        """Evaluate `arrays` (waiting for what is queued of them) and read
+        the rope delta."""
+        mx.eval(self.arrays)
         if self.unread_delta is not None:
             self.delta = int(self.unread_delta.item())
             self.unread_delta = None
@@ -285,7 +287,6 @@ class BatchedVisionLM(nn.Module):
         """Run the vision encoder over a request's media (items in prompt
         order) and merge the features into its prompt's embeddings."""
         seq = self._build(prompt, media)
-        mx.eval(*seq.arrays)
         seq.settle()
         return seq
 
@@ -486,7 +487,6 @@ class Encoding:
 
     def finish(self) -> SequenceMedia:
         """The encoded media, once every slice is queued (waits for the last)."""
-        mx.eval(self.seq.arrays)
         self.seq.settle()
         return self.seq
 
