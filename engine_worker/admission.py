@@ -40,9 +40,6 @@ from engine_worker.blocks import BLOCK_TOKENS, shared_blocks
 
 # A media request held back for text requests joins anyway after this long.
 MEDIA_HOLD_MAX_S = 0.5
-# With no text row decoding, the vision encoder runs this long before the
-# loop looks at its queue again (with text rows, one slice a step).
-ENCODE_ALONE_S = 0.05
 # An idle engine gathers a burst until this long passes with no new arrival.
 IDLE_GATHER_GAP_S = 0.001
 # How long an idle engine sleeps when nothing is held back.
@@ -74,7 +71,7 @@ class BatchState:
     # Block keys of prompt prefixes being prefilled, which the prefix cache
     # will hold once their passes have run.
     prefill_keys: set[int] = field(default_factory=set)
-    encoding: bool = False  # a media request's encoder is running between steps
+    encoding: bool = False  # a media request's encoder is running
 
 
 @dataclass
@@ -149,9 +146,9 @@ class Admission:
             # waits would not all fit beside it: join on the step after, in
             # step with the generator.
             return decision
-        # A media request's vision encoder runs on the loop's thread between
-        # steps (loop.py), and its image tokens then fill the
-        # generator's prefill batch. So media requests start one at a time,
+        # A media request's vision encoder runs beside the decode steps
+        # (vision.py), and its image tokens then fill the generator's
+        # prefill batch. So media requests start one at a time,
         # once the last one's encoder is done and no text request is waiting
         # or still waiting for its first token; text requests behind them go
         # ahead, and media requests keep their order.

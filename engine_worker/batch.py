@@ -1,8 +1,8 @@
 """The running batch: mlx-lm's BatchGenerator and the requests inside it.
 
 `insert` puts admitted requests in (each starting from its longest cached
-prefix; a media request once its encoder has run, slice by slice, in
-`encode`, unless the cache holds the KV of all its media), `step` takes one
+prefix; a media request once the encoder's thread has encoded its media
+(`take_encoded`), unless the cache holds the KV of all its media), `step` takes one
 decode step and turns its tokens into outputs, `remove` takes one out early.
 A prompt's KV goes to the prefix cache as its prompt pass ends (and a long
 prompt's along the way), a finished request's as it finishes. Only the loop's thread calls it.
@@ -11,6 +11,7 @@ prompt's along the way), a finished request's as it finishes. Only the loop's th
 import logging
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -22,7 +23,7 @@ from engine_worker.blocks import BLOCK_TOKENS, MediaSpan, media_end
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
 from engine_worker.prefix_cache import BatchRow, PrefixCache, batch_kv, gather_rows
 from engine_worker.sampling import guarded
-from engine_worker.vision import BatchedVisionLM, Encoding, SequenceMedia, for_prefix_cache, resumed
+from engine_worker.vision import BatchedVisionLM, SequenceMedia, for_prefix_cache, resumed
 from vllm_mlx.settings import EngineSettings, fault_injection
 from vllm_mlx.v1 import engine_pb2 as pb
 
@@ -53,11 +54,15 @@ class _Prefilling:
 class Batch:
     def __init__(self, settings: EngineSettings, model, prefix: PrefixCache | None,
                  kv_bytes: Callable[[Request], int], stats: pb.Stats,
-                 finish: Callable[[Request, Output], None]):
+                 finish: Callable[[Request, Output], None],
+                 encoded: Callable[[], None] = lambda: None):
         """`kv_bytes(request)`: the KV a request reserves; `finish(request,
-        output)`: a request's last output (the loop's bookkeeping)."""
+        output)`: a request's last output (the loop's bookkeeping);
+        `encoded()`: called on the encoder's thread as a media request's
+        encoding ends (the loop's wake-up)."""
         self.settings, self.model, self.prefix = settings, model, prefix
         self._kv_bytes, self._stats, self._finish = kv_bytes, stats, finish
+        self._encoded_wake = encoded
         self.running: dict[int, _Running] = {}  # BatchGenerator uid -> state
         self.state = BatchState()  # what admission needs, as the last step left it
         self._logprob_uids: set[int] = set()  # running requests that asked for logprobs
@@ -69,9 +74,9 @@ class Batch:
         self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
-        # Media requests whose encoder runs between steps, in admission order;
-        # then their encoded media until `_initial_cache` takes it.
-        self.encoding: deque[tuple[Request, Encoding]] = deque()
+        # Media requests on the encoder's thread, in admission order; then
+        # their encoded media until `_initial_cache` takes it.
+        self.encoding: deque[tuple[Request, Future[SequenceMedia]]] = deque()
         self._encoded: dict[str, SequenceMedia] = {}
         self.gen = self._new_generator()
 
@@ -110,32 +115,20 @@ class Batch:
         s.encoding = bool(self.encoding)
         return s
 
-    @property
-    def text_decoding(self) -> bool:
-        """Whether some running request is a text one (a stream the encoder
-        would stall)."""
-        return any(not st.request.media for st in self.running.values())
-
-    def encode(self, deadline: float | None, clock: Callable[[], float]) -> None:
-        """Run the first waiting media request's encoder: one slice queued
-        beside the decode steps (`deadline` None: text rows decode), or
-        slices until `deadline`. On the call after its last slice, the
-        request joins the batch: the step after that slice would otherwise
-        also run its prompt's first pass, one long gap for the text streams
-        instead of two short ones."""
-        r, job = self.encoding[0]
-        try:
-            if not job.queued:
-                job.queue_next() if deadline is None else job.advance(deadline, clock)
-                return
-            seq = job.finish()
-        except Exception as e:
-            self.encoding.popleft()
-            self._encoding_failed(r, e)
-            return
-        self.encoding.popleft()
-        self._encoded[r.request_id] = seq
-        self.insert([r])
+    def take_encoded(self) -> None:
+        """Put the media requests whose encoding has ended into the batch,
+        and let the encoder go on: a slice beside this step while text rows
+        decode, else as fast as it can."""
+        while self.encoding and self.encoding[0][1].done():
+            r, job = self.encoding.popleft()
+            try:
+                self._encoded[r.request_id] = job.result()
+            except Exception as e:
+                self._encoding_failed(r, e)
+                continue
+            self.insert([r])
+        if self.encoding:
+            self.model.pace(any(not st.request.media for st in self.running.values()))
 
     def _encoding_failed(self, r: Request, e: Exception) -> None:
         log.exception("request %s: encoding its media failed", r.request_id)
@@ -152,7 +145,9 @@ class Batch:
                         raise ValueError("this model takes text only")
                     cache, n = self._media_cached(r)
                     if cache is None:
-                        self.encoding.append((r, self.model.start_encoding(r.prompt, r.media)))
+                        job = self.model.start_encoding(r.prompt, r.media)
+                        job.add_done_callback(lambda _: self._encoded_wake())
+                        self.encoding.append((r, job))
                         continue
                 else:
                     cache, n = self._initial_cache(r)
@@ -330,6 +325,7 @@ class Batch:
         for i, (r, _) in enumerate(self.encoding):
             if r.request_id == request_id:
                 del self.encoding[i]
+                self.model.pace(False)  # what is left of its encoding, unpaced
                 self._finish(r, Output(request_id, None, "abort"))
                 return True
         for uid, state in self.running.items():
@@ -345,6 +341,8 @@ class Batch:
         return False
 
     def fail_all(self, message: str) -> None:
+        if self.encoding:
+            self.model.pace(False)
         while self.encoding:
             r, _ = self.encoding.popleft()
             self._finish(r, Output(r.request_id, None, "error", error=message))

@@ -1,4 +1,6 @@
-"""The loop: one thread owns the model and every MLX call.
+"""The loop: one thread owns the batch and every decode step; a vision
+model's encoder runs on a thread of its own (vision.py), whose finished
+encodings the loop puts into the batch.
 
 Requests arrive from any thread through `submit` and `abort`; between decode
 steps the loop lets the admission policy (admission.py) pick which waiting
@@ -20,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from engine_worker import grammar
-from engine_worker.admission import ENCODE_ALONE_S, Admission
+from engine_worker.admission import Admission
 from engine_worker.batch import Batch
 from engine_worker.blocks import block_keys
 from engine_worker.memory import MemoryBudget, make_room, set_up_memory
@@ -165,26 +167,19 @@ class Loop:
         clock = time.perf_counter
         while not self._stopping:
             t0 = clock()
-            encodings = len(batch.encoding)
             self._drain_inbox()
             self._admit()
             t1 = clock()
             spent["admit"] += t1 - t0
             if batch.encoding:
-                # Media is encoded here, a slice at a time: while text rows
-                # decode, one slice queued per step, so text streams keep
-                # their pace; an admission that has just built an encoder's
-                # graph was this step's share already.
-                text_decoding = batch.text_decoding
-                if not (text_decoding and len(batch.encoding) > encodings):
-                    batch.encode(None if text_decoding else clock() + ENCODE_ALONE_S, clock)
+                batch.take_encoded()
                 t0, t1 = t1, clock()
                 spent["encode"] += t1 - t0
-                if not batch.running:
-                    self._flush()  # an encoding that failed has an output
-                    continue
             if not batch.running:
-                self._admission.batch_emptied()
+                # (While media is being encoded, the batch is not done: the
+                # encoder's thread wakes the loop when it is.)
+                if not batch.encoding:
+                    self._admission.batch_emptied()
                 batch.evaluate_copies()
                 if t1 - last_memory_read > 1.0:
                     last_memory_read = t1
@@ -194,7 +189,7 @@ class Loop:
                 self._flush(always=True)
                 quiet = not self._wake.wait(self._admission.idle_wait_s())
                 self._wake.clear()
-                if quiet and self._prefix is not None:
+                if quiet and self._prefix is not None and not batch.encoding:
                     self._save_prefixes(SAVE_SLICE_S)
                 spent["idle"] += clock() - t1
                 continue
@@ -257,7 +252,7 @@ class Loop:
         if prefix_lm:  # each prompt in one prefill pass, however long
             lane = replace(lane, prefill_step_size=self.loaded.facts.context_length)
         self._batch = Batch(lane, model, self._prefix, self._reservation, self.stats,
-                            self._finish)
+                            self._finish, encoded=self._wake.set)
         if s.warmup:
             warm_up(self._batch.gen, self.loaded.model)
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,10 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 # Families whose language model takes explicit mrope position ids (Qwen).
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# How long a Python thread may keep the interpreter while another waits.
+GIL_SWITCH_S = 1e-4
+# How often a paced encoder looks again whether it still is (`pace`).
+PACE_CHECK_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -105,24 +111,11 @@ class SequenceMedia:
     deepstack: list[mx.array] | None = None
     # Set once every prompt token but the last (always text) is in the KV cache.
     prefilled: bool = False
-    # The delta as built, until `settle` reads it into `delta`: reading it
-    # while the encoder's graph is built would wait for the device to finish
-    # what is queued before it (a decode step, on a GPU).
-    unread_delta: mx.array | None = None
 
     @property
     def arrays(self) -> list[mx.array]:
         return [self.embeds, *([] if self.positions is None else [self.positions]),
-                *(self.deepstack or []),
-                *([] if self.unread_delta is None else [self.unread_delta])]
-
-    def settle(self) -> None:
-        """Evaluate `arrays` (waiting for what is queued of them) and read
-        the rope delta."""
-        mx.eval(self.arrays)
-        if self.unread_delta is not None:
-            self.delta = int(self.unread_delta.item())
-            self.unread_delta = None
+                *(self.deepstack or [])]
 
     @property
     def nbytes(self) -> int:
@@ -255,11 +248,19 @@ class BatchedVisionLM(nn.Module):
         self._deepstack = model_type == "qwen3_vl"
         self._embed = _token_embedding(self._lm)
         self._cache_kinds = _cache_kinds(self._lm)
-        # The encoder's own stream: its slices, and the small reads mlx-vlm
-        # makes while building its graph (grid sizes, the rope delta), wait
-        # only for encoder work, not for the decode step queued before them,
-        # and a device that can runs them beside the decode steps.
-        self._encoder_stream = mx.new_stream(mx.default_device())
+        # The encoder's own thread, so MLX gives it a stream of its own (one per
+        # thread): mlx-vlm's graph building (milliseconds of Python), its small
+        # reads (grid sizes, the rope delta) and the encoder's kernels wait for
+        # nothing the decode loop queued, and the loop never waits for them.
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="vision-encoder")
+        # Both threads are Python: the loop, back from a wait on the device,
+        # takes the interpreter from the encoder within this interval instead
+        # of Python's default 5 ms (a whole stall of the text streams).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
+        # While text rows decode, the loop lets the encoder run a slice a
+        # step (`pace`): its slices back to back slowed every step on a GPU.
+        self._turn = threading.Event()
+        self._paced = False
         cfg = vlm.config
         self.media_token_ids = {getattr(cfg, name) for name in (
             "image_token_id", "image_token_index", "video_token_id", "video_token_index")
@@ -285,10 +286,10 @@ class BatchedVisionLM(nn.Module):
     def encode(self, prompt: list[int],
                media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         """Run the vision encoder over a request's media (items in prompt
-        order) and merge the features into its prompt's embeddings."""
-        seq = self._build(prompt, media)
-        seq.settle()
-        return seq
+        order) and merge the features into its prompt's embeddings, while
+        the caller waits."""
+        self.pace(False)
+        return self.start_encoding(prompt, media).result()
 
     def media_inputs(self, media: list[dict[str, np.ndarray]]) -> dict[str, mx.array]:
         """A request's items as the model's arguments (`model_inputs`): the
@@ -298,27 +299,39 @@ class BatchedVisionLM(nn.Module):
         return model_inputs(media, self.wiring.per_sample)
 
     def start_encoding(self, prompt: list[int],
-                       media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> Encoding:
-        """The same work as `encode`, to be run a slice at a time between
-        decode steps (`Encoding.advance`). `media`: the items, or their
-        `media_inputs`."""
+                       media: list[dict[str, np.ndarray]] | dict[str, mx.array]
+                       ) -> Future[SequenceMedia]:
+        """`encode` on the encoder's thread: the SequenceMedia, evaluated,
+        once it is done. `media`: the items, or their `media_inputs`.
+        Requests are encoded one at a time, in order."""
+        if prompt[-1] in self.media_token_ids:
+            raise ValueError("the prompt must not end inside an image or video")
+        return self._encoder.submit(self._encode_here, prompt, media)
+
+    def _encode_here(self, prompt: list[int],
+                     media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         slices: list[mx.array] = []
         with _encoder_in_slices(slices):
             seq = self._build(prompt, media)
-        return Encoding(seq, slices)
+        for piece in [*slices, seq.arrays]:
+            while self._paced and not self._turn.wait(PACE_CHECK_S):
+                pass
+            self._turn.clear()
+            mx.eval(piece)
+        return seq
+
+    def pace(self, paced: bool) -> None:
+        """The loop's word, each step while media is being encoded: with
+        `paced` (text rows decode) the encoder may run one more slice; without,
+        its slices run back to back."""
+        self._paced = paced
+        self._turn.set()
 
     def _build(self, prompt: list[int],
                media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         """The request's SequenceMedia, not yet evaluated: mlx-vlm's code only
         builds the encoder's graph (it evaluates nothing that depends on the
         pixels)."""
-        if prompt[-1] in self.media_token_ids:
-            raise ValueError("the prompt must not end inside an image or video")
-        with mx.stream(self._encoder_stream):
-            return self._build_on_stream(prompt, media)
-
-    def _build_on_stream(self, prompt: list[int],
-                         media: list[dict[str, np.ndarray]] | dict[str, mx.array]) -> SequenceMedia:
         kwargs = dict(media) if isinstance(media, dict) else self.media_inputs(media)
         input_ids = mx.array([prompt])
         if self.wiring.image_mask and media:
@@ -337,8 +350,8 @@ class BatchedVisionLM(nn.Module):
         if self._deepstack and getattr(features, "deepstack_visual_embeds", None) is not None:
             visual_mask = np.array(features.visual_pos_masks[0])
             deepstack = list(features.deepstack_visual_embeds)
-        return SequenceMedia(embeds, positions, 0, visual_mask, deepstack,
-                             unread_delta=mx.array(features.rope_deltas).reshape(-1)[0])
+        delta = int(mx.array(features.rope_deltas).reshape(-1)[0].item())
+        return SequenceMedia(embeds, positions, delta, visual_mask, deepstack)
 
     def warm_up_request(self) -> tuple[list[int], list[dict[str, np.ndarray]]] | None:
         """The smallest image request the model takes (one merged patch), so
@@ -457,79 +470,49 @@ class BatchedVisionLM(nn.Module):
         return h, mx.stack(row_pos, axis=1), extra
 
 
-class Encoding:
-    """A request's media being encoded, a slice at a time, on the encoder's
-    own stream. The whole graph is built up front; its attention and patch
-    embedding are split into pieces (`_encoder_in_slices`), each computing
-    only what it needs that earlier ones have not, so decode steps run
-    between slices."""
-
-    def __init__(self, seq: SequenceMedia, slices: list[mx.array]):
-        self.seq = seq
-        self._pending = [*slices, seq.arrays]
-
-    @property
-    def queued(self) -> bool:
-        """Every slice is evaluated or queued on the device."""
-        return not self._pending
-
-    def queue_next(self) -> None:
-        """Queue the next slice and return at once: the device runs it
-        between the decode steps queued around it, and nothing waits for it."""
-        mx.async_eval(self._pending.pop(0))
-
-    def advance(self, deadline: float, clock: Callable[[], float]) -> None:
-        """Evaluate slices until `deadline` (at least one)."""
-        while self._pending:
-            mx.eval(self._pending.pop(0))
-            if clock() >= deadline:
-                break
-
-    def finish(self) -> SequenceMedia:
-        """The encoded media, once every slice is queued (waits for the last)."""
-        self.seq.settle()
-        return self.seq
-
-
-def slice_macs() -> int:
-    """Multiply-adds of attention per slice: each takes about a millisecond on
-    the 2-core CPU; a GPU runs far more in the time, and pays a launch per
-    slice."""
-    return 2**26 if mx.default_device().type == mx.DeviceType.gpu else 2**20
+# Multiply-adds of attention per slice: about 2 ms on an H100 for the tiny
+# Qwen2-VL; a CPU takes longer over one, but there the encoder's stream has
+# a thread of its own, which a long piece does not hold up.
+SLICE_MACS = 2**26
 
 
 @contextmanager
 def _encoder_in_slices(slices: list[mx.array]):
-    """While mlx-vlm builds a vision encoder's graph, split its two largest
-    single operations into exact pieces, and note the pieces in `slices`:
-    each attention without a mask, by query rows (every query row attends to
-    all keys on its own), and each 3-D convolution, by batch rows (the
-    Qwen-VL patch embedding takes every patch as a row of its own). A 1080p
-    image's attention over 3,772 patches is most of the encoder's time; its
-    patch embedding took 150-350 ms in one piece on the 2-core CPU; one piece
-    is what a decode step waits for. A family that evaluates its features
-    while building (Qwen3-VL's deepstack) leaves nothing to slice: what it
-    built is done."""
+    """While mlx-vlm builds a vision encoder's graph on this thread, split its
+    two largest single operations into exact pieces, and note the pieces in
+    `slices`: each attention without a mask, by query rows (every query row
+    attends to all keys on its own), and each 3-D convolution, by batch rows
+    (the Qwen-VL patch embedding takes every patch as a row of its own). A
+    1080p image's attention over 3,772 patches is most of the encoder's time:
+    in pieces, a GPU runs the decode loop's kernels between them instead of
+    after the whole. A family that evaluates its features while building
+    (Qwen3-VL's deepstack) leaves nothing to slice: what it built is done.
+    Other threads (the decode loop) calling these functions meanwhile get
+    them whole."""
     whole, whole_conv3d, evaluate = mx.fast.scaled_dot_product_attention, mx.conv3d, mx.eval
+    here = threading.get_ident()
 
     def evaluate_all(*arrays):
-        slices.clear()
+        if threading.get_ident() == here:
+            slices.clear()
         return evaluate(*arrays)
 
     def in_pieces(rows: int, row_macs: int, axis: int, piece) -> mx.array:
-        step = max(1, slice_macs() // max(1, row_macs))
+        step = max(1, SLICE_MACS // max(1, row_macs))
         parts = [piece(i, min(rows, i + step)) for i in range(0, max(rows, 1), step)]
         slices.extend(parts)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
     def sliced(q, k, v, *, scale, mask=None, **kwargs):
-        if mask is not None or kwargs or q.ndim != 4:
+        if mask is not None or kwargs or q.ndim != 4 or threading.get_ident() != here:
             return whole(q, k, v, scale=scale, mask=mask, **kwargs)
         batch, heads, rows, dim = q.shape
         return in_pieces(rows, batch * heads * k.shape[2] * dim, 2,
                          lambda i, j: whole(q[:, :, i:j], k, v, scale=scale))
 
     def conv3d_sliced(x, weight, *args, **kwargs):
+        if threading.get_ident() != here:
+            return whole_conv3d(x, weight, *args, **kwargs)
         # Multiply-adds per row: the weight's once per output position
         # (as many as input positions, over the stride's volume).
         per_row = weight.size * max(1, math.prod(x.shape[1:-1]) // math.prod(weight.shape[1:-1]))
@@ -630,4 +613,27 @@ def load_vision_model(path: str) -> tuple[BatchedVisionLM, str]:
         raise ValueError(f"vision-language model type {model_type!r} is not supported yet "
                          f"(supported: {', '.join(WIRING)})")
     vlm = load_model(Path(path))
+    _evaluate_all_arrays(vlm)
     return BatchedVisionLM(vlm, model_type), model_type
+
+
+def _evaluate_all_arrays(model: nn.Module) -> None:
+    """Evaluate every array the model holds, its parameters and the rest (a
+    rope's frequencies kept on a plain object, as Pixtral's vision tower
+    does): MLX lets the encoder's thread use another thread's array only
+    once it is evaluated."""
+    arrays, seen, todo = [], set(), [model]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, mx.array):
+            arrays.append(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        if type(obj).__module__.startswith(("mlx.", "mlx_vlm.")) and hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    mx.eval(arrays)

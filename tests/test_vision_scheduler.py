@@ -4,6 +4,7 @@ keeps its own image, and batching changes nothing any request gets."""
 
 import hashlib
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -293,32 +294,53 @@ def test_steady_text_traffic_does_not_starve_a_media_request(tiny_vlm):
     assert sent[0] > 0 and waited >= MEDIA_HOLD_MAX_S * 0.9
 
 
-def test_sliced_encoding_matches_the_whole_encoder(tiny_vlm):
-    """The encoder run a slice at a time, slices queued (as beside text
-    streams) or evaluated (as alone), gives exactly what it gives in one go."""
+def test_sliced_encoding_matches_the_whole_encoder(tiny_vlm, monkeypatch):
+    """The encoder on its own thread, its attention and patch embedding in
+    slices, gives exactly what mlx-vlm's encoder gives in one piece."""
     import mlx.core as mx
+
+    from engine_worker import vision
 
     model = load_model(read_facts(str(tiny_vlm))).model
     r = Prompter(tiny_vlm).request("img", "Describe.", images=[picture(320, 240, 7)])
-    whole = model.encode(r.prompt, r.media)
-    job = model.start_encoding(r.prompt, r.media)
-    slices = 0
-    while not job.queued:
-        job.queue_next() if slices % 2 else job.advance(0.0, time.perf_counter)
-        slices += 1
-    assert slices > 2
-    seq = job.finish()
-    for a, b in zip(whole.arrays, seq.arrays):
+    whole = model._build(r.prompt, r.media)
+    mx.eval(whole.arrays)
+    pieces, in_slices = [], vision._encoder_in_slices
+
+    @contextmanager
+    def noted(slices):
+        with in_slices(slices):
+            yield
+        pieces.append(len(slices))
+
+    monkeypatch.setattr(vision, "SLICE_MACS", 2**14)
+    monkeypatch.setattr(vision, "_encoder_in_slices", noted)
+    seq = model.start_encoding(r.prompt, r.media).result()
+    assert pieces and pieces[0] > 2
+    for a, b in zip(whole.arrays, seq.arrays, strict=True):
         assert mx.array_equal(a, b).item()
     assert seq.delta == whole.delta and seq.delta != 0
 
 
-def test_text_streams_step_while_an_image_is_encoded(tiny_vlm):
-    """An image request's encoder runs between decode steps: a text stream
-    gets tokens on several steps while it is encoded, and both finish right."""
+def test_text_streams_step_while_an_image_is_encoded(tiny_vlm, monkeypatch):
+    """An image request's encoder runs beside the decode steps, a slice a
+    step while a text stream decodes: the stream gets tokens on at least as
+    many steps as the encoder has slices, and both finish right."""
+    from engine_worker import vision
+
     p = Prompter(tiny_vlm)
-    image = p.request("img", "Describe.", images=[picture(640, 480, 3)], max_tokens=4)
-    sent, steps_while_encoding = [], [0]
+    image = p.request("img", "Describe.", images=[picture(320, 240, 3)], max_tokens=4)
+    sent, steps_while_encoding, pieces = [], [0], []
+    in_slices = vision._encoder_in_slices
+
+    @contextmanager
+    def noted(slices):
+        with in_slices(slices):
+            yield
+        pieces.append(len(slices) + 1)  # and the rest of the graph
+
+    monkeypatch.setattr(vision, "SLICE_MACS", 2**18)
+    monkeypatch.setattr(vision, "_encoder_in_slices", noted)
 
     def after_step(prompt_responses, responses):
         if not sent:  # on the loop's thread, once the text stream decodes
@@ -333,5 +355,5 @@ def test_text_streams_step_while_an_image_is_encoded(tiny_vlm):
         img, text = e.collector.wait("img"), e.collector.wait("text")
     finally:
         e.stop()
-    assert steps_while_encoding[0] >= 2
+    assert pieces[-1] > 4 and steps_while_encoding[0] >= pieces[-1] - 1
     assert img[-1].finish_reason and text[-1].finish_reason
