@@ -349,6 +349,11 @@ class Batch:
         for uid in list(self.running):
             self._finish_uid(uid, "error", error=message)
 
+    def close(self) -> None:
+        """At the loop's end: the vision encoder's thread ends too."""
+        if isinstance(self.model, BatchedVisionLM):
+            self.model.close()
+
     def restart(self, message: str) -> None:
         """After a step failed as a whole: fail every request, start afresh."""
         self.fail_all(message)

@@ -217,6 +217,7 @@ class Loop:
                 last_memory_read = t4
                 self._read_memory()
         batch.fail_all("engine shutting down")
+        batch.close()
         self._flush()
         if self._prefix is not None:
             self._save_prefixes(STOP_SAVE_S, until_woken=False)

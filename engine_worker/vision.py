@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +254,7 @@ class BatchedVisionLM(nn.Module):
         # thread): mlx-vlm's graph building (milliseconds of Python), its small
         # reads (grid sizes, the rope delta) and the encoder's kernels wait for
         # nothing the decode loop queued, and the loop never waits for them.
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="vision-encoder")
+        self._encoder = _EncoderThread()
         # Both threads are Python: the loop, back from a wait on the device,
         # takes the interpreter from the encoder within this interval instead
         # of Python's default 5 ms (a whole stall of the text streams).
@@ -319,6 +321,10 @@ class BatchedVisionLM(nn.Module):
             self._turn.clear()
             mx.eval(piece)
         return seq
+
+    def close(self) -> None:
+        """End the encoder's thread (after what it was given)."""
+        self._encoder.close()
 
     def pace(self, paced: bool) -> None:
         """The loop's word, each step while media is being encoded: with
@@ -468,6 +474,46 @@ class BatchedVisionLM(nn.Module):
                      "deepstack_visual_embeds": [
                          mx.concatenate([r[k] for r in deep_rows]) for k in range(n_layers)]}
         return h, mx.stack(row_pos, axis=1), extra
+
+
+class _EncoderThread:
+    """One daemon thread that runs what it is given in order. Not a
+    ThreadPoolExecutor: its worker is joined as the interpreter exits, and
+    a thread that ends then crashes in MLX's per-thread clean-up now and
+    then ("terminate called without an active exception"). This one ends
+    only when closed, clearing its MLX streams first, as MLX asks; else it
+    dies with the process."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        job: Future = Future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vision-encoder",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((job, fn, args))
+        return job
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            while (item := self._jobs.get()) is not None:
+                job, fn, args = item
+                if job.set_running_or_notify_cancel():
+                    try:
+                        job.set_result(fn(*args))
+                    except BaseException as e:
+                        job.set_exception(e)
+        finally:
+            mx.clear_streams()
 
 
 # Multiply-adds of attention per slice: about 2 ms on an H100 for the tiny
