@@ -357,3 +357,35 @@ def test_text_streams_step_while_an_image_is_encoded(tiny_vlm, monkeypatch):
         e.stop()
     assert pieces[-1] > 4 and steps_while_encoding[0] >= pieces[-1] - 1
     assert img[-1].finish_reason and text[-1].finish_reason
+
+
+def test_an_image_request_aborted_while_encoded(tiny_vlm, monkeypatch):
+    """A media request aborted while its encoder runs (paced, beside a text
+    stream) ends as aborted; the next image request is encoded and answered
+    all the same, and the engine stops cleanly, its encoder's thread too."""
+    from engine_worker import vision
+
+    monkeypatch.setattr(vision, "SLICE_MACS", 2**18)  # well over a hundred slices
+    p = Prompter(tiny_vlm)
+    first = p.request("img-1", "Describe.", images=[picture(320, 240, 4)], max_tokens=4)
+    second = p.request("img-2", "Describe.", images=[picture(160, 120, 5)], max_tokens=4)
+    sent, aborted = [], []
+
+    def after_step(prompt_responses, responses):
+        if not sent:  # on the loop's thread, once the text stream decodes
+            sent.append(first)
+            e.submit(first)
+        elif e._batch.encoding and not aborted:
+            aborted.append(e.abort("img-1"))
+            e.submit(second)
+
+    e = start_engine(tiny_vlm, after_step=after_step)
+    try:
+        e.submit(p.request("text", "Hello there", max_tokens=600))
+        assert e.collector.wait("img-1")[-1].finish_reason == "abort"
+        assert e.collector.wait("img-2")[-1].finish_reason == "length"
+        assert e.collector.wait("text")[-1].finish_reason == "length"
+    finally:
+        e.stop()
+    assert aborted == [True]
+    assert e.loaded.model._encoder._thread is None  # joined at the loop's end
