@@ -30,7 +30,13 @@ from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request,
 from engine_worker.model import LoadedModel
 from engine_worker.prefix_cache import PrefixCache, can_reuse, default_budget
 from engine_worker.prefix_store import PrefixStore, can_store, model_identity
-from engine_worker.stats import TokenRate, new_stats, read_memory, read_prefix_cache
+from engine_worker.stats import (
+    TokenRate,
+    new_stats,
+    read_memory,
+    read_prefix_cache,
+    record_step,
+)
 from engine_worker.warmup import warm_up
 from vllm_mlx.settings import EngineSettings
 
@@ -166,7 +172,7 @@ class Loop:
         batch, spent = self._batch, self.stats.loop_seconds
         clock = time.perf_counter
         while not self._stopping:
-            t0 = clock()
+            t0 = start = clock()
             self._drain_inbox()
             self._admit()
             t1 = clock()
@@ -213,6 +219,7 @@ class Loop:
             spent["handle"] += t3 - t2
             spent["publish"] += t4 - t3
             self.stats.steps += 1
+            record_step(self.stats, t4 - start)
             if t4 - last_memory_read > 1.0:
                 last_memory_read = t4
                 self._read_memory()

@@ -5,6 +5,7 @@ message in, the core sends it to the front end as is, GetStats answers with
 it and the gateway's /metrics exports its fields by name.
 """
 
+import bisect
 import time
 from collections import deque
 
@@ -17,13 +18,23 @@ from vllm_mlx.v1 import engine_pb2 as pb
 # "prefill" is the part of "step" that mlx-lm spent in prompt passes.
 LOOP_PHASES = ("admit", "encode", "step", "prefill", "handle", "publish", "idle")
 RATE_WINDOW_S = 5.0
+# Upper bounds of the step-time histogram's buckets, in seconds.
+STEP_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 def new_stats() -> pb.Stats:
     stats = pb.Stats()
     for phase in LOOP_PHASES:
         stats.loop_seconds[phase] = 0.0
+    stats.step_seconds_bounds.extend(STEP_BOUNDS)
+    stats.step_seconds_counts.extend([0] * (len(STEP_BOUNDS) + 1))
     return stats
+
+
+def record_step(stats: pb.Stats, seconds: float) -> None:
+    """Count one loop iteration that took a decode step."""
+    stats.step_seconds_counts[bisect.bisect_left(STEP_BOUNDS, seconds)] += 1
+    stats.step_seconds_sum += seconds
 
 
 class TokenRate:

@@ -19,7 +19,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from vllm_mlx.v1 import engine_pb2 as pb
@@ -118,7 +122,11 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "prefill_passes": ("prefill_passes", "counter", "Decode steps that also ran a prompt pass"),
     "loop_seconds": ("loop_seconds", "counter",
                      "Where the engine loop's time went, by phase (see engine.proto)"),
+    "step_seconds_counts": ("step_seconds", "histogram",
+                            "Wall time of the engine loop's iterations that took a decode step"),
 }
+# The proto fields beside each histogram's counts (ENGINE_METRICS names the counts).
+HISTOGRAM_PARTS = ("_bounds", "_sum")
 
 
 class _EngineCollector:
@@ -134,6 +142,9 @@ class _EngineCollector:
         for field, (name, kind, doc) in ENGINE_METRICS.items():
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             value = getattr(self.stats, field)
+            if kind == "histogram":
+                yield _histogram(self.stats, field, f"vllm_mlx_engine_{name}", doc)
+                continue
             if field == "loop_seconds":
                 metric = family(f"vllm_mlx_engine_{name}", doc, labels=["phase"])
                 for phase, seconds in sorted(value.items()):
@@ -142,6 +153,19 @@ class _EngineCollector:
                 metric = family(f"vllm_mlx_engine_{name}", doc)
                 metric.add_metric([], value)
             yield metric
+
+
+def _histogram(stats: pb.Stats, field: str, name: str, doc: str) -> HistogramMetricFamily:
+    """A histogram the proto carries as FIELD (per-bucket counts, the last
+    one past every bound) beside its `_bounds` and `_sum`."""
+    base = field.removesuffix("_counts")
+    bounds, counts = getattr(stats, base + "_bounds"), getattr(stats, field)
+    buckets, total = [], 0
+    for bound, count in zip([*map(repr, bounds), "+Inf"], counts):
+        total += count
+        buckets.append((bound, total))
+    return HistogramMetricFamily(name, doc, buckets=buckets,
+                                 sum_value=getattr(stats, base + "_sum"))
 
 
 def render(stats: pb.Stats | None) -> bytes:

@@ -705,9 +705,11 @@ def test_metrics(http, client):
 def test_every_engine_stat_is_a_metric(http, client):
     """The proto's Stats defines the engine's figures once: /metrics exports
     each field, with the value GetStats reports."""
-    from gateway.metrics import ENGINE_METRICS
+    from gateway.metrics import ENGINE_METRICS, HISTOGRAM_PARTS
 
-    assert set(ENGINE_METRICS) == {f.name for f in pb.Stats.DESCRIPTOR.fields}
+    parts = {field.removesuffix("_counts") + part for field, (_, kind, _) in ENGINE_METRICS.items()
+             if kind == "histogram" for part in HISTOGRAM_PARTS}
+    assert set(ENGINE_METRICS) | parts == {f.name for f in pb.Stats.DESCRIPTOR.fields}
     chat(client, max_tokens=3)
     text = http.get("/metrics").text
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -716,9 +718,15 @@ def test_every_engine_stat_is_a_metric(http, client):
         metric = f"vllm_mlx_engine_{name}" + ("_total" if kind == "counter" else "")
         if field == "loop_seconds":
             assert lines[metric + '{phase="step"}'] > 0
+        elif kind == "histogram":
+            metric = f"vllm_mlx_engine_{name}"
+            assert lines[metric + '_bucket{le="+Inf"}'] == lines[metric + "_count"] > 0
+            assert lines[metric + "_sum"] > 0
         else:
             assert metric in lines, metric
     assert lines["vllm_mlx_engine_steps_total"] >= 3
+    # Each step's iteration is counted in the step-time histogram once.
+    assert lines["vllm_mlx_engine_step_seconds_count"] == lines["vllm_mlx_engine_steps_total"]
     assert lines["vllm_mlx_engine_generation_tokens_total"] >= 3
 
 

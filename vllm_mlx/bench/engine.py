@@ -374,6 +374,8 @@ def one_concurrency(a: argparse.Namespace, name: str, restart: int, c: int, kind
         steps = spent.pop("steps", 0.0) or 1.0
         row[f"{k}_loop_steps"] = steps / a.rounds
         row[f"{k}_prefill_passes"] = spent.pop("prefill_passes", 0.0) / a.rounds
+        row[f"{k}_steps_over_10ms"] = spent.pop("steps_over_10ms", 0.0) / a.rounds
+        spent.pop("steps_over_5ms", None)
         row[f"{k}_loop_us_per_step"] = {n: 1e6 * v / steps for n, v in spent.items()}
         if k in engines:
             row[f"{k}_cpu_ms_per_1k_tokens"] = {n: 1e6 * v / tokens for n, v in cpu[k].items()}

@@ -47,6 +47,7 @@ from pathlib import Path
 from vllm_mlx.bench import report
 from vllm_mlx.bench.inputs import data_url, encode_clip, jpeg, photo_like
 from vllm_mlx.bench.workloads import (
+    LOOP_COUNTS,
     TINY_VLM,
     Child,
     Stack,
@@ -61,7 +62,6 @@ BIG = 10**9  # caps that never bind here
 CLIP_FPS = 30
 SAMPLED = 16  # frames the decoders' sampled comparison takes
 QWEN2_VL_7B_MAX_PIXELS = 12845056
-COUNTS = ("steps", "prefill_passes")  # of the engine loop's stats; the rest are seconds
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -252,7 +252,7 @@ class LoopTime:
         return result
 
     def summary(self) -> dict[str, float]:
-        return {k: round(v if k in COUNTS else v * 1e3, 1) for k, v in self.total.items()}
+        return {k: round(v if k in LOOP_COUNTS else v * 1e3, 1) for k, v in self.total.items()}
 
 
 async def load_states(a: argparse.Namespace, stack: Stack) -> dict:

@@ -264,9 +264,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+# engine_loop_seconds' figures that are counts; the rest are seconds.
+LOOP_COUNTS = ("steps", "prefill_passes", "steps_over_5ms", "steps_over_10ms")
+
+
 def engine_loop_seconds(address: str) -> dict[str, float]:
-    """The engine loop's time by phase since it started, its steps and its
-    prefill passes (GetStats)."""
+    """The engine loop's time by phase since it started, its steps, its
+    prefill passes and its steps that took over 5 and over 10 ms (GetStats)."""
     import grpc
 
     from vllm_mlx.v1 import engine_pb2 as pb
@@ -274,6 +278,12 @@ def engine_loop_seconds(address: str) -> dict[str, float]:
 
     with grpc.insecure_channel(address) as channel:
         s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
+    def steps_over(seconds: float) -> float:
+        return float(sum(count for bound, count in zip([0.0, *s.step_seconds_bounds],
+                                                       s.step_seconds_counts)
+                         if bound >= seconds))
+
     return {**s.loop_seconds, "steps": float(s.steps),
-            "prefill_passes": float(s.prefill_passes)}
+            "prefill_passes": float(s.prefill_passes),
+            "steps_over_5ms": steps_over(0.005), "steps_over_10ms": steps_over(0.01)}
 
