@@ -159,7 +159,7 @@ class Batch:
             rule = r.matcher and grammar.GrammarRow(r.matcher, state.failed)
             state.rule = rule
             batch.append((r, state, guarded(r.sampling, len(r.prompt), state.failed, fault,
-                                            rule and rule.first_token)))
+                                            first_token=rule and rule.first_token)))
             caches.append(cache)
             cached.append(n)
         if not batch:

@@ -44,20 +44,16 @@ def compile(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMat
 class GrammarRow:
     """One running request's grammar. Its first token is sampled by mlx-lm's
     own step as the request leaves prefill, through `first_token` (a logits
-    processor); every later step hands `advance` the token its row sampled
-    last, then fills its mask."""
+    processor, dropped once the row decodes: mlx_compat); every later step
+    hands `advance` the token its row sampled last, then fills its mask."""
 
     def __init__(self, matcher: llguidance.LLMatcher, failed: Callable[[str], None]):
         self.matcher = matcher
         self.failed = failed  # ends the request with an error after this step
-        self._first_done = False
 
     def first_token(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        """Masks the logits of the first token only (it depends on no token,
-        so nothing waits); a no-op for later ones, which mask_logits masks."""
-        if self._first_done:
-            return logits
-        self._first_done = True
+        """Masks the logits of the first token (it depends on no token, so
+        nothing waits)."""
         vocab = logits.shape[-1]
         masks = np.full((1, (vocab + 31) // 32), -1, dtype=np.int32)
         _fill(self.matcher, masks[0])

@@ -94,8 +94,21 @@ def install_decode_step(decoding, wants_logprobs: Collection[int], grammars: dic
     """Replace `decoding._step` (mlx-lm's GenerationBatch). `wants_logprobs`:
     the uids whose requests asked for log-probabilities; `grammars`: uid ->
     the grammar of a constrained request (grammar.GrammarRow), applied by
-    `mask_logits` (grammar.mask_logits); both kept by the caller."""
+    `mask_logits` (grammar.mask_logits); both kept by the caller. Rows
+    joining it leave their first-token-only processors behind
+    (sampling.guarded marks them): their first token is sampled by then,
+    and a row with no processor left skips the per-row path of every step."""
     decoding._step = lambda: _step(decoding, wants_logprobs, grammars, mask_logits)
+    join = decoding.extend
+
+    def extend(batch) -> None:
+        if batch.logits_processors:
+            batch.logits_processors = [
+                [p for p in row if not getattr(p, "first_token_only", False)]
+                for row in batch.logits_processors]
+        join(batch)
+
+    decoding.extend = extend
 
 
 def _step(b, wants_logprobs: Collection[int], grammars: dict,

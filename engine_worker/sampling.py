@@ -137,17 +137,19 @@ def _output_penalties(presence: float, frequency: float, prompt_len: int,
 
 
 def guarded(params: SamplingParams, prompt_len: int, failed: Callable[[str], None],
-            inject_fault: bool = False, last: LogitsProcessor | None = None,
+            inject_fault: bool = False, first_token: LogitsProcessor | None = None,
             ) -> tuple[Sampler | None, list[LogitsProcessor]]:
     """The request's sampler and processors, wrapped so that one raising
     reports it through `failed` and lets the step go on: one request fails,
-    not the whole batch. `last`: a processor to run after the request's own
-    (a grammar's mask). `inject_fault`: a processor that raises after two
+    not the whole batch. `first_token`: a processor for the first token
+    only, run after the request's own (its grammar's mask; later tokens are
+    masked by the decode step, grammar.mask_logits); its wrapper is marked
+    `first_token_only`. `inject_fault`: a processor that raises after two
     generated tokens (tests, through VLLM_MLX_FAULT_INJECTION)."""
     sampler = make_sampler(params)
     processors = make_processors(params, prompt_len)
-    if last is not None:
-        processors.append(last)
+    if first_token is not None:
+        processors.append(first_token)
     if inject_fault:
         processors.append(_fault_after(prompt_len + 2))
 
@@ -158,6 +160,7 @@ def guarded(params: SamplingParams, prompt_len: int, failed: Callable[[str], Non
             except Exception as e:
                 failed(f"logits processor failed: {e}")
                 return logits
+        run.first_token_only = p is first_token
         return run
 
     def guard_sampler(s: Sampler) -> Sampler:
