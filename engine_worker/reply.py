@@ -13,6 +13,16 @@ class ReplyParser:
         self._tools = tools
 
     @property
+    def markup(self) -> set[str]:
+        """The strings it reads: the text must keep them."""
+        tags = set()
+        if self._reasoning is not None:
+            tags |= {self._reasoning.tags.open, self._reasoning.tags.close}
+        if self._tools is not None:
+            tags |= {self._tools.fmt.start, self._tools.fmt.end} - {""}
+        return tags
+
+    @property
     def calls(self) -> list[ParsedCall]:
         """Every call parsed so far."""
         return self._tools.calls if self._tools else []

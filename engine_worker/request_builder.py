@@ -21,6 +21,7 @@ from engine_worker.model import ModelFacts
 from engine_worker.reasoning import TAGS, ReasoningSplitter, starts_thinking
 from engine_worker.reply import ReplyParser
 from engine_worker.sampling import SamplingError, SamplingParams
+from engine_worker.text_output import TokenStream
 from vllm_mlx.ipc.shared_tensors import SharedTensors
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import errors_pb2 as epb
@@ -192,20 +193,40 @@ class RequestBuilder:
         self.reasoning = reasoning_parser
         self._grammar_tokenizer: llguidance.LLTokenizer | None = None
         self._special_ids: dict[str, int] = {}
+        # What the text leaves out by default (skip_special_tokens), and the
+        # parsers' markup that is a single token of this model.
+        self._skipped = frozenset(tokenizer.all_special_ids)
+        vocab = tokenizer.get_vocab()
+        markup = {TAGS.open, TAGS.close}
+        for fmt in tool_calls.FORMATS.values():
+            markup |= {fmt.start, fmt.end} - {""}
+        self._markup_ids = {m: vocab[m] for m in markup if m in vocab}
 
     def _grammar_tools(self) -> tuple[llguidance.LLTokenizer, dict[str, int]]:
         """llguidance's tokenizer (built at the first constrained request) and
         the markup strings that are special tokens of this model."""
         if self._grammar_tokenizer is None:
             llg = grammar.make_tokenizer(self.tokenizer, self.facts.vocab_size)
-            markup = {TAGS.open, TAGS.close}
-            for fmt in tool_calls.FORMATS.values():
-                markup |= {fmt.start, fmt.end} - {""}
-            vocab = self.tokenizer.get_vocab()
-            self._special_ids = {m: vocab[m] for m in markup
-                                 if m in vocab and llg.is_special_token(vocab[m])}
+            self._special_ids = {m: i for m, i in self._markup_ids.items()
+                                 if llg.is_special_token(i)}
             self._grammar_tokenizer = llg
         return self._grammar_tokenizer, self._special_ids
+
+    def token_stream(self, request: pb.GenerateRequest, r: Request,
+                     reply: ReplyParser | None) -> TokenStream:
+        """What turns the request's tokens into its client's text. Special
+        tokens are left out unless it asked to keep them, except the markup
+        its reply parser reads."""
+        # Text and token-id prompts, and a continued final message, are
+        # continued by the output; a chat reply starts a text of its own.
+        continues = request.WhichOneof("input") != "chat" or request.chat.continue_final_message
+        skipped = self._skipped
+        if request.HasField("skip_special_tokens") and not request.skip_special_tokens:
+            skipped = frozenset()
+        elif reply is not None:
+            skipped -= {self._markup_ids[m] for m in reply.markup if m in self._markup_ids}
+        return TokenStream(self.tokenizer, r.stop, r.include_stop,
+                           context=r.prompt if continues else None, skipped=skipped)
 
     def _thinking(self, request: pb.GenerateRequest, prompt: list[int]) -> bool | None:
         """None without a reasoning parser (or for a prompt that is not a

@@ -145,12 +145,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             log.exception("request %s failed before reaching the core", request_id)
             await abort(context, epb.ERROR_CODE_INTERNAL,
                         f"internal error while building the request ({type(e).__name__}: {e})")
-        # Text and token-id prompts, and a continued final message, are
-        # continued by the output; a chat reply starts a text of its own.
-        continues = request.WhichOneof("input") != "chat" or request.chat.continue_final_message
-        stream = TokenStream(self.tokenizer, r.stop, r.include_stop,
-                             context=r.prompt if continues else None)
         reply = self.builder.reply_parser(request, r)
+        stream = self.builder.token_stream(request, r, reply)
         interval = self.settings.stream_interval_s
         loop = asyncio.get_running_loop()
         first = True

@@ -86,13 +86,14 @@ class TokenStream:
     """One request's tokens from the engine core, turned into what its client
     sees: text deltas with stop strings held back, the completion count, and
     why it finished. Runs in the front end, so the decode loop never
-    detokenizes."""
+    detokenizes. `skipped`: token ids left out of the text (special tokens)."""
 
     def __init__(self, tokenizer, stop: list[str], include_stop: bool,
-                 context: list[int] | None = None):
+                 context: list[int] | None = None, skipped: frozenset[int] = frozenset()):
         self._tokenizer = tokenizer
         self._text = TextOutput(tokenizer.detokenizer, stop, context)
         self._include_stop = include_stop
+        self._skipped = skipped
         self.completion_tokens = 0
         self.finish_reason: str | None = None  # stop, length, abort, error
         self.stop_reason = ""                  # the stop string or stop token id
@@ -124,7 +125,10 @@ class TokenStream:
                         pieces.append(self._tokenizer.decode([out.token]))
                     self.finish_reason, self.stop_reason = "stop", str(out.token)
                     break
-                piece, matched = self._text.add(out.token)
+                if out.token in self._skipped:
+                    piece, matched = "", None
+                else:
+                    piece, matched = self._text.add(out.token)
                 pieces.append(piece)
                 if matched is not None:
                     if self._include_stop:

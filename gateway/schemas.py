@@ -70,6 +70,7 @@ class SamplingFields(RequestModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=TOKEN_ID_LIMIT)]] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    skip_special_tokens: bool = Field(True, description="leave special tokens out of the text")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=MAX_N)
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")],

@@ -69,6 +69,7 @@ def _common(req: SamplingFields, request_id: str, choice: int, max_tokens: int |
         stop=req.stop_list, stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
         include_stop_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
         prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
 
 

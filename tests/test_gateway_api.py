@@ -237,6 +237,20 @@ def test_logit_bias(client):
     assert r.choices[0].message.content == tokens[0] * 8
 
 
+def test_special_tokens_are_left_out_of_the_text_unless_asked(client, tiny_model):
+    """skip_special_tokens (vLLM's, default true): a special token the model
+    samples counts as a token but is no text; asked to keep them, it is."""
+    from tokenizers import Tokenizer
+
+    start = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).token_to_id("<|im_start|>")
+    kw = dict(max_tokens=4, **GREEDY, logit_bias={str(start): 100})
+    skipped = chat(client, **kw)
+    kept = chat(client, **kw, extra_body={"skip_special_tokens": False})
+    assert skipped.usage.completion_tokens == kept.usage.completion_tokens == 4
+    assert skipped.choices[0].message.content == ""
+    assert kept.choices[0].message.content == "<|im_start|>" * 4
+
+
 @pytest.mark.parametrize("as_list", [False, True])
 def test_stop_strings(client, as_list):
     full = greedy_text(client, 30)

@@ -156,8 +156,7 @@ class InProcessEngine:
         finally:
             for it in media:
                 unlink(it.segment)
-        context = r.prompt if request.WhichOneof("input") in ("text", "token_ids") else None
-        stream = TokenStream(self.tokenizer, r.stop, r.include_stop, context)
+        stream = self.builder.token_stream(request, r, None)
         gen = Generation(rid, len(r.prompt), time.perf_counter(), stream, _engine=self)
         with self._lock:
             self._requests[rid] = gen
