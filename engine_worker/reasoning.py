@@ -18,6 +18,10 @@ class ThinkTags:
     open: str = "<think>"
     close: str = "</think>"
 
+    @property
+    def markup(self) -> set[str]:
+        return {self.open, self.close}
+
 
 TAGS = ThinkTags()
 

@@ -17,9 +17,9 @@ class ReplyParser:
         """The strings it reads: the text must keep them."""
         tags = set()
         if self._reasoning is not None:
-            tags |= {self._reasoning.tags.open, self._reasoning.tags.close}
+            tags |= self._reasoning.tags.markup
         if self._tools is not None:
-            tags |= {self._tools.fmt.start, self._tools.fmt.end} - {""}
+            tags |= self._tools.fmt.markup
         return tags
 
     @property

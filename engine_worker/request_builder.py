@@ -197,9 +197,7 @@ class RequestBuilder:
         # parsers' markup that is a single token of this model.
         self._skipped = frozenset(tokenizer.all_special_ids)
         vocab = tokenizer.get_vocab()
-        markup = {TAGS.open, TAGS.close}
-        for fmt in tool_calls.FORMATS.values():
-            markup |= {fmt.start, fmt.end} - {""}
+        markup = TAGS.markup.union(*(fmt.markup for fmt in tool_calls.FORMATS.values()))
         self._markup_ids = {m: vocab[m] for m in markup if m in vocab}
 
     def _grammar_tools(self) -> tuple[llguidance.LLTokenizer, dict[str, int]]:

@@ -28,6 +28,10 @@ class ToolFormat:
     separator: str    # between two calls
     only_at_start: bool = False  # the markup counts only at the reply's start
 
+    @property
+    def markup(self) -> set[str]:
+        return {self.start, self.end} - {""}
+
 
 FORMATS = {
     "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments", "\n"),

@@ -140,11 +140,11 @@ class _EngineCollector:
         if self.stats is None:
             return
         for field, (name, kind, doc) in ENGINE_METRICS.items():
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            value = getattr(self.stats, field)
             if kind == "histogram":
                 yield _histogram(self.stats, field, f"vllm_mlx_engine_{name}", doc)
                 continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            value = getattr(self.stats, field)
             if field == "loop_seconds":
                 metric = family(f"vllm_mlx_engine_{name}", doc, labels=["phase"])
                 for phase, seconds in sorted(value.items()):
