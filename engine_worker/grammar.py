@@ -57,7 +57,7 @@ class GrammarRow:
         vocab = logits.shape[-1]
         masks = np.full((1, (vocab + 31) // 32), -1, dtype=np.int32)
         _fill(self.matcher, masks[0])
-        return mx.where(_allowed(masks, vocab), logits, _NEG_INF)
+        return _masked(_words(masks), logits)
 
     def advance(self, token: int) -> bool:
         """Feed the row's last token; False when the request cannot go on."""
@@ -85,20 +85,30 @@ def mask_logits(logits: mx.array, inputs: mx.array, uids: list[int],
     for k, (i, row) in enumerate(constrained):
         if row.advance(last[i]):
             _fill(row.matcher, masks[k])
-    allowed = _allowed(masks, vocab)
+    words = _words(masks)
     if len(constrained) == len(uids):  # one select, not a gather and a scatter
-        return mx.where(allowed, logits, _NEG_INF)
+        return _masked(words, logits)
     at = mx.array([i for i, _ in constrained])
-    logits[at] = mx.where(allowed, logits[at], _NEG_INF)
+    logits[at] = _masked(words, logits[at])
     return logits
 
 
-def _allowed(masks: np.ndarray, vocab: int) -> mx.array:
-    """Rows of 32-bit words (bit j of word w: token 32w + j) as rows x vocab
-    booleans. Unpacked by numpy: one copy in and one select on the device,
-    where unpacking there took five ops over the whole vocabulary."""
-    bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-    return mx.array(bits.view(np.bool_))
+def _words(masks: np.ndarray) -> mx.array:
+    # Unsigned, so that shifting right brings in zeros.
+    return mx.array(masks.view(np.uint32))
+
+
+@mx.compile
+def _masked(words: mx.array, logits: mx.array) -> mx.array:
+    """`logits` (rows x vocab) with -inf where the rows' mask words (bit j
+    of word w: token 32w + j) hold a zero. Unpacked on the device, in one
+    fused kernel with the select: the mask crosses as a 32nd of the
+    vocabulary, and on a 2-core CPU the whole took a quarter of what
+    numpy's unpacking and an unfused select did (49,152 tokens: 31 against
+    123 us a row)."""
+    bits = (words[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    allowed = bits.reshape(words.shape[0], -1)[:, :logits.shape[-1]].astype(mx.bool_)
+    return mx.where(allowed, logits, _NEG_INF)
 
 
 def _fill(matcher: llguidance.LLMatcher, row: np.ndarray) -> None:
