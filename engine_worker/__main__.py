@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> EngineSettings:
         max_num_seqs=a.max_num_seqs, max_queue=a.max_queue,
         prefill_batch_size=a.prefill_batch_size, prefill_step_size=a.prefill_step_size,
         admit_window_s=a.admit_window_ms / 1000,
+        prefill_chunk_while_decoding=a.prefill_chunk_while_decoding,
         max_model_len=a.max_model_len, warmup=a.warmup,
         stream_interval_s=a.stream_interval_ms / 1000,
         prefix_cache=a.prefix_cache, prefix_cache_bytes=a.prefix_cache_bytes,

@@ -218,6 +218,11 @@ class Batch:
         """One generator step: what mlx-lm returns, for `handle`."""
         prompt_time = mlx_compat.prompt_seconds(self.gen)  # mlx-lm's own timing
         self._dropped_from = None
+        s = self.settings
+        # (mlx-lm cuts each prompt's next chunk at this size as it steps.)
+        self.gen.prefill_step_size = (min(s.prefill_step_size, s.prefill_chunk_while_decoding)
+                                      if len(mlx_compat.decoding_batch(self.gen))
+                                      else s.prefill_step_size)
         prompt_responses, responses = self.gen.next()
         self.evaluate_copies()
         self._stats.loop_seconds["prefill"] += mlx_compat.prompt_seconds(self.gen) - prompt_time

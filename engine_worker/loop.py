@@ -258,7 +258,8 @@ class Loop:
             lane = replace(lane, max_num_seqs=1, prefill_batch_size=1)
             self._admission.limit(1)
         if prefix_lm:  # each prompt in one prefill pass, however long
-            lane = replace(lane, prefill_step_size=self.loaded.facts.context_length)
+            whole = self.loaded.facts.context_length
+            lane = replace(lane, prefill_step_size=whole, prefill_chunk_while_decoding=whole)
         self._batch = Batch(lane, model, self._prefix, self._reservation, self.stats,
                             self._finish, encoded=self._wake.set)
         if s.warmup:

@@ -164,6 +164,46 @@ def test_abort_waiting_and_running(engine):
     assert not engine.abort("long"), "a finished request is no longer in flight"
 
 
+def test_a_prompt_arriving_mid_decode_prefills_in_small_chunks(tiny_model, monkeypatch):
+    """While other requests decode, a long prompt prefills at most
+    prefill_chunk_while_decoding tokens a step (their streams never wait for
+    the whole of it); alone, it prefills in one pass. Its tokens are the
+    same either way."""
+    gen_module = importlib.import_module("mlx_lm.generate")
+    prompt = gen_module.PromptProcessingBatch.prompt
+    widths: list[int] = []
+
+    def recorded(self, tokens):
+        if tokens:
+            widths.append(max(len(t) for t in tokens))
+        return prompt(self, tokens)
+
+    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", recorded)
+    collector = Collector()
+    settings = EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False,
+                              prefill_step_size=64, prefill_chunk_while_decoding=8)
+    e = Loop(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e.start()
+    e.collector = collector
+    try:
+        assert e.ready.wait(60) and e.load_error is None
+        long_prompt = [(7 * i) % 200 + 3 for i in range(41)]
+        alone = tokens_of(run(e, "alone", long_prompt, max_tokens=8))
+        assert widths == [40]  # all but its last token, in one pass
+        widths.clear()
+        e.submit(Request("decoding", [5, 17, 33], 200, SamplingParams()))
+        collector.published.clear()
+        assert collector.published.wait(10)  # it decodes
+        widths.clear()
+        beside = tokens_of(run(e, "beside", long_prompt, max_tokens=8))
+        assert e.abort("decoding")
+        collector.wait("decoding")
+    finally:
+        e.stop()
+    assert beside == alone
+    assert widths == [8] * 5, widths
+
+
 def _recorded_prefill_sizes(monkeypatch) -> list[int]:
     """A list that gets the number of prompts of every prefill pass mlx-lm runs."""
     gen_module = importlib.import_module("mlx_lm.generate")

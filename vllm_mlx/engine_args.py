@@ -12,6 +12,13 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")
 
 
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     d = EngineSettings(model="")
     g = ap.add_argument_group("engine (batching, memory, caches)")
@@ -24,6 +31,11 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
                    help="requests still arriving wait up to this long to be prefilled "
                         "together, a whole prefill batch at a time; an idle engine waits "
                         "for a 1 ms gap in arrivals (default 3; 0: no waiting)")
+    g.add_argument("--prefill-chunk-while-decoding", type=_at_least_one,
+                   default=d.prefill_chunk_while_decoding, metavar="TOKENS",
+                   help="while other requests decode, a prompt prefills at most this many "
+                        "tokens a step, so that their streams never wait for a whole long "
+                        "prompt")
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse KV across requests that share a prompt prefix")
     g.add_argument("--prefix-cache-bytes", type=int,
@@ -57,6 +69,7 @@ def engine_worker_argv(a: argparse.Namespace) -> list[str]:
     """The flags that give an engine the settings parsed into `a`."""
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-queue", str(a.max_queue),
             "--admit-window-ms", str(a.admit_window_ms),
+            "--prefill-chunk-while-decoding", str(a.prefill_chunk_while_decoding),
             "--liveness-timeout", str(a.liveness_timeout),
             "--tool-call-parser", a.tool_call_parser]
     if not a.prefix_cache:
