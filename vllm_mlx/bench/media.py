@@ -82,6 +82,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--load-images", type=int, default=100,
                    help="images each load process makes before it starts (at most what "
                         "one state's load sends)")
+    g.add_argument("--server-flags", default="",
+                   help="extra vllm-mlx-up flags, one string "
+                        "(--server-flags=\"--prefill-chunk-while-decoding 64\")")
     g.add_argument("--port", type=int, default=0, help="the gateway's; 0: a free port")
     g.add_argument("--engine-port", type=int, default=0, help="the engine's; 0: a free port")
     g = ap.add_argument_group("turns (and --rounds, --image-size)")
@@ -322,12 +325,13 @@ def figures(samples: dict[str, list[float]], latency: dict[str, list[float]],
 
 def run_load(a: argparse.Namespace, model: Path) -> dict:
     port, engine_port = ports(0, 2)
-    stack = Stack(model, a.port or port, a.engine_port or engine_port)
+    stack = Stack(model, a.port or port, a.engine_port or engine_port, a.server_flags.split())
     try:
         result = asyncio.run(load_states(a, stack))
     finally:
         stack.stop()
     return dict(rounds=a.rounds, per_round=a.per_round, gap_ms=a.gap_ms,
+                server_flags=a.server_flags,
                 text_tokens=a.text_tokens,
                 image_size=a.image_size, load_images=a.load_images,
                 in_flight=IN_FLIGHT, media_workers=len(stack.media), **result)
@@ -337,7 +341,7 @@ def run_second_turns(a: argparse.Namespace, model: Path) -> dict:
     from vllm_mlx.bench.turns import run_turns
 
     port, engine_port = ports(0, 2)
-    stack = Stack(model, a.port or port, a.engine_port or engine_port)
+    stack = Stack(model, a.port or port, a.engine_port or engine_port, a.server_flags.split())
     try:
         return run_turns(stack.url, parse_size(a.image_size), a.prompt_tokens, a.rounds,
                          a.max_tokens)
