@@ -38,7 +38,7 @@ from engine_worker.stats import (
     record_step,
 )
 from engine_worker.warmup import warm_up
-from vllm_mlx.settings import EngineSettings
+from vllm_mlx.settings import EngineSettings, favour_the_waiting_thread
 
 log = logging.getLogger("engine")
 
@@ -85,10 +85,12 @@ class Loop:
 
     def start(self) -> None:
         """Run the loop on a thread of its own."""
+        favour_the_waiting_thread()
         self._thread.start()
 
     def run(self) -> None:
         """Run the loop on the calling thread until `stop`."""
+        favour_the_waiting_thread()
         self._run()
 
     def stop(self) -> None:

@@ -22,7 +22,7 @@ from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from vllm_mlx.ipc.error_info import abort
 from vllm_mlx.ipc.grpc_server import listen
-from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, EngineSettings
+from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, EngineSettings, favour_the_waiting_thread
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
 from vllm_mlx.v1 import errors_pb2 as epb
@@ -209,6 +209,8 @@ async def serve(settings: EngineSettings) -> None:
     SERVING once it has loaded the weights and warmed up."""
     facts = read_facts(settings.model, settings.served_model_name, settings.max_model_len,
                        settings.mllm)
+    favour_the_waiting_thread()  # the event loop forwards every token; requests are
+    # built on other threads
     tokenizer = await asyncio.to_thread(load_tokenizer, facts)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)])

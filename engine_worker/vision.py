@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,8 +41,6 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 # Families whose language model takes explicit mrope position ids (Qwen).
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# How long a Python thread may keep the interpreter while another waits.
-GIL_SWITCH_S = 1e-4
 # How often a paced encoder looks again whether it still is (`pace`).
 PACE_CHECK_S = 0.1
 
@@ -273,10 +270,6 @@ class BatchedVisionLM(nn.Module):
         # reads (grid sizes, the rope delta) and the encoder's kernels wait for
         # nothing the decode loop queued, and the loop never waits for them.
         self._encoder = _EncoderThread()
-        # Both threads are Python: the loop, back from a wait on the device,
-        # takes the interpreter from the encoder within this interval instead
-        # of Python's default 5 ms (a whole stall of the text streams).
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         # While text rows decode, the loop lets the encoder run a slice a
         # step (`pace`): its slices back to back slowed every step on a GPU.
         self._turn = threading.Event()
