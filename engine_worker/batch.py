@@ -31,6 +31,18 @@ log = logging.getLogger("engine")
 
 FAULT_INJECTION = fault_injection()
 
+# A prompt pass is one evaluation, and the core reports nothing while it
+# runs: one that outlasts the liveness timeout gets the engine killed as
+# hung (on the 2-core CPU a 2,000-token prompt of SmolLM2-135M was, in a
+# pass of about 30 s; one of a 70B model on a small Mac takes longer). So a
+# pass is planned to take at most this share of the timeout, at the speed
+# of the last pass, and never fewer than MIN_CHUNK tokens a prompt. The
+# share leaves room for a pass's cost growing faster than its length
+# (attention over a longer context): on that CPU a 364-token pass ran at
+# 319 tokens/s and the next, 1,735 tokens, at 116.
+PASS_SHARE_OF_LIVENESS = 1 / 16
+MIN_CHUNK = 32
+
 
 @dataclass
 class _Running:
@@ -74,6 +86,7 @@ class Batch:
         self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
         self._copies_to_evaluate: list[mx.array] = []  # see _keep_kv
+        self._prefill_rate: float | None = None  # tokens/s of the last long enough pass
         # Media requests on the encoder's thread, in admission order; then
         # their encoded media until `_initial_cache` takes it.
         self.encoding: deque[tuple[Request, Future[SequenceMedia]]] = deque()
@@ -216,17 +229,41 @@ class Batch:
 
     def step(self) -> tuple[list, list]:
         """One generator step: what mlx-lm returns, for `handle`."""
-        prompt_time = mlx_compat.prompt_seconds(self.gen)  # mlx-lm's own timing
+        gen = self.gen
+        prompt_time = mlx_compat.prompt_seconds(gen)  # mlx-lm's own timing
+        prompt_tokens = mlx_compat.prompt_tokens(gen)
         self._dropped_from = None
-        s = self.settings
         # (mlx-lm cuts each prompt's next chunk at this size as it steps.)
-        self.gen.prefill_step_size = (min(s.prefill_step_size, s.prefill_chunk_while_decoding)
-                                      if len(mlx_compat.decoding_batch(self.gen))
-                                      else s.prefill_step_size)
-        prompt_responses, responses = self.gen.next()
+        gen.prefill_step_size = self._prefill_chunk()
+        prompt_responses, responses = gen.next()
         self.evaluate_copies()
-        self._stats.loop_seconds["prefill"] += mlx_compat.prompt_seconds(self.gen) - prompt_time
+        spent = mlx_compat.prompt_seconds(gen) - prompt_time
+        self._stats.loop_seconds["prefill"] += spent
+        passed = mlx_compat.prompt_tokens(gen) - prompt_tokens
+        if passed >= MIN_CHUNK and spent > 0:
+            self._prefill_rate = passed / spent
         return prompt_responses, responses
+
+    def _prefill_chunk(self) -> int:
+        """The prompt tokens each prompt may prefill in this step's pass:
+        prefill_step_size, less while other requests decode (their streams
+        wait for the pass), and less again where the pass would take too
+        long for the liveness check (PASS_SHARE_OF_LIVENESS). A prefix LM's
+        prompt is prefilled whole, however long."""
+        s, gen = self.settings, self.gen
+        chunk = s.prefill_step_size
+        if getattr(self.model, "prefix_lm", False):
+            return chunk
+        if len(mlx_compat.decoding_batch(gen)):
+            chunk = min(chunk, s.prefill_chunk_while_decoding)
+        rate = self._prefill_rate
+        if rate is None and mlx_compat.prompt_seconds(gen) > 0:  # warm-up's prompts
+            rate = mlx_compat.prompt_tokens(gen) / mlx_compat.prompt_seconds(gen)
+        if rate:
+            rows = max(1, mlx_compat.prompts_to_prefill(gen))
+            fits = rate * s.liveness_timeout_s * PASS_SHARE_OF_LIVENESS / rows
+            chunk = min(chunk, max(MIN_CHUNK, int(fits)))
+        return chunk
 
     def handle(self, prompt_responses: list, responses: list, outbox: StepOutputs) -> None:
         """Turn a step's tokens into outputs; plain tokens go straight into

@@ -47,6 +47,10 @@ log = logging.getLogger("engine")
 # a stopping one for at most STOP_SAVE_S.
 SAVE_SLICE_S = 1.0
 STOP_SAVE_S = 10.0
+# A busy loop whose steps yield no output (a long prompt prefilled in
+# passes, with nothing decoding) still reports this often: the front end
+# takes a core that sends nothing for its liveness timeout for hung.
+REPORT_EVERY_S = 0.5
 
 
 class Loop:
@@ -77,6 +81,7 @@ class Loop:
         self._batch: Batch | None = None  # set at load
         self._prefix: PrefixCache | None = None  # likewise, unless turned off
         self._outbox = StepOutputs()
+        self._last_flush = 0.0  # perf_counter time of the last publish
         self._rate = TokenRate()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -215,7 +220,7 @@ class Loop:
             self._rate.add(self.stats.generation_tokens_total - generated)
             self._update_stats()
             t3 = clock()
-            self._flush()
+            self._flush(always=t3 - self._last_flush >= REPORT_EVERY_S)
             t4 = clock()
             spent["step"] += t2 - t1
             spent["handle"] += t3 - t2
@@ -260,8 +265,7 @@ class Loop:
             lane = replace(lane, max_num_seqs=1, prefill_batch_size=1)
             self._admission.limit(1)
         if prefix_lm:  # each prompt in one prefill pass, however long
-            whole = self.loaded.facts.context_length
-            lane = replace(lane, prefill_step_size=whole, prefill_chunk_while_decoding=whole)
+            lane = replace(lane, prefill_step_size=self.loaded.facts.context_length)
         self._batch = Batch(lane, model, self._prefix, self._reservation, self.stats,
                             self._finish, encoded=self._wake.set)
         if s.warmup:
@@ -334,6 +338,7 @@ class Loop:
     def _flush(self, always: bool = False) -> None:
         if self._outbox or always:
             outputs, self._outbox = self._outbox, StepOutputs()
+            self._last_flush = time.perf_counter()
             self._publish(outputs)
 
     def _read_memory(self) -> None:

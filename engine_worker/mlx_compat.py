@@ -66,6 +66,17 @@ def prompt_seconds(gen) -> float:
     return counters.prompt_time if counters else 0.0
 
 
+def prompt_tokens(gen) -> int:
+    """Prompt tokens mlx-lm has prefilled (its own counter)."""
+    counters = getattr(gen, "_counters", None)
+    return counters.prompt_tokens if counters else 0
+
+
+def prompts_to_prefill(gen) -> int:
+    """Prompts in the generator's prefill batch or waiting to join it."""
+    return len(gen._prompt_batch) + len(gen._unprocessed_sequences)
+
+
 def kv_end(cache):
     """Where each row of a BatchKVCache ends (its write offset)."""
     return cache._idx

@@ -164,11 +164,8 @@ def test_abort_waiting_and_running(engine):
     assert not engine.abort("long"), "a finished request is no longer in flight"
 
 
-def test_a_prompt_arriving_mid_decode_prefills_in_small_chunks(tiny_model, monkeypatch):
-    """While other requests decode, a long prompt prefills at most
-    prefill_chunk_while_decoding tokens a step (their streams never wait for
-    the whole of it); alone, it prefills in one pass. Its tokens are the
-    same either way."""
+def _recorded_pass_widths(monkeypatch) -> list[int]:
+    """A list that gets the widest prompt chunk of every prefill pass."""
     gen_module = importlib.import_module("mlx_lm.generate")
     prompt = gen_module.PromptProcessingBatch.prompt
     widths: list[int] = []
@@ -179,14 +176,28 @@ def test_a_prompt_arriving_mid_decode_prefills_in_small_chunks(tiny_model, monke
         return prompt(self, tokens)
 
     monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", recorded)
+    return widths
+
+
+def _started(tiny_model, **settings) -> Loop:
     collector = Collector()
-    settings = EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False,
-                              prefill_step_size=64, prefill_chunk_while_decoding=8)
-    e = Loop(settings, lambda s: load_model(read_facts(s.model)), collector.publish)
+    e = Loop(EngineSettings(model=str(tiny_model), warmup=False, prefix_cache=False, **settings),
+             lambda s: load_model(read_facts(s.model)), collector.publish)
     e.start()
     e.collector = collector
+    assert e.ready.wait(60) and e.load_error is None
+    return e
+
+
+def test_a_prompt_arriving_mid_decode_prefills_in_small_chunks(tiny_model, monkeypatch):
+    """While other requests decode, a long prompt prefills at most
+    prefill_chunk_while_decoding tokens a step (their streams never wait for
+    the whole of it); alone, it prefills in one pass. Its tokens are the
+    same either way."""
+    widths = _recorded_pass_widths(monkeypatch)
+    e = _started(tiny_model, prefill_step_size=64, prefill_chunk_while_decoding=8)
+    collector = e.collector
     try:
-        assert e.ready.wait(60) and e.load_error is None
         long_prompt = [(7 * i) % 200 + 3 for i in range(41)]
         alone = tokens_of(run(e, "alone", long_prompt, max_tokens=8))
         assert widths == [40]  # all but its last token, in one pass
@@ -202,6 +213,33 @@ def test_a_prompt_arriving_mid_decode_prefills_in_small_chunks(tiny_model, monke
         e.stop()
     assert beside == alone
     assert widths == [8] * 5, widths
+
+
+def test_prompt_passes_are_cut_to_fit_the_liveness_timeout(tiny_model, monkeypatch):
+    """The core reports nothing during a prompt pass, so once the engine has
+    measured its prefill speed, a pass takes at most a 16th of the
+    liveness timeout (here 2 ms of 32: fewer than 300 tokens of the tiny model on
+    any machine), never under batch.MIN_CHUNK tokens; the tokens are the same."""
+    from engine_worker.batch import MIN_CHUNK
+
+    prompts = [[(k * i) % 200 + 3 for i in range(301)] for k in (7, 11)]
+    e = _started(tiny_model)
+    try:
+        alone = tokens_of(run(e, "alone", prompts[1], max_tokens=8))
+    finally:
+        e.stop()
+    widths = _recorded_pass_widths(monkeypatch)
+    e = _started(tiny_model, liveness_timeout_s=0.032)
+    try:
+        run(e, "first", prompts[0], max_tokens=2)  # one pass: nothing measured yet
+        assert widths == [300]
+        widths.clear()
+        cut = tokens_of(run(e, "measured", prompts[1], max_tokens=8))
+    finally:
+        e.stop()
+    assert cut == alone
+    assert len(widths) > 1 and sum(widths) == 300, widths
+    assert all(w >= MIN_CHUNK for w in widths[:-1]), widths
 
 
 def _recorded_prefill_sizes(monkeypatch) -> list[int]:

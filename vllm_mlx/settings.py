@@ -80,7 +80,8 @@ class EngineSettings:
     # A loaded engine core that sends nothing for this long (it reports every
     # decode step, and every 0.5 s when idle) is taken for hung: the worker
     # kills it and exits, failing what was in flight, and its supervisor
-    # starts a new one. One prefill step of a huge prompt batch must fit in it.
+    # starts a new one. Prompt passes are cut to take a 16th of it
+    # (engine_worker/batch.py).
     liveness_timeout_s: float = 30.0
     # How the model writes tool calls (engine_worker/tool_calls.py FORMATS);
     # "auto": read off its chat template.

@@ -13,7 +13,9 @@ import openai
 import psutil
 import pytest
 
-from ..conftest import wait_until
+from vllm_mlx.v1 import engine_pb2 as pb
+
+from ..conftest import start_engine, wait_until
 from ..test_supervisor import Up, chat
 from .processes import engine_core, gone
 
@@ -126,6 +128,28 @@ def test_a_stopped_or_killed_gateway_is_replaced(up, fault):
     assert wait_until(lambda: gone(gateway), 10)
     print(f"\n[reliability] {fault} gateway (liveness {LIVENESS_S:.0f}s): streams ended "
           f"with an error after {ended:.1f}s, serving again after {back:.1f}s")
+
+
+def test_a_long_prefill_is_not_taken_for_a_hang(smollm2_folder, tmp_path):
+    """A prompt whose prefill takes several times the liveness timeout (the
+    real SmolLM2's, bfloat16 on a CPU: about 70 ms a token) is prefilled in
+    passes that each fit in it, and the core reports after each: the request
+    finishes and the core lives. Before, its one pass of the whole prompt got
+    the core killed as hung."""
+    liveness = 5.0
+    e = start_engine(smollm2_folder, tmp_path, "--liveness-timeout", str(liveness))
+    try:
+        prompt = [(37 * i) % 40000 + 100 for i in range(200)]
+        tic = time.monotonic()
+        replies = list(e.stub.Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=prompt), max_tokens=2), timeout=300))
+        took = time.monotonic() - tic
+        assert replies[-1].finished and replies[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert e.proc.poll() is None and "no progress" not in e.log()
+    finally:
+        e.stop()
+    if took < 2 * liveness:
+        pytest.skip(f"the prefill took {took:.1f} s here: too fast to show anything")
 
 
 def test_liveness_flag_reaches_the_engine(up):
