@@ -164,19 +164,25 @@ def test_abort_waiting_and_running(engine):
     assert not engine.abort("long"), "a finished request is no longer in flight"
 
 
-def _recorded_pass_widths(monkeypatch) -> list[int]:
-    """A list that gets the widest prompt chunk of every prefill pass."""
+def _recorded_passes(monkeypatch, measure) -> list[int]:
+    """A list that gets `measure(chunks)` of every prefill pass mlx-lm runs
+    (chunks: the pass's part of each prompt)."""
     gen_module = importlib.import_module("mlx_lm.generate")
     prompt = gen_module.PromptProcessingBatch.prompt
-    widths: list[int] = []
+    measured: list[int] = []
 
     def recorded(self, tokens):
         if tokens:
-            widths.append(max(len(t) for t in tokens))
+            measured.append(measure(tokens))
         return prompt(self, tokens)
 
     monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", recorded)
-    return widths
+    return measured
+
+
+def _recorded_pass_widths(monkeypatch) -> list[int]:
+    """A list that gets the widest prompt chunk of every prefill pass."""
+    return _recorded_passes(monkeypatch, lambda chunks: max(len(c) for c in chunks))
 
 
 def _started(tiny_model, **settings) -> Loop:
@@ -244,17 +250,7 @@ def test_prompt_passes_are_cut_to_fit_the_liveness_timeout(tiny_model, monkeypat
 
 def _recorded_prefill_sizes(monkeypatch) -> list[int]:
     """A list that gets the number of prompts of every prefill pass mlx-lm runs."""
-    gen_module = importlib.import_module("mlx_lm.generate")
-    prompt = gen_module.PromptProcessingBatch.prompt
-    sizes: list[int] = []
-
-    def counted(self, tokens):
-        if tokens:
-            sizes.append(len(tokens))
-        return prompt(self, tokens)
-
-    monkeypatch.setattr(gen_module.PromptProcessingBatch, "prompt", counted)
-    return sizes
+    return _recorded_passes(monkeypatch, len)
 
 
 def _prefill_sizes(engine_settings, tiny_model, monkeypatch, feed) -> list[int]:
