@@ -33,8 +33,8 @@ FAULT_INJECTION = fault_injection()
 
 # A prompt pass is one evaluation, and the core reports nothing while it
 # runs: one that outlasts the liveness timeout gets the engine killed as
-# hung (on the 2-core CPU a 2,000-token prompt of SmolLM2-135M was, in a
-# pass of about 30 s; one of a 70B model on a small Mac takes longer). So a
+# hung (on the 2-core CPU, the 2,048-token pass of a SmolLM2-135M prompt
+# was; a 70B model's on a small Mac would be too). So a
 # pass is planned to take at most this share of the timeout, at the speed
 # of the last pass, and never fewer than MIN_CHUNK tokens a prompt. The
 # share leaves room for a pass's cost growing faster than its length
