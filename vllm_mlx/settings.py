@@ -78,7 +78,7 @@ class EngineSettings:
     # Media workers (HOST:PORT) that prepare the images and videos of requests.
     media_workers: tuple[str, ...] = ()
     # A loaded engine core that sends nothing for this long (it reports every
-    # decode step, and every 0.5 s when idle) is taken for hung: the worker
+    # decode step, and at least every 0.5 s otherwise) is taken for hung: the worker
     # kills it and exits, failing what was in flight, and its supervisor
     # starts a new one. Prompt passes are cut to take a 16th of it
     # (engine_worker/batch.py).
