@@ -90,12 +90,10 @@ class Loop:
 
     def start(self) -> None:
         """Run the loop on a thread of its own."""
-        favour_the_waiting_thread()
         self._thread.start()
 
     def run(self) -> None:
         """Run the loop on the calling thread until `stop`."""
-        favour_the_waiting_thread()
         self._run()
 
     def stop(self) -> None:
@@ -154,6 +152,7 @@ class Loop:
     # -- the loop's thread -------------------------------------------------
 
     def _run(self) -> None:
+        favour_the_waiting_thread()
         try:
             self._serve()
         finally:

@@ -58,9 +58,10 @@ class CopiedInPieces:
         return mx.concatenate(self.pieces).reshape(self.shape)
 
 
-# A request's media: its items as prepared, or the model's inputs made of
-# them (`BatchedVisionLM.media_inputs`).
-Media = list[dict[str, np.ndarray]] | dict[str, mx.array | CopiedInPieces]
+# The model's inputs made of a request's media items (`model_inputs`).
+Inputs = dict[str, mx.array | CopiedInPieces]
+# A request's media: its items as prepared, or their inputs.
+Media = list[dict[str, np.ndarray]] | Inputs
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,7 @@ class BatchedVisionLM(nn.Module):
         self.pace(False)
         return self.start_encoding(prompt, media).result()
 
-    def media_inputs(self, media: list[dict[str, np.ndarray]]
-                     ) -> dict[str, mx.array | CopiedInPieces]:
+    def media_inputs(self, media: list[dict[str, np.ndarray]]) -> Inputs:
         """A request's items as the model's arguments (`model_inputs`): the
         copy of their tensors into MLX arrays, which `start_encoding` takes
         instead of the items, so that the engine can make it off its loop's
@@ -603,8 +603,7 @@ class _HoldBackLast:
 
 
 def model_inputs(media: list[dict[str, np.ndarray]],
-                 per_sample: frozenset[str] = frozenset()
-                 ) -> dict[str, mx.array | CopiedInPieces]:
+                 per_sample: frozenset[str] = frozenset()) -> Inputs:
     """Items' tensors as the model's keyword arguments: tensors of the same
     name (pixel_values, image_grid_thw, ...) joined in prompt order, as the
     processor joins a batch of images: along axis 1 for `per_sample` names,
