@@ -166,7 +166,10 @@ class MediaClient:
         if not self._stubs:
             raise MediaUnavailable("the engine was started without media workers "
                                    "(--media-worker HOST:PORT)")
-        keys = [cache_key(s) for s in sources]
+        # A data: URL is megabytes; hashlib lets go of the GIL while it hashes,
+        # so on a thread this leaves the event loop to forward other streams'
+        # tokens.
+        keys = await asyncio.to_thread(lambda: [cache_key(s) for s in sources])
         items: list[PreparedItem | None] = [self.cache.get(k) for k in keys]
         for it in items:
             if it is not None:

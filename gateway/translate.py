@@ -85,21 +85,27 @@ def _check_size(req: SamplingFields, prompts: int, max_choices: int) -> None:
 
 # -- chat --------------------------------------------------------------------------
 
-def _media_source(part, req: ChatCompletionRequest) -> media_pb2.MediaSource | None:
-    """The engine's MediaSource for an image or video part; None for other kinds."""
+# Protobuf copies a message wherever one is assigned or appended, and a data:
+# URL is megabytes: the chat is built in place, inside the request it goes
+# out in, so the gateway's event loop (which streams every other request's
+# tokens) copies it once, not four times.
+
+def _fill_source(part, req: ChatCompletionRequest, src: media_pb2.MediaSource) -> bool:
+    """An image or video part as the engine's MediaSource; False for other kinds."""
     if isinstance(part, ImageURLPart):
-        return media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_IMAGE, url=part.image_url.url)
-    if isinstance(part, ImagePathPart):
-        return media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_IMAGE, path=part.image)
-    if isinstance(part, (VideoURLPart, VideoPathPart)):
-        src = media_pb2.MediaSource(kind=media_pb2.MEDIA_KIND_VIDEO, fps=req.video_fps or 0,
-                                    max_frames=req.video_max_frames or 0)
+        src.kind, src.url = media_pb2.MEDIA_KIND_IMAGE, part.image_url.url
+    elif isinstance(part, ImagePathPart):
+        src.kind, src.path = media_pb2.MEDIA_KIND_IMAGE, part.image
+    elif isinstance(part, (VideoURLPart, VideoPathPart)):
+        src.kind = media_pb2.MEDIA_KIND_VIDEO
+        src.fps, src.max_frames = req.video_fps or 0, req.video_max_frames or 0
         if isinstance(part, VideoURLPart):
             src.url = part.video_url.url
         else:
             src.path = part.video
-        return src
-    return None
+    else:
+        return False
+    return True
 
 
 def _fill_content(msg: pb.ChatMessage, message: Message, index: int,
@@ -112,37 +118,32 @@ def _fill_content(msg: pb.ChatMessage, message: Message, index: int,
     if isinstance(content, str):
         msg.content = content
         return
-    texts, parts = [], []
+    if all(isinstance(part, (TextPart, RefusalPart)) for part in content):
+        # Several text parts read as separate paragraphs, as vLLM joins them.
+        msg.content = "\n".join(part.text if isinstance(part, TextPart) else part.refusal
+                                for part in content)
+        return
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
-            texts.append(part.text)
-            parts.append(pb.ContentPart(text=part.text))
+            msg.parts.add(text=part.text)
             continue
         if isinstance(part, RefusalPart):
-            texts.append(part.refusal)
-            parts.append(pb.ContentPart(text=part.refusal))
+            msg.parts.add(text=part.refusal)
             continue
         modality, plural = _MEDIA[type(part)]
         where = f"messages[{index}].content[{j}]"
         if modality not in modalities:
             raise InvalidRequest(f"this model does not accept {plural}", param=where,
                                  code="unsupported_content")
-        source = _media_source(part, req)
-        if source is None:
+        if not _fill_source(part, req, msg.parts.add().media):
             raise InvalidRequest(f"{plural} are not supported by this server yet",
                                  param=where, code="unsupported_content")
-        parts.append(pb.ContentPart(media=source))
-    if any(p.HasField("media") for p in parts):
-        msg.parts.extend(parts)
-    else:
-        # Several text parts read as separate paragraphs, as vLLM joins them.
-        msg.content = "\n".join(texts)
 
 
-def chat_input(req: ChatCompletionRequest, modalities: list[str]) -> pb.ChatInput:
-    messages = []
+def fill_chat(chat: pb.ChatInput, req: ChatCompletionRequest, modalities: list[str]) -> None:
+    """The request's messages, template options and tools, written into `chat`."""
     for i, m in enumerate(req.messages):
-        msg = pb.ChatMessage(role=m.role)
+        msg = chat.messages.add(role=m.role)
         _fill_content(msg, m, i, req, modalities)
         if getattr(m, "name", None):
             msg.name = m.name
@@ -154,21 +155,18 @@ def chat_input(req: ChatCompletionRequest, modalities: list[str]) -> pb.ChatInpu
             msg.tool_calls.extend(pb.ToolCall(id=c.id, name=c.function.name,
                                               arguments=c.function.arguments)
                                   for c in m.tool_calls or [])
-        messages.append(msg)
     if req.continue_final_message and req.messages[-1].role != "assistant":
         raise InvalidRequest("continue_final_message needs an assistant message last",
                              param="continue_final_message")
-    chat = pb.ChatInput(
-        messages=messages, add_generation_prompt=not req.continue_final_message,
-        continue_final_message=req.continue_final_message,
-        template_kwargs_json=json.dumps(req.chat_template_kwargs)
-        if req.chat_template_kwargs else "")
+    chat.add_generation_prompt = not req.continue_final_message
+    chat.continue_final_message = req.continue_final_message
+    if req.chat_template_kwargs:
+        chat.template_kwargs_json = json.dumps(req.chat_template_kwargs)
     if req.tools:
         chat.tools_json = json.dumps([t.model_dump(exclude_none=True) for t in req.tools])
         chat.tool_choice.CopyFrom(_tool_choice(req.tool_choice))
     if req.parallel_tool_calls is not None:
         chat.parallel_tool_calls = req.parallel_tool_calls
-    return chat
 
 
 def _tool_choice(choice) -> pb.ToolChoice:
@@ -202,13 +200,15 @@ def chat_requests(req: ChatCompletionRequest, request_id: str, modalities: list[
                   max_choices: int) -> list[pb.GenerateRequest]:
     _check_size(req, 1, max_choices)
     try:
-        chat = chat_input(req, modalities)
         constraint = structured_output(req)
         out = []
         for i, rid in enumerate(request_ids(request_id, req.n)):
             g = _common(req, rid, i, req.max_completion_tokens or req.max_tokens,
                         req.logprobs, req.top_logprobs or 0)
-            g.chat.CopyFrom(chat)
+            if out:
+                g.chat.CopyFrom(out[0].chat)
+            else:
+                fill_chat(g.chat, req, modalities)
             if constraint is not None:
                 g.structured_output.CopyFrom(constraint)
             out.append(g)

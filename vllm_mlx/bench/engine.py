@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vllm_mlx.bench import report
 from vllm_mlx.bench.workloads import (
+    LOOP_COUNTS,
     PROMPT_LEN,
     child_pids,
     cpu_seconds,
@@ -375,7 +376,8 @@ def one_concurrency(a: argparse.Namespace, name: str, restart: int, c: int, kind
         row[f"{k}_loop_steps"] = steps / a.rounds
         row[f"{k}_prefill_passes"] = spent.pop("prefill_passes", 0.0) / a.rounds
         row[f"{k}_steps_over_10ms"] = spent.pop("steps_over_10ms", 0.0) / a.rounds
-        spent.pop("steps_over_5ms", None)
+        for key in LOOP_COUNTS:
+            spent.pop(key, None)
         row[f"{k}_loop_us_per_step"] = {n: 1e6 * v / steps for n, v in spent.items()}
         if k in engines:
             row[f"{k}_cpu_ms_per_1k_tokens"] = {n: 1e6 * v / tokens for n, v in cpu[k].items()}

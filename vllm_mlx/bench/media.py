@@ -48,12 +48,14 @@ from vllm_mlx.bench import report
 from vllm_mlx.bench.inputs import data_url, encode_clip, jpeg, photo_like
 from vllm_mlx.bench.workloads import (
     LOOP_COUNTS,
+    SLOW_MS,
     TINY_VLM,
     Child,
     Stack,
     default_cache,
     engine_loop_seconds,
     model_folder,
+    over,
     ports,
 )
 
@@ -308,6 +310,10 @@ def figures(samples: dict[str, list[float]], latency: dict[str, list[float]],
     out = {}
     for state, xs in samples.items():
         out[f"{state}_p50_ms"], out[f"{state}_p99_ms"] = ms(xs, 50), ms(xs, 99)
+        # Beside the loop's iterations over the same bounds (engine_loop_ms):
+        # a slow gap without a slow iteration arose outside the engine loop.
+        for bound in SLOW_MS:
+            out[f"{state}_gaps_{over(bound)}"] = sum(x * 1e3 > bound for x in xs)
     for state in ("decoding", "loaded"):
         for q in ("p50", "p99"):
             out[f"{state}_{q}_ratio"] = out[f"{state}_{q}_ms"] / out[f"quiet_{q}_ms"]
@@ -374,6 +380,16 @@ def print_load(r: dict) -> None:
          f"x{r['loaded_p99_ratio']:.2f}",
          load(r["image_requests"], r["image_latency_p50_ms"], "requests")]],
         ["state", "p50 ms", "p99 ms", "p50 / quiet", "p99 / quiet", "load"]))
+    print("\nslow text gaps and slow engine loop iterations, per state")
+    print(report.table([[state, len(r[f"{state}_all"]),
+                         *(r[f"{state}_gaps_{over(b)}"] for b in SLOW_MS),
+                         r["engine_loop_ms"][state].get("steps", 0),
+                         *(r["engine_loop_ms"][state].get(f"steps_{over(b)}", "")
+                           for b in SLOW_MS),
+                         r["engine_loop_ms"][state].get("prefill_passes", 0)]
+                        for state in ("quiet", "decoding", "loaded")],
+                       ["state", "gaps", *(f"over {b:g} ms" for b in SLOW_MS), "iterations",
+                        *(f"over {b:g} ms" for b in SLOW_MS), "prefill passes"]))
     print("\nengine loop per state, ms (admit holds the vision encoder), steps, prefills")
     print(report.table([[state, "  ".join(f"{k} {v}" for k, v in sorted(t.items()))]
                         for state, t in r["engine_loop_ms"].items()], ["state", "loop"]))
