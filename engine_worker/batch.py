@@ -11,7 +11,6 @@ prompt's along the way), a finished request's as it finishes. Only the loop's th
 import logging
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -23,7 +22,13 @@ from engine_worker.blocks import BLOCK_TOKENS, MediaSpan, media_end
 from engine_worker.messages import Output, Request, StepOutputs, TokenLogprob
 from engine_worker.prefix_cache import BatchRow, PrefixCache, batch_kv, gather_rows
 from engine_worker.sampling import guarded
-from engine_worker.vision import BatchedVisionLM, SequenceMedia, for_prefix_cache, resumed
+from engine_worker.vision import (
+    BatchedVisionLM,
+    Encoding,
+    SequenceMedia,
+    for_prefix_cache,
+    resumed,
+)
 from vllm_mlx.settings import EngineSettings, fault_injection
 from vllm_mlx.v1 import engine_pb2 as pb
 
@@ -89,7 +94,7 @@ class Batch:
         self._prefill_rate: float | None = None  # tokens/s of the last long enough pass
         # Media requests on the encoder's thread, in admission order; then
         # their encoded media until `_initial_cache` takes it.
-        self.encoding: deque[tuple[Request, Future[SequenceMedia]]] = deque()
+        self.encoding: deque[tuple[Request, Encoding]] = deque()
         self._encoded: dict[str, SequenceMedia] = {}
         self.gen = self._new_generator()
 
@@ -364,10 +369,10 @@ class Batch:
     def remove(self, request_id: str, keep_kv: bool) -> bool:
         """End a running request early (finish reason "abort"). `keep_kv`: its
         KV may serve later prompts."""
-        for i, (r, _) in enumerate(self.encoding):
+        for i, (r, job) in enumerate(self.encoding):
             if r.request_id == request_id:
                 del self.encoding[i]
-                self.model.pace(False)  # what is left of its encoding, unpaced
+                job.stop()
                 self._finish(r, Output(request_id, None, "abort"))
                 return True
         for uid, state in self.running.items():
@@ -383,10 +388,9 @@ class Batch:
         return False
 
     def fail_all(self, message: str) -> None:
-        if self.encoding:
-            self.model.pace(False)
         while self.encoding:
-            r, _ = self.encoding.popleft()
+            r, job = self.encoding.popleft()
+            job.stop()
             self._finish(r, Output(r.request_id, None, "error", error=message))
         for uid in list(self.running):
             self._finish_uid(uid, "error", error=message)

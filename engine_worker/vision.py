@@ -313,8 +313,7 @@ class BatchedVisionLM(nn.Module):
         return model_inputs(media, self.wiring.per_sample)
 
     def start_encoding(self, prompt: list[int],
-                       media: Media
-                       ) -> Future[SequenceMedia]:
+                       media: Media) -> Encoding:
         """`encode` on the encoder's thread: the SequenceMedia, evaluated,
         once it is done. `media`: the items, or their `media_inputs`.
         Requests are encoded one at a time, in order."""
@@ -322,14 +321,16 @@ class BatchedVisionLM(nn.Module):
             raise ValueError("the prompt must not end inside an image or video")
         return self._encoder.submit(self._encode_here, prompt, media)
 
-    def _encode_here(self, prompt: list[int],
+    def _encode_here(self, job: Encoding, prompt: list[int],
                      media: Media) -> SequenceMedia:
         slices: list[mx.array] = []
         with _encoder_in_slices(slices):
             seq = self._build(prompt, media)
         for piece in [*slices, seq.arrays]:
-            while self._paced and not self._turn.wait(PACE_CHECK_S):
+            while self._paced and not job.stopping and not self._turn.wait(PACE_CHECK_S):
                 pass
+            if job.stopping:
+                raise EncodingStopped
             self._turn.clear()
             mx.eval(piece)
         return seq
@@ -490,6 +491,25 @@ class BatchedVisionLM(nn.Module):
         return h, mx.stack(row_pos, axis=1), extra
 
 
+class EncodingStopped(Exception):
+    """An encoding ended before its last slice (`Encoding.stop`)."""
+
+
+class Encoding(Future):
+    """One request's encoding on the encoder's thread. `stop`, for a request
+    that ended (aborted, failed) before its media was encoded: the encoder
+    drops it before its next slice, rather than spend the device's time
+    beside other requests' steps on features no one will read."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopping = False
+
+    def stop(self) -> None:
+        if not self.cancel():  # running: ends with EncodingStopped
+            self.stopping = True
+
+
 class _EncoderThread:
     """One daemon thread that runs what it is given in order. Not a
     ThreadPoolExecutor: its worker is joined as the interpreter exits, and
@@ -502,8 +522,9 @@ class _EncoderThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def submit(self, fn: Callable, *args) -> Future:
-        job: Future = Future()
+    def submit(self, fn: Callable, *args) -> Encoding:
+        """fn(job, *args) on the thread, its result or error in `job`."""
+        job = Encoding()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="vision-encoder",
                                             daemon=True)
@@ -523,7 +544,7 @@ class _EncoderThread:
                 job, fn, args = item
                 if job.set_running_or_notify_cancel():
                     try:
-                        job.set_result(fn(*args))
+                        job.set_result(fn(job, *args))
                     except BaseException as e:
                         job.set_exception(e)
         finally:

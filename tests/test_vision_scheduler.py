@@ -361,21 +361,23 @@ def test_text_streams_step_while_an_image_is_encoded(tiny_vlm, monkeypatch):
 
 def test_an_image_request_aborted_while_encoded(tiny_vlm, monkeypatch):
     """A media request aborted while its encoder runs (paced, beside a text
-    stream) ends as aborted; the next image request is encoded and answered
-    all the same, and the engine stops cleanly, its encoder's thread too."""
+    stream) ends as aborted, and its encoding stops before its last slice;
+    the next image request is encoded and answered all the same, and the
+    engine stops cleanly, its encoder's thread too."""
     from engine_worker import vision
 
     monkeypatch.setattr(vision, "SLICE_MACS", 2**18)  # well over a hundred slices
     p = Prompter(tiny_vlm)
     first = p.request("img-1", "Describe.", images=[picture(320, 240, 4)], max_tokens=4)
     second = p.request("img-2", "Describe.", images=[picture(160, 120, 5)], max_tokens=4)
-    sent, aborted = [], []
+    sent, aborted, jobs = [], [], []
 
     def after_step(prompt_responses, responses):
         if not sent:  # on the loop's thread, once the text stream decodes
             sent.append(first)
             e.submit(first)
-        elif e._batch.encoding and not aborted:
+        elif e._batch.encoding and e._batch.encoding[0][1].running() and not aborted:
+            jobs.append(e._batch.encoding[0][1])
             aborted.append(e.abort("img-1"))
             e.submit(second)
 
@@ -388,4 +390,5 @@ def test_an_image_request_aborted_while_encoded(tiny_vlm, monkeypatch):
     finally:
         e.stop()
     assert aborted == [True]
+    assert isinstance(jobs[0].exception(timeout=10), vision.EncodingStopped)
     assert e.loaded.model._encoder._thread is None  # joined at the loop's end
