@@ -44,9 +44,12 @@ FAULT_INJECTION = fault_injection()
 # of the last pass, and never fewer than MIN_CHUNK tokens a prompt. The
 # share leaves room for a pass's cost growing faster than its length
 # (attention over a longer context): on that CPU a 364-token pass ran at
-# 319 tokens/s and the next, 1,735 tokens, at 116.
+# 319 tokens/s and the next, 1,735 tokens, at 116. The floor binds only
+# where tokens are slow enough that a pass's fixed cost does not matter;
+# at 32, a busy 2-core CPU took over 5 s for one pass of the bfloat16
+# SmolLM2 (about 70 ms a token quiet), past a 5 s timeout.
 PASS_SHARE_OF_LIVENESS = 1 / 16
-MIN_CHUNK = 32
+MIN_CHUNK = 8
 
 
 @dataclass
