@@ -382,19 +382,20 @@ def print_load(r: dict) -> None:
          f"x{r['loaded_p99_ratio']:.2f}",
          load(r["image_requests"], r["image_latency_p50_ms"], "requests")]],
         ["state", "p50 ms", "p99 ms", "p50 / quiet", "p99 / quiet", "load"]))
+    loop = r["engine_loop_ms"]
     print("\nslow text gaps and slow engine loop iterations, per state")
     print(report.table([[state, len(r[f"{state}_all"]),
                          *(r[f"{state}_gaps_{over(b)}"] for b in SLOW_MS),
-                         r["engine_loop_ms"][state].get("steps", 0),
-                         *(r["engine_loop_ms"][state].get(f"steps_{over(b)}", "")
-                           for b in SLOW_MS),
-                         r["engine_loop_ms"][state].get("prefill_passes", 0)]
+                         loop[state].get("steps", 0),
+                         *(loop[state].get(f"steps_{over(b)}", "") for b in SLOW_MS),
+                         loop[state].get("prefill_passes", 0)]
                         for state in ("quiet", "decoding", "loaded")],
                        ["state", "gaps", *(f"over {b:g} ms" for b in SLOW_MS), "iterations",
                         *(f"over {b:g} ms" for b in SLOW_MS), "prefill passes"]))
-    print("\nengine loop per state, ms (admit holds the vision encoder), steps, prefills")
-    print(report.table([[state, "  ".join(f"{k} {v}" for k, v in sorted(t.items()))]
-                        for state, t in r["engine_loop_ms"].items()], ["state", "loop"]))
+    print("\nengine loop per state, ms (admit holds the vision encoder)")
+    print(report.table([[state, "  ".join(f"{k} {v}" for k, v in sorted(t.items())
+                                          if k not in LOOP_COUNTS)]
+                        for state, t in loop.items()], ["state", "loop"]))
 
 
 # -- prepare: what images and videos cost --------------------------------------------
