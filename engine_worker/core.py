@@ -9,7 +9,6 @@ H100 the split left the engine's speed where it was
 """
 
 import atexit
-import gc
 import logging
 import os
 import pickle
@@ -22,7 +21,7 @@ from engine_worker.loop import Loop
 from engine_worker.messages import DuplicateRequest, Output, QueueFull, Request, StepOutputs
 from engine_worker.model import ModelFacts, load_model
 from vllm_mlx.ipc.shared_tensors import SharedTensors, take
-from vllm_mlx.settings import EngineSettings, fault_injection
+from vllm_mlx.settings import EngineSettings, fault_injection, freeze_startup_objects
 
 log = logging.getLogger("engine")
 
@@ -80,11 +79,7 @@ def core_main(conn: Connection, settings: EngineSettings, facts: ModelFacts) -> 
 
     def on_ready(error: BaseException | None) -> None:
         if error is None:
-            # What loading made (modules, the model's Python objects, the
-            # tokenizer) lives as long as this process: out of the cyclic
-            # collector's view, a full collection during decoding takes a
-            # quarter of the time (docs/benchmarks.md).
-            gc.freeze()
+            freeze_startup_objects()
         send(("ready", None if error is None else f"{type(error).__name__}: {error}",
               loop.memory))
 

@@ -22,7 +22,12 @@ from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
 from vllm_mlx.ipc.error_info import abort
 from vllm_mlx.ipc.grpc_server import listen
-from vllm_mlx.settings import MAX_GRPC_MESSAGE_BYTES, EngineSettings, favour_the_waiting_thread
+from vllm_mlx.settings import (
+    MAX_GRPC_MESSAGE_BYTES,
+    EngineSettings,
+    favour_the_waiting_thread,
+    freeze_startup_objects,
+)
 from vllm_mlx.v1 import engine_pb2 as pb
 from vllm_mlx.v1 import engine_pb2_grpc
 from vllm_mlx.v1 import errors_pb2 as epb
@@ -226,6 +231,7 @@ async def serve(settings: EngineSettings) -> None:
         error = core.ready.result() if core.ready.done() else core.dead.result()
         if error is not None:
             raise SystemExit(f"could not load {settings.model}: {error}")
+        freeze_startup_objects()
         await listening.set_serving(True)
         log.info("serving %s (context %d) on %s:%d", facts.name, facts.context_length,
                  settings.host, port)

@@ -18,6 +18,7 @@ from gateway.engine_client import EngineClient
 from gateway.errors import APIError, EngineUnavailable, NotFound, install_handlers
 from gateway.responses import ChatCompletion, Completion, ErrorResponse, Health, Model, ModelList
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from vllm_mlx.settings import freeze_startup_objects
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +53,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        freeze_startup_objects()
         yield
         await engine.close()
 

@@ -16,7 +16,7 @@ from media_worker.processor import Preprocessor
 from vllm_mlx.ipc.error_info import abort
 from vllm_mlx.ipc.grpc_server import listen
 from vllm_mlx.ipc.shared_tensors import SegmentLedger, free_segments
-from vllm_mlx.settings import MediaSettings
+from vllm_mlx.settings import MediaSettings, freeze_startup_objects
 from vllm_mlx.v1 import errors_pb2 as epb
 from vllm_mlx.v1 import media_pb2 as pb
 from vllm_mlx.v1 import media_pb2_grpc
@@ -153,6 +153,7 @@ async def serve(settings: MediaSettings) -> None:
     sweeper = asyncio.create_task(service.sweep_segments())
     try:
         service.pre = await asyncio.to_thread(Preprocessor, settings.model)
+        freeze_startup_objects()
         await listening.set_serving(True)
         log.info("serving media for %s (%s) on %s:%d", settings.model, service.pre.model_type,
                  settings.host, port)

@@ -1,5 +1,6 @@
 """Settings shared by the command-line entry points and the worker processes."""
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ def favour_the_waiting_thread() -> None:
     encoder, the core's request reader, the front end's request building).
     A whole default interval was a stall of every text stream."""
     sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
+
+
+def freeze_startup_objects() -> None:
+    """Put what starting up made (modules, the app, a tokenizer, a model's
+    Python objects), which lives as long as the process, out of the cyclic
+    collector's view: a full collection pauses every thread, and scanning
+    those objects made it 10 to 90 ms in a process that forwards tokens a
+    millisecond apart (docs/benchmarks.md). Garbage is collected first, so
+    none of it is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
