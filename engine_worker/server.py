@@ -20,6 +20,7 @@ from engine_worker.reply import ReplyParser
 from engine_worker.request_builder import InvalidRequest, RequestBuilder
 from engine_worker.text_output import TokenStream
 from engine_worker.token_bytes import token_bytes
+from vllm_mlx import event_loop_lag
 from vllm_mlx.ipc.error_info import abort
 from vllm_mlx.ipc.grpc_server import listen
 from vllm_mlx.settings import (
@@ -49,6 +50,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.media = MediaClient(settings.media_workers) if facts.vision else None
         self.builder = RequestBuilder(facts, tokenizer, self.media, settings.tool_call_parser,
                                       settings.reasoning_parser)
+        self.loop_lag = event_loop_lag.LagHistogram()  # for GetStats
+        self.loop_watch = event_loop_lag.LagWatch(self.loop_lag.record)
 
     def _serving(self) -> bool:
         return (self.core.ready.done() and self.core.ready.result() is None
@@ -117,10 +120,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         await self._refuse_unless_serving(context)
         request_id = request.request_id or uuid.uuid4().hex
         media: list[PreparedItem] = []
+        self.loop_watch.begin()
         try:
             async for msg in self._generate(request, request_id, media, context):
                 yield msg
         finally:
+            self.loop_watch.end()
             # The core copied the tensors when the request reached it, and
             # the request is over (or never got there): this request's hold
             # on its media segments ends.
@@ -201,6 +206,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         # The front end refuses most overload itself, before the core sees it.
         stats.requests_rejected += self.core.requests_rejected
         stats.in_flight = len(self.core.sinks)
+        stats.event_loop_lag_seconds_bounds.extend(event_loop_lag.BOUNDS)
+        stats.event_loop_lag_seconds_counts.extend(self.loop_lag.counts)
+        stats.event_loop_lag_seconds_sum = self.loop_lag.sum
         return stats
 
     async def ClearPrefixCache(self, request, context) -> pb.ClearPrefixCacheResponse:
@@ -226,6 +234,7 @@ async def serve(settings: EngineSettings) -> None:
     log.info("listening on %s:%d, loading %s", settings.host, port, settings.model)
     core = service.core
     core.start()
+    lag = asyncio.create_task(service.loop_watch.run())
     try:
         await asyncio.wait([core.ready, core.dead], return_when=asyncio.FIRST_COMPLETED)
         error = core.ready.result() if core.ready.done() else core.dead.result()
@@ -245,6 +254,7 @@ async def serve(settings: EngineSettings) -> None:
         core.fail_all(reason)
         raise SystemExit(1)
     finally:
+        lag.cancel()
         await listening.stop(grace=5)
         core.stop()
         if service.media is not None:

@@ -13,13 +13,15 @@ import mlx.core as mx
 import psutil
 
 from engine_worker.memory import MemoryBudget
+from vllm_mlx import event_loop_lag
 from vllm_mlx.v1 import engine_pb2 as pb
 
 # "prefill" is the part of "step" that mlx-lm spent in prompt passes.
 LOOP_PHASES = ("admit", "encode", "step", "prefill", "handle", "publish", "idle")
 RATE_WINDOW_S = 5.0
-# Upper bounds of the step-time histogram's buckets, in seconds.
-STEP_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Upper bounds of the step-time histogram's buckets, in seconds: those of
+# the event-loop lag histograms, so that the two compare.
+STEP_BOUNDS = event_loop_lag.BOUNDS
 
 
 def new_stats() -> pb.Stats:

@@ -3,6 +3,7 @@ into engine calls (translate), and answered from their streams (serving).
 Nothing outlives a request except the gRPC channel and the engine's model
 facts, so any number of these processes can share a port."""
 
+import asyncio
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from gateway.engine_client import EngineClient
 from gateway.errors import APIError, EngineUnavailable, NotFound, install_handlers
 from gateway.responses import ChatCompletion, Completion, ErrorResponse, Health, Model, ModelList
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from vllm_mlx import event_loop_lag
 from vllm_mlx.settings import freeze_startup_objects
 
 log = logging.getLogger("gateway")
@@ -49,12 +51,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings.from_env()
     engine = EngineClient(settings.engine, settings.request_timeout_s,
                           settings.health_timeout_s)
+    watch = event_loop_lag.LagWatch(metrics.LOOP_LAG.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
         freeze_startup_objects()
+        lag = asyncio.create_task(watch.run())
         yield
+        lag.cancel()
         await engine.close()
 
     app = FastAPI(title="vllm-mlx", summary="OpenAI-compatible inference on MLX",
@@ -62,7 +67,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_handlers(app)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(metrics.RequestMetrics)  # outermost: counts 401s too
+    app.add_middleware(metrics.RequestMetrics, watch=watch)  # outermost: counts 401s too
 
     async def served_name() -> str:
         return settings.served_model_name or (await engine.model_info()).name

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from vllm_mlx import event_loop_lag
 from vllm_mlx.v1 import engine_pb2 as pb
 
 # The `_created` series double every counter's output and nothing reads them.
@@ -50,6 +51,10 @@ PROMPT_TOKENS = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished re
                         ["endpoint"])
 GENERATION_TOKENS = Counter(f"{PREFIX}_generation_tokens",
                             "Generated tokens of finished requests", ["endpoint"])
+LOOP_LAG = Histogram(f"{PREFIX}_event_loop_lag_seconds",
+                     "How late the event loop, which forwards every stream, woke for what "
+                     "fell due; checked every few ms while requests are in flight",
+                     buckets=event_loop_lag.BOUNDS)
 
 
 class Timer:
@@ -124,6 +129,9 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
                      "Where the engine loop's time went, by phase (see engine.proto)"),
     "step_seconds_counts": ("step_seconds", "histogram",
                             "Wall time of the engine loop's iterations that took a decode step"),
+    "event_loop_lag_seconds_counts": ("front_end_event_loop_lag_seconds", "histogram",
+                                      "How late the engine front end's event loop woke for "
+                                      "what fell due, while requests were in flight"),
 }
 # The proto fields beside each histogram's counts (ENGINE_METRICS names the counts).
 HISTOGRAM_PARTS = ("_bounds", "_sum")
@@ -181,10 +189,11 @@ def render(stats: pb.Stats | None) -> bytes:
 
 class RequestMetrics:
     """ASGI middleware counting every response by route template (not raw
-    path, which would let clients mint unbounded label values)."""
+    path, which would let clients mint unbounded label values); the event
+    loop's lag is watched while any response is under way."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, watch: event_loop_lag.LagWatch):
+        self.app, self.watch = app, watch
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -197,8 +206,10 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        self.watch.begin()
         try:
             await self.app(scope, receive, record)
         finally:
+            self.watch.end()
             route = getattr(scope.get("route"), "path", "unmatched")
             REQUESTS.labels(route, scope.get("method", ""), str(status)).inc()

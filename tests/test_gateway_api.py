@@ -716,6 +716,27 @@ def test_metrics(http, client):
     assert "vllm_mlx_engine_running " in text and "vllm_mlx_engine_waiting " in text
 
 
+def test_event_loop_lags_are_watched_while_requests_are_in_flight(http, client):
+    """The gateway's and the engine front end's event loops are checked every
+    few ms while they answer requests, and left asleep while idle."""
+    def counts() -> tuple[float, float]:
+        lines = dict(line.rsplit(" ", 1) for line in http.get("/metrics").text.splitlines()
+                     if line.endswith(tuple("0123456789.")) and not line.startswith("#"))
+        return (float(lines["vllm_mlx_gateway_event_loop_lag_seconds_count"]),
+                float(lines["vllm_mlx_engine_front_end_event_loop_lag_seconds_count"]))
+
+    gateway, front_end = counts()
+    r = http.post("/v1/chat/completions", json={**CHAT_OK, "max_tokens": 24, "stream": True})
+    assert r.status_code == 200
+    busy = counts()
+    # 24 tokens take tens of ms even here; each process looks every 5 ms.
+    assert busy[0] > gateway and busy[1] > front_end
+    time.sleep(0.5)  # idle: about 100 checks each, were they not left asleep
+    idle = counts()
+    # (Each /metrics request is in flight in the gateway, and may see a check.)
+    assert idle[0] - busy[0] <= 3 and idle[1] == busy[1]
+
+
 def test_every_engine_stat_is_a_metric(http, client):
     """The proto's Stats defines the engine's figures once: /metrics exports
     each field, with the value GetStats reports."""
@@ -724,7 +745,7 @@ def test_every_engine_stat_is_a_metric(http, client):
     parts = {field.removesuffix("_counts") + part for field, (_, kind, _) in ENGINE_METRICS.items()
              if kind == "histogram" for part in HISTOGRAM_PARTS}
     assert set(ENGINE_METRICS) | parts == {f.name for f in pb.Stats.DESCRIPTOR.fields}
-    chat(client, max_tokens=3)
+    chat(client, max_tokens=16)  # long enough for the front end's lag watch to look
     text = http.get("/metrics").text
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
              for line in text.splitlines() if line.startswith("vllm_mlx_engine_")}

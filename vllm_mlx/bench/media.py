@@ -13,8 +13,9 @@ flight through the gateway (decoding, then the engine's vision encoder and the
 image tokens' prefill, which share the engine with the text requests). Fresh
 images, so no cache answers for them. Reported: text p50/p99 in each state,
 the ratios to quiet, where the engine loop's time went in each, and how many
-text gaps and loop iterations took over 2.5, 5 and 10 ms (a slow gap without
-a slow iteration arose outside the engine loop).
+text gaps, engine loop iterations and lags of the front end's and the
+gateway's event loops took over 2.5, 5 and 10 ms (a slow gap without a slow
+iteration arose outside the engine loop; a lag, in the process that had it).
 
 prepare: (1) images by resolution: decode + the model's preprocessing,
 in-process; (2) video by sampled frame count, from a --clip-seconds H.264
@@ -56,6 +57,7 @@ from vllm_mlx.bench.workloads import (
     Stack,
     default_cache,
     engine_loop_seconds,
+    gateway_lags,
     model_folder,
     over,
     ports,
@@ -63,6 +65,8 @@ from vllm_mlx.bench.workloads import (
 from vllm_mlx.settings import freeze_startup_objects
 
 IN_FLIGHT = 4  # image jobs the load keeps going
+# LoopTime's figures that are counts; the rest are seconds.
+COUNTS = (*LOOP_COUNTS, *(f"gateway_lags_{over(ms)}" for ms in SLOW_MS))
 BIG = 10**9  # caps that never bind here
 CLIP_FPS = 30
 SAMPLED = 16  # frames the decoders' sampled comparison takes
@@ -248,23 +252,27 @@ def load_process(mode: str, base_url: str, media: list[str], seeds: range,
 
 class LoopTime:
     """Where the engine loop's time went during one state's text rounds:
-    milliseconds per phase (the vision encoder runs in `admit`), steps and
-    prefill passes."""
+    milliseconds per phase (the vision encoder runs in `admit`), steps,
+    prefill passes, and the slow ones among the engine loop's iterations and
+    the front end's and the gateway's event-loop lags."""
 
-    def __init__(self, engine_address: str):
-        self.address = engine_address
+    def __init__(self, engine_address: str, url: str):
+        self.address, self.url = engine_address, url
         self.total: dict[str, float] = {}
 
+    def _read(self) -> dict[str, float]:
+        return {**engine_loop_seconds(self.address), **gateway_lags(self.url)}
+
     async def around(self, coro):
-        before = await asyncio.to_thread(engine_loop_seconds, self.address)
+        before = await asyncio.to_thread(self._read)
         result = await coro
-        after = await asyncio.to_thread(engine_loop_seconds, self.address)
+        after = await asyncio.to_thread(self._read)
         for k in after:
             self.total[k] = self.total.get(k, 0.0) + after[k] - before[k]
         return result
 
     def summary(self) -> dict[str, float]:
-        return {k: round(v if k in LOOP_COUNTS else v * 1e3, 1) for k, v in self.total.items()}
+        return {k: round(v if k in COUNTS else v * 1e3, 1) for k, v in self.total.items()}
 
 
 async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
@@ -275,7 +283,7 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
     ctx = mp.get_context("spawn")
     samples: dict[str, list[float]] = {"quiet": [], "decoding": [], "loaded": []}
     latency: dict[str, list[float]] = {"decoding": [], "loaded": []}
-    loop = {state: LoopTime(stack.engine_address) for state in samples}
+    loop = {state: LoopTime(stack.engine_address, stack.url) for state in samples}
     gap_s = a.gap_ms / 1e3
     limits = httpx.Limits(max_connections=16)
     seeds = iter(range(0, 10**6, max(100, a.load_images)))
@@ -385,18 +393,23 @@ def print_load(r: dict) -> None:
          load(r["image_requests"], r["image_latency_p50_ms"], "requests")]],
         ["state", "p50 ms", "p99 ms", "p50 / quiet", "p99 / quiet", "load"]))
     loop = r["engine_loop_ms"]
-    print("\nslow text gaps and slow engine loop iterations, per state")
-    print(report.table([[state, len(r[f"{state}_all"]),
-                         *(r[f"{state}_gaps_{over(b)}"] for b in SLOW_MS),
-                         loop[state].get("steps", 0),
-                         *(loop[state].get(f"steps_{over(b)}", "") for b in SLOW_MS),
-                         loop[state].get("prefill_passes", 0)]
-                        for state in ("quiet", "decoding", "loaded")],
-                       ["state", "gaps", *(f"over {b:g} ms" for b in SLOW_MS), "iterations",
-                        *(f"over {b:g} ms" for b in SLOW_MS), "prefill passes"]))
+    print("\nslow text gaps, engine loop iterations and event-loop lags, per state")
+    print(report.table([[state, where, count, *(counts.get(f"{key}_{over(b)}", "")
+                                                for b in SLOW_MS)]
+                        for state in ("quiet", "decoding", "loaded")
+                        for where, count, key, counts in (
+                            ("text gaps", len(r[f"{state}_all"]), "gaps",
+                             {k.removeprefix(f"{state}_"): v for k, v in r.items()}),
+                            ("engine loop iterations", loop[state].get("steps", 0), "steps",
+                             loop[state]),
+                            ("front end event loop", "", "front_end_lags", loop[state]),
+                            ("gateway event loop", "", "gateway_lags", loop[state]))],
+                       ["state", "where", "count", *(f"over {b:g} ms" for b in SLOW_MS)]))
+    print("prefill passes: " + ", ".join(f"{state} {loop[state].get('prefill_passes', 0):g}"
+                                         for state in ("quiet", "decoding", "loaded")))
     print("\nengine loop per state, ms (admit holds the vision encoder)")
     print(report.table([[state, "  ".join(f"{k} {v}" for k, v in sorted(t.items())
-                                          if k not in LOOP_COUNTS)]
+                                          if k not in COUNTS)]
                         for state, t in loop.items()], ["state", "loop"]))
 
 

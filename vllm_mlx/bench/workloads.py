@@ -277,12 +277,20 @@ def over(ms: float) -> str:
 
 
 # engine_loop_seconds' figures that are counts; the rest are seconds.
-LOOP_COUNTS = ("steps", "prefill_passes", *(f"steps_{over(ms)}" for ms in SLOW_MS))
+LOOP_COUNTS = ("steps", "prefill_passes", *(f"steps_{over(ms)}" for ms in SLOW_MS),
+               *(f"front_end_lags_{over(ms)}" for ms in SLOW_MS))
+
+
+def count_over(bounds, counts, seconds: float) -> float:
+    """Of a histogram's per-bucket counts (the last past every bound), how
+    many were over `seconds` (one of its bounds)."""
+    return float(sum(count for bound, count in zip([0.0, *bounds], counts) if bound >= seconds))
 
 
 def engine_loop_seconds(address: str) -> dict[str, float]:
     """The engine loop's time by phase since it started, its steps, its
-    prefill passes and its steps that took over each of SLOW_MS (GetStats)."""
+    prefill passes, its steps that took over each of SLOW_MS, and the front
+    end's event-loop lags over each of SLOW_MS (GetStats)."""
     import grpc
 
     from vllm_mlx.v1 import engine_pb2 as pb
@@ -290,12 +298,28 @@ def engine_loop_seconds(address: str) -> dict[str, float]:
 
     with grpc.insecure_channel(address) as channel:
         s = engine_pb2_grpc.EngineStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
-    def steps_over(seconds: float) -> float:
-        return float(sum(count for bound, count in zip([0.0, *s.step_seconds_bounds],
-                                                       s.step_seconds_counts)
-                         if bound >= seconds))
-
     return {**s.loop_seconds, "steps": float(s.steps),
             "prefill_passes": float(s.prefill_passes),
-            **{f"steps_{over(ms)}": steps_over(ms / 1e3) for ms in SLOW_MS}}
+            **{f"steps_{over(ms)}": count_over(s.step_seconds_bounds, s.step_seconds_counts,
+                                               ms / 1e3) for ms in SLOW_MS},
+            **{f"front_end_lags_{over(ms)}": count_over(
+                s.event_loop_lag_seconds_bounds, s.event_loop_lag_seconds_counts, ms / 1e3)
+               for ms in SLOW_MS}}
+
+
+def gateway_lags(url: str) -> dict[str, float]:
+    """The gateway's event-loop lags over each of SLOW_MS since it started
+    (its /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm_mlx_gateway_event_loop_lag_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    buckets[float(sample.labels["le"])] = sample.value
+    total = buckets.get(float("inf"), 0.0)
+    return {f"gateway_lags_{over(ms)}": total - buckets.get(ms / 1e3, total) for ms in SLOW_MS}
 

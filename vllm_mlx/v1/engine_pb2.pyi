@@ -307,7 +307,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes", "in_flight", "weights_bytes", "kv_bytes", "allocator_cache_bytes", "rss_bytes", "memory_limit_bytes", "cache_hit_rate", "step_seconds_bounds", "step_seconds_counts", "step_seconds_sum")
+    __slots__ = ("running", "waiting", "generation_tokens_per_s", "prompt_tokens_total", "generation_tokens_total", "requests_total", "requests_rejected", "cache_hits", "cache_misses", "cache_tokens_reused", "cache_bytes", "active_memory_bytes", "peak_memory_bytes", "cache_evictions", "loop_seconds", "steps", "prefill_passes", "in_flight", "weights_bytes", "kv_bytes", "allocator_cache_bytes", "rss_bytes", "memory_limit_bytes", "cache_hit_rate", "step_seconds_bounds", "step_seconds_counts", "step_seconds_sum", "event_loop_lag_seconds_bounds", "event_loop_lag_seconds_counts", "event_loop_lag_seconds_sum")
     class LoopSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +342,9 @@ class Stats(_message.Message):
     STEP_SECONDS_BOUNDS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_COUNTS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_SECONDS_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_SECONDS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     generation_tokens_per_s: float
@@ -369,7 +372,10 @@ class Stats(_message.Message):
     step_seconds_bounds: _containers.RepeatedScalarFieldContainer[float]
     step_seconds_counts: _containers.RepeatedScalarFieldContainer[int]
     step_seconds_sum: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ..., in_flight: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., allocator_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., step_seconds_bounds: _Optional[_Iterable[float]] = ..., step_seconds_counts: _Optional[_Iterable[int]] = ..., step_seconds_sum: _Optional[float] = ...) -> None: ...
+    event_loop_lag_seconds_bounds: _containers.RepeatedScalarFieldContainer[float]
+    event_loop_lag_seconds_counts: _containers.RepeatedScalarFieldContainer[int]
+    event_loop_lag_seconds_sum: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_tokens_reused: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., loop_seconds: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., prefill_passes: _Optional[int] = ..., in_flight: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., allocator_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., step_seconds_bounds: _Optional[_Iterable[float]] = ..., step_seconds_counts: _Optional[_Iterable[int]] = ..., step_seconds_sum: _Optional[float] = ..., event_loop_lag_seconds_bounds: _Optional[_Iterable[float]] = ..., event_loop_lag_seconds_counts: _Optional[_Iterable[int]] = ..., event_loop_lag_seconds_sum: _Optional[float] = ...) -> None: ...
 
 class ClearPrefixCacheRequest(_message.Message):
     __slots__ = ()
