@@ -55,6 +55,7 @@ from vllm_mlx.bench.workloads import (
     TINY_VLM,
     Child,
     Stack,
+    count_over,
     default_cache,
     engine_loop_seconds,
     gateway_lags,
@@ -62,11 +63,13 @@ from vllm_mlx.bench.workloads import (
     over,
     ports,
 )
+from vllm_mlx.event_loop_lag import BOUNDS, LagHistogram, LagWatch
 from vllm_mlx.settings import freeze_startup_objects
 
 IN_FLIGHT = 4  # image jobs the load keeps going
 # LoopTime's figures that are counts; the rest are seconds.
-COUNTS = (*LOOP_COUNTS, *(f"gateway_lags_{over(ms)}" for ms in SLOW_MS))
+COUNTS = (*LOOP_COUNTS, *(f"{where}_lags_{over(ms)}" for where in ("gateway", "client")
+                          for ms in SLOW_MS))
 BIG = 10**9  # caps that never bind here
 CLIP_FPS = 30
 SAMPLED = 16  # frames the decoders' sampled comparison takes
@@ -254,25 +257,35 @@ class LoopTime:
     """Where the engine loop's time went during one state's text rounds:
     milliseconds per phase (the vision encoder runs in `admit`), steps,
     prefill passes, and the slow ones among the engine loop's iterations and
-    the front end's and the gateway's event-loop lags."""
+    the event-loop lags of the front end, the gateway and this timing client
+    itself (`watch` runs during the rounds)."""
 
     def __init__(self, engine_address: str, url: str):
         self.address, self.url = engine_address, url
         self.total: dict[str, float] = {}
+        self.client_lags = LagHistogram()
+        self.watch = LagWatch(self.client_lags.record)
 
     def _read(self) -> dict[str, float]:
         return {**engine_loop_seconds(self.address), **gateway_lags(self.url)}
 
     async def around(self, coro):
         before = await asyncio.to_thread(self._read)
-        result = await coro
+        self.watch.begin()
+        try:
+            result = await coro
+        finally:
+            self.watch.end()
         after = await asyncio.to_thread(self._read)
         for k in after:
             self.total[k] = self.total.get(k, 0.0) + after[k] - before[k]
         return result
 
     def summary(self) -> dict[str, float]:
-        return {k: round(v if k in COUNTS else v * 1e3, 1) for k, v in self.total.items()}
+        lags = {f"client_lags_{over(ms)}": count_over(BOUNDS, self.client_lags.counts, ms / 1e3)
+                for ms in SLOW_MS}
+        return {k: round(v if k in COUNTS else v * 1e3, 1)
+                for k, v in {**self.total, **lags}.items()}
 
 
 async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
@@ -293,6 +306,7 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
             "model": "default", "max_tokens": 1, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": load_image(a.image_size, 10**7)}}]}]})
         freeze_startup_objects()  # the timing client's own collections are no server's gaps
+        watches = [asyncio.create_task(t.watch.run()) for t in loop.values()]
         for _ in report.progress(range(a.rounds), "rounds"):
             print("state quiet", flush=True)  # markers for profilers attached from outside
             samples["quiet"] += await loop["quiet"].around(text_round(
@@ -311,6 +325,8 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
                 here.send("stop")
                 latency[state] += await asyncio.to_thread(here.recv)
                 proc.join()
+        for task in watches:
+            task.cancel()
     return figures(samples, latency, loop)
 
 
@@ -403,7 +419,8 @@ def print_load(r: dict) -> None:
                             ("engine loop iterations", loop[state].get("steps", 0), "steps",
                              loop[state]),
                             ("front end event loop", "", "front_end_lags", loop[state]),
-                            ("gateway event loop", "", "gateway_lags", loop[state]))],
+                            ("gateway event loop", "", "gateway_lags", loop[state]),
+                            ("timing client's event loop", "", "client_lags", loop[state]))],
                        ["state", "where", "count", *(f"over {b:g} ms" for b in SLOW_MS)]))
     print("prefill passes: " + ", ".join(f"{state} {loop[state].get('prefill_passes', 0):g}"
                                          for state in ("quiet", "decoding", "loaded")))
