@@ -728,13 +728,15 @@ def test_event_loop_lags_are_watched_while_requests_are_in_flight(http, client):
     gateway, front_end = counts()
     r = http.post("/v1/chat/completions", json={**CHAT_OK, "max_tokens": 24, "stream": True})
     assert r.status_code == 200
+    time.sleep(0.1)  # the front end's stream ends just after the gateway's response
     busy = counts()
     # 24 tokens take tens of ms even here; each process looks every 5 ms.
     assert busy[0] > gateway and busy[1] > front_end
     time.sleep(0.5)  # idle: about 100 checks each, were they not left asleep
     idle = counts()
-    # (Each /metrics request is in flight in the gateway, and may see a check.)
-    assert idle[0] - busy[0] <= 3 and idle[1] == busy[1]
+    # Each /metrics request is in flight in the gateway and may see a check;
+    # a check under way when the last request ended still counts.
+    assert idle[0] - busy[0] <= 3 and idle[1] - busy[1] <= 1
 
 
 def test_every_engine_stat_is_a_metric(http, client):
