@@ -5,8 +5,8 @@ one event loop, so anything that holds that loop (a callback that runs long,
 another thread holding the interpreter, a garbage collection) delays every
 stream by as much. Each of them runs a `LagWatch` while it has requests in
 flight and exports the lags as a histogram (/metrics); the media bench
-counts them beside the engine loop's slow iterations and the client's slow gaps, to tell
-where a slow gap arose.
+counts them beside the engine loop's slow iterations and the client's slow
+gaps, to tell where a slow gap arose.
 """
 
 import asyncio

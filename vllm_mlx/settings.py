@@ -32,8 +32,8 @@ def freeze_startup_objects() -> None:
     """Put what starting up made (modules, the app, a tokenizer, a model's
     Python objects), which lives as long as the process, out of the cyclic
     collector's view: a full collection pauses every thread, and scanning
-    those objects made it 10 to 90 ms in a process that forwards tokens a
-    millisecond apart (docs/benchmarks.md). Garbage is collected first, so
+    those objects made it 25 to 130 ms on the 2-core CPU, in processes that
+    forward tokens a millisecond apart (docs/benchmarks.md). Garbage is collected first, so
     none of it is kept for good."""
     gc.collect()
     gc.freeze()

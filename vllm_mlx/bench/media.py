@@ -13,9 +13,10 @@ flight through the gateway (decoding, then the engine's vision encoder and the
 image tokens' prefill, which share the engine with the text requests). Fresh
 images, so no cache answers for them. Reported: text p50/p99 in each state,
 the ratios to quiet, where the engine loop's time went in each, and how many
-text gaps, engine loop iterations and lags of the front end's and the
-gateway's event loops took over 2.5, 5 and 10 ms (a slow gap without a slow
-iteration arose outside the engine loop; a lag, in the process that had it).
+text gaps, engine loop iterations and lags of the front end's, the
+gateway's and this timing client's event loops took over 2.5, 5 and 10 ms (a
+slow gap without a slow iteration arose outside the engine loop; a lag, in
+the process that had it).
 
 prepare: (1) images by resolution: decode + the model's preprocessing,
 in-process; (2) video by sampled frame count, from a --clip-seconds H.264
