@@ -1,9 +1,10 @@
 """The running batch: mlx-lm's BatchGenerator and the requests inside it.
 
 `insert` puts admitted requests in (each starting from its longest cached
-prefix; a media request once the encoder's thread has encoded its media
-(`take_encoded`), unless the cache holds the KV of all its media), `step` takes one
-decode step and turns its tokens into outputs, `remove` takes one out early.
+prefix; a media request once the encoder's thread has encoded its media and,
+where it can, run its prompt pass (`take_encoded`), unless the cache holds the
+KV of all its media), `step` takes one decode step and turns its tokens into
+outputs, `remove` takes one out early.
 A prompt's KV goes to the prefix cache as its prompt pass ends (and a long
 prompt's along the way), a finished request's as it finishes. Only the loop's thread calls it.
 """
@@ -25,6 +26,8 @@ from engine_worker.sampling import guarded
 from engine_worker.vision import (
     BatchedVisionLM,
     Encoding,
+    Prefill,
+    Prefilled,
     SequenceMedia,
     for_prefix_cache,
     resumed,
@@ -98,7 +101,7 @@ class Batch:
         # Media requests on the encoder's thread, in admission order; then
         # their encoded media until `_initial_cache` takes it.
         self.encoding: deque[tuple[Request, Encoding]] = deque()
-        self._encoded: dict[str, SequenceMedia] = {}
+        self._encoded: dict[str, SequenceMedia | Prefilled] = {}
         self.gen = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -166,7 +169,8 @@ class Batch:
                         raise ValueError("this model takes text only")
                     cache, n = self._media_cached(r)
                     if cache is None:
-                        job = self.model.start_encoding(r.prompt, r.media)
+                        job = self.model.start_encoding(r.prompt, r.media,
+                                                        self._prefill_on_encoder(r))
                         job.add_done_callback(lambda _: self._encoded_wake())
                         self.encoding.append((r, job))
                         continue
@@ -210,13 +214,38 @@ class Batch:
                 self._prefilling[uid] = _Prefilling(r.prefix_keys, n, r.media_spans)
             self._stats.prompt_tokens_total += len(r.prompt)
 
+    def _prefill_on_encoder(self, r: Request) -> Prefill | None:
+        """The prompt pass a media request's encoding is to run after its
+        encoder, from the longest cached prefix: off the loop, beside the
+        steps of the requests decoding. None where the loop's pass must run
+        it: a family whose requests run one at a time, a prefix LM's prompt
+        (one pass, attending both ways) and a prompt to be scored (its
+        logprobs come from the loop's pass)."""
+        model = self.model
+        if not model.batchable or model.prefix_lm or r.prompt_logprobs is not None:
+            return None
+        cache, n = (self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
+                    if self.prefix is not None and r.prefix_keys else (None, 0))
+        if cache is not None:  # a copy made on this thread's stream: made here
+            mx.eval([c.state for c in cache[:-1]])
+        s = self.settings
+        return Prefill(cache, n, min(s.prefill_step_size, s.prefill_chunk_while_decoding))
+
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
         """The cache a request starts from and how many prompt tokens it
         holds: its longest cached prefix (a media request's once its media
-        is encoded). A prefix LM's prompts, text ones too, are embedded whole
-        up front: they are prefilled in one pass (vision.py)."""
+        is encoded, or the cache its encoding prefilled). A prefix LM's
+        prompts, text ones too, are embedded whole up front: they are
+        prefilled in one pass (vision.py)."""
         if getattr(self.model, "prefix_lm", False):
             return self.model.cache_for(r.prompt, r.media), 0
+        done = self._encoded.get(r.request_id)
+        if isinstance(done, Prefilled):
+            del self._encoded[r.request_id]
+            if self.prefix is not None and r.prefix_keys:  # as a pass's end does
+                self.prefix.insert([(r.prompt[:done.tokens], for_prefix_cache(done.cache),
+                                     r.prefix_keys, r.media_spans)])
+            return done.cache, done.tokens
         cache, n = (self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
                     if self.prefix is not None and r.prefix_keys else (None, 0))
         seq = self._encoded.pop(r.request_id) if r.media else None

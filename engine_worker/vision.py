@@ -17,8 +17,12 @@ pieces make a vision-language model fit that call:
   prefilling, then `cache offset + that row's rope delta`. The others take
   their positions from the KV cache's offsets, as text models do.
 
-A family whose requests cannot share a batch (`Wiring.solo`) still runs: the
-engine takes its requests one at a time (loop.py says so in its log).
+The encoder's thread also runs a media request's prompt pass, from the
+embeddings it made, into a cache of the request's own (`Prefill`), so the
+batch takes the request in with all of its prompt but the last token already
+in its KV. A family whose requests cannot share a batch (`Wiring.solo`) still
+runs: the engine takes its requests one at a time (loop.py says so in its
+log), and their prompts, as a prefix LM's, are passed by the loop.
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ class CopiedInPieces:
 
     def join(self) -> mx.array:
         return mx.concatenate(self.pieces).reshape(self.shape)
+
+
+@dataclass
+class Prefill:
+    """A prompt pass for the encoder's thread to run once it has encoded a
+    request's media: from `cache` (a cached prefix's private copy, evaluated;
+    None: from the start), which holds the prompt's first `tokens`, up to the
+    prompt's last token, `chunk` tokens a slice."""
+
+    cache: list | None
+    tokens: int
+    chunk: int
+
+
+@dataclass
+class Prefilled:
+    """A request's cache once the encoder's thread has run its prompt pass:
+    it holds all of the prompt but the last token (`tokens` of them)."""
+
+    cache: list
+    tokens: int
 
 
 # The model's inputs made of a request's media items (`model_inputs`).
@@ -312,28 +337,45 @@ class BatchedVisionLM(nn.Module):
         thread (a 1080p image's are 18 MB)."""
         return model_inputs(media, self.wiring.per_sample)
 
-    def start_encoding(self, prompt: list[int],
-                       media: Media) -> Encoding:
+    def start_encoding(self, prompt: list[int], media: Media,
+                       prefill: Prefill | None = None) -> Encoding:
         """`encode` on the encoder's thread: the SequenceMedia, evaluated,
-        once it is done. `media`: the items, or their `media_inputs`.
+        once it is done. `media`: the items, or their `media_inputs`. With
+        `prefill`, the thread runs the prompt pass too, and the result is
+        the request's `Prefilled` cache: the decode loop then runs no pass
+        for it, where each pass of an image's prompt held every text
+        stream's next token for its length (docs/benchmarks.md).
         Requests are encoded one at a time, in order."""
         if prompt[-1] in self.media_token_ids:
             raise ValueError("the prompt must not end inside an image or video")
-        return self._encoder.submit(self._encode_here, prompt, media)
+        return self._encoder.submit(self._encode_here, prompt, media, prefill)
 
-    def _encode_here(self, job: Encoding, prompt: list[int],
-                     media: Media) -> SequenceMedia:
+    def _encode_here(self, job: Encoding, prompt: list[int], media: Media,
+                     prefill: Prefill | None) -> SequenceMedia | Prefilled:
         slices: list[mx.array] = []
         with _encoder_in_slices(slices):
             seq = self._build(prompt, media)
         for piece in [*slices, seq.arrays]:
-            while self._paced and not job.stopping and not self._turn.wait(PACE_CHECK_S):
-                pass
-            if job.stopping:
-                raise EncodingStopped
-            self._turn.clear()
-            mx.eval(piece)
-        return seq
+            self._evaluate_slice(job, piece)
+        if prefill is None:
+            return seq
+        cache = resumed(prefill.cache, seq) if prefill.cache else self.cache_with(seq)
+        end = len(prompt) - 1  # the last token is the first decode step's input
+        for start in range(prefill.tokens, end, prefill.chunk):
+            self(mx.array([prompt[start:min(end, start + prefill.chunk)]]), cache)
+            self._evaluate_slice(job, [c.state for c in cache[:-1]])
+        # Decoding needs the rope delta alone: the prompt's embeddings go.
+        cache[-1] = MediaRows([seq.for_prefix_cache()])
+        return Prefilled(cache, end)
+
+    def _evaluate_slice(self, job: Encoding, piece) -> None:
+        """Evaluate one slice of a job, when its turn comes (`pace`)."""
+        while self._paced and not job.stopping and not self._turn.wait(PACE_CHECK_S):
+            pass
+        if job.stopping:
+            raise EncodingStopped
+        self._turn.clear()
+        mx.eval(piece)
 
     def close(self) -> None:
         """End the encoder's thread (after what it was given)."""

@@ -138,9 +138,9 @@ def vlm_engines(path):
     model = cached_e.loaded.model
     start_encoding = model.start_encoding
 
-    def counted(prompt, media):
+    def counted(prompt, media, *rest):
         cached_e.encodes.append(len(media))
-        return start_encoding(prompt, media)
+        return start_encoding(prompt, media, *rest)
 
     model.start_encoding = counted
     return cached_e, plain_e

@@ -392,3 +392,36 @@ def test_an_image_request_aborted_while_encoded(tiny_vlm, monkeypatch):
     assert aborted == [True]
     assert isinstance(jobs[0].exception(timeout=10), vision.EncodingStopped)
     assert e.loaded.model._encoder._thread is None  # joined at the loop's end
+
+
+def test_an_image_prompt_is_prefilled_on_the_encoders_thread(tiny_vlm):
+    """Beside a decoding text stream, an image request's prompt pass runs on
+    the encoder's thread: the loop's generator prefills none of its tokens,
+    and it answers as the same request run alone does."""
+    from engine_worker import mlx_compat
+
+    p = Prompter(tiny_vlm)
+
+    def image():
+        return p.request("img", "Describe.", images=[picture(160, 120, 6)], max_tokens=6)
+
+    prefilled_by_loop = []
+
+    def after_step(prompt_responses, responses):
+        if responses and not prefilled_by_loop:  # the text stream decodes
+            prefilled_by_loop.append(mlx_compat.prompt_tokens(e._batch.gen))
+            e.submit(image())
+
+    e = start_engine(tiny_vlm, after_step=after_step)
+    try:
+        e.submit(p.request("text", "Hello there", max_tokens=200))
+        beside_text = tokens_of(e.collector.wait("img"))
+        assert mlx_compat.prompt_tokens(e._batch.gen) == prefilled_by_loop[0]
+        e.collector.wait("text")
+    finally:
+        e.stop()
+    alone = start_engine(tiny_vlm)
+    try:
+        assert run(alone, image()) == beside_text
+    finally:
+        alone.stop()
