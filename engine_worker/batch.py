@@ -93,6 +93,7 @@ class Batch:
         # first token carries them out.
         self._prompt_scores: dict[int, prefill.PromptScores] = {}
         self._awaiting_first: set[int] = set()  # text requests without a token yet
+        self._priming: set[int] = set()  # rows whose next emission is their prompt's (mlx_compat)
         self._prefilling: dict[int, _Prefilling] = {}  # prompts the cache is to hold
         self._grammars: dict[int, grammar.GrammarRow] = {}  # constrained requests' grammars
         self._dropped_from: tuple | None = None  # (uids, KV); see _new_generator
@@ -124,7 +125,8 @@ class Batch:
 
         decoding.filter = filter_noting_kv
         mlx_compat.install_decode_step(decoding, self._logprob_uids, self._grammars,
-                                       grammar.mask_logits)
+                                       grammar.mask_logits, self._priming)
+        mlx_compat.install_primed_joins(gen, self._priming)
         prefill.install(mlx_compat.prompt_batch(gen), self._prompt_scores)
         return gen
 
@@ -361,9 +363,15 @@ class Batch:
         produced = 0
         finished_kv = []
         awaiting = self._awaiting_first
+        priming = self._priming
         for resp in responses:
             state = running.get(resp.uid)
             if state is None:
+                continue
+            if resp.uid in priming and not state.failure:
+                # Its prompt's last token: its first is sampled now.
+                priming.discard(resp.uid)
+                mlx_compat.first_token_sampled(mlx_compat.decoding_batch(self.gen), resp.uid)
                 continue
             awaiting.discard(resp.uid)
             produced += 1
@@ -471,6 +479,7 @@ class Batch:
                     logprob: TokenLogprob | None = None, error: str = "",
                     prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         self._awaiting_first.discard(uid)
+        self._priming.discard(uid)
         self._logprob_uids.discard(uid)
         self._grammars.pop(uid, None)
         self._prompt_scores.pop(uid, None)

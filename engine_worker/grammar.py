@@ -42,10 +42,11 @@ def compile(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMat
 
 
 class GrammarRow:
-    """One running request's grammar. Its first token is sampled by mlx-lm's
-    own step as the request leaves prefill, through `first_token` (a logits
-    processor, dropped once the row decodes: mlx_compat); every later step
-    hands `advance` the token its row sampled last, then fills its mask."""
+    """One running request's grammar. Its first token is sampled through
+    `first_token` (a logits processor, dropped once that token is sampled:
+    mlx_compat), by mlx-lm's own step as the request leaves prefill, or by
+    the batch's next step where the request joins it primed; every later
+    step hands `advance` the token its row sampled last, then fills its mask."""
 
     def __init__(self, matcher: llguidance.LLMatcher, failed: Callable[[str], None]):
         self.matcher = matcher

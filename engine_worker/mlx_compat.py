@@ -19,9 +19,16 @@ gets its log-probabilities only if its request asked for them, and an
 all-greedy batch that wants none takes the argmax of the raw logits (the
 same token: normalizing subtracts one constant per row). It goes on the
 generator's decoding batch, the one object mlx-lm keeps for the generator's
-life and extends with each prefilled group. A group's first token still
-comes from mlx-lm's own step, when the group leaves prefill; every later
-token comes from here.
+life and extends with each prefilled group.
+
+A prefilled group joining a batch that decodes is primed
+(`install_primed_joins`): it joins with its prompt's last token as its next
+input, and the batch's next step computes its first token along with every
+other row's next one. mlx-lm runs a forward pass of the group's own for that
+token as it joins, which every stream in the batch waited for: on a tiny
+model's CPU-bound step, a join step took twice a plain one
+(docs/benchmarks.md). A group joining an idle batch still gets its first
+token from mlx-lm's own step, a step sooner.
 """
 
 import importlib
@@ -30,6 +37,8 @@ import types
 from collections.abc import Callable, Collection
 
 import mlx.core as mx
+from mlx_lm.generate import GenerationBatch
+from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
 WRITTEN_FOR = {"mlx-lm": "0.32.2", "mlx-vlm": "0.7.10"}
@@ -101,36 +110,107 @@ def hf_tokenizer(tokenizer):
 
 
 def install_decode_step(decoding, wants_logprobs: Collection[int], grammars: dict,
-                        mask_logits: Callable) -> None:
+                        mask_logits: Callable, priming: Collection[int] = ()) -> None:
     """Replace `decoding._step` (mlx-lm's GenerationBatch). `wants_logprobs`:
     the uids whose requests asked for log-probabilities; `grammars`: uid ->
     the grammar of a constrained request (grammar.GrammarRow), applied by
-    `mask_logits` (grammar.mask_logits); both kept by the caller. Rows
-    joining it leave their first-token-only processors behind
-    (sampling.guarded marks them): their first token is sampled by then,
-    and a row with no processor left skips the per-row path of every step."""
-    decoding._step = lambda: _step(decoding, wants_logprobs, grammars, mask_logits)
+    `mask_logits` (grammar.mask_logits); `priming`: the uids of primed rows
+    (`install_primed_joins`) whose first token is not sampled yet; all kept
+    by the caller. Rows joining it leave their first-token-only processors
+    behind (sampling.guarded marks them) once their first token is sampled
+    (`first_token_sampled`, for primed rows): a row with no processor left
+    skips the per-row path of every step."""
+    decoding._step = lambda: _step(decoding, wants_logprobs, grammars, mask_logits, priming)
     join = decoding.extend
 
     def extend(batch) -> None:
         if batch.logits_processors:
             batch.logits_processors = [
-                [p for p in row if not getattr(p, "first_token_only", False)]
-                for row in batch.logits_processors]
+                row if uid in priming else _after_first_token(row)
+                for uid, row in zip(batch.uids, batch.logits_processors)]
         join(batch)
 
     decoding.extend = extend
 
 
+def _after_first_token(processors: list) -> list:
+    return [p for p in processors if not getattr(p, "first_token_only", False)]
+
+
+def first_token_sampled(decoding, uid: int) -> None:
+    """A primed row's first token is sampled: its first-token-only
+    processors go."""
+    i = decoding.uids.index(uid)
+    if decoding.logits_processors and decoding.logits_processors[i]:
+        decoding.logits_processors[i] = _after_first_token(decoding.logits_processors[i])
+
+
+class _AfterPriming:
+    """A primed row's stop matcher: its first emission is its prompt's last
+    token, which no stop sequence may end on."""
+
+    def __init__(self, matcher):
+        self._matcher, self._primed = matcher, True
+
+    def advance(self, token: int) -> bool:
+        if self._primed:
+            self._primed = False
+            return False
+        return self._matcher.advance(token)
+
+
+def install_primed_joins(gen, priming: set[int]) -> None:
+    """Prime each group that leaves prefill while other rows decode (see the
+    module's notes), noting its uids in `priming`: the caller drops each
+    primed row's first emission (its prompt's last token) and then calls
+    `first_token_sampled`."""
+    prompts = gen._prompt_batch
+    split = prompts.split
+
+    def split_primed(indices):
+        group = split(indices)
+        if len(gen._generation_batch):
+            group.generate = lambda tokens: _primed(group, tokens, priming)
+        return group
+
+    prompts.split = split_primed
+
+
+def _primed(group, tokens: list[list[int]], priming: set[int]) -> GenerationBatch:
+    """mlx-lm's PromptProcessingBatch.generate, less the forward pass."""
+    if any(len(t) > 1 for t in tokens):
+        group.prompt([t[:-1] for t in tokens])
+    rows = GenerationBatch(group.model, [], mx.array([], dtype=mx.uint32), [], [], [],
+                           group.fallback_sampler, [], [], [])
+    n = len(group.uids)
+    rows.uids, rows.prompt_cache, rows.tokens = group.uids, group.prompt_cache, group.tokens
+    rows.samplers, rows.logits_processors = group.samplers, group.logits_processors
+    rows.stop_sequences, rows.max_tokens = group.stop_sequences, group.max_tokens
+    rows._next_tokens = mx.array([t[-1] for t in tokens])
+    rows._next_logprobs = [None] * n
+    rows._token_context = [TokenBuffer(t) for t in group.tokens]
+    rows._num_tokens = [-1] * n  # the priming emission is no generated token
+    rows._matchers = [_AfterPriming(ss.matcher()) for ss in group.stop_sequences]
+    priming.update(rows.uids)
+    group.uids, group.prompt_cache, group.tokens = [], [], []
+    group.samplers, group.logits_processors, group.max_tokens = [], [], []
+    return rows
+
+
 def _step(b, wants_logprobs: Collection[int], grammars: dict,
-          mask_logits: Callable) -> tuple[list[int], list]:
+          mask_logits: Callable, priming: Collection[int]) -> tuple[list[int], list]:
     # What the last call started becomes this step's result; this call
     # starts the next token's computation before waiting for it.
     b._current_tokens, b._current_logprobs = b._next_tokens, b._next_logprobs
     inputs = b._current_tokens
     logits = b.model(inputs[:, None], cache=b.prompt_cache)[:, -1, :]
     if grammars:
-        logits = mask_logits(logits, inputs, b.uids, grammars)
+        # A primed row's input is its prompt's last token, no grammar's:
+        # its first-token processor masks this step's logits.
+        active = {u: g for u, g in grammars.items() if u not in priming} if priming \
+            else grammars
+        if active:
+            logits = mask_logits(logits, inputs, b.uids, active)
     contexts = []
     # Only the rows with processors are cut out and put back: one request
     # with a penalty or a grammar costs the batch one row's work, not B.

@@ -133,6 +133,63 @@ def test_mid_decode_joins_keep_outputs(engine):
     assert joined == alone
 
 
+def test_requests_joining_a_decoding_batch_are_primed(engine, monkeypatch):
+    """A request whose prompt pass ends while others decode joins with its
+    prompt's last token as its input: the batch's next step computes its
+    first token (no forward pass of its own, which every stream waited
+    for), and it gets exactly what it gets alone: sampled, penalised, with
+    log-probabilities, a stop token as its first, one token long."""
+    from mlx_lm.generate import GenerationBatch
+
+    from engine_worker import mlx_compat
+
+    def requests(tag):
+        kinds = [dict(), dict(temperature=1.5, seed=7), dict(frequency_penalty=2.0),
+                 dict(logit_bias={42: 100.0})]
+        rs = [Request(f"{tag}-{i}", PROMPTS[2], 16, SamplingParams(**k))
+              for i, k in enumerate(kinds)]
+        rs.append(Request(f"{tag}-lp", PROMPTS[2], 16, SamplingParams(), logprobs=True,
+                          top_logprobs=3))
+        rs.append(Request(f"{tag}-one", PROMPTS[3], 1, SamplingParams()))
+        rs.append(Request(f"{tag}-stop", PROMPTS[2], 16, SamplingParams(logit_bias={42: 100.0}),
+                          stop_token_ids=[42]))
+        return rs
+
+    def outcome(outputs):
+        return ([(o.token, o.finish_reason) for o in outputs],
+                [(o.logprob.logprob, o.logprob.top) for o in outputs if o.logprob])
+
+    alone = {r.request_id.rsplit("-", 1)[1]: outcome(run_request(engine, r))
+             for r in requests("primed-alone")}
+    own_steps, primed = [], []
+    step, prime = GenerationBatch._step, mlx_compat._primed
+    monkeypatch.setattr(GenerationBatch, "_step",
+                        lambda self: own_steps.append(len(self.uids)) or step(self))
+    monkeypatch.setattr(mlx_compat, "_primed",
+                        lambda group, *a: primed.append(len(group.uids)) or prime(group, *a))
+    engine.submit(Request("primed-decoding", PROMPTS[0], 400, SamplingParams()))
+    seen = engine.collector.published
+    seen.clear()
+    assert seen.wait(10)  # it decodes
+    joining = requests("primed-join")
+    for r in joining:
+        engine.submit(r)
+    joined = {r.request_id.rsplit("-", 1)[1]: outcome(engine.collector.wait(r.request_id))
+              for r in joining}
+    engine.abort("primed-decoding")
+    engine.collector.wait("primed-decoding")
+    assert joined == alone
+    # Only the request that found the batch idle ran a step of its own.
+    assert sum(primed) == len(joining) and own_steps == [1]
+    assert alone["stop"][0] == [(42, "stop")] and len(alone["one"][0]) == 1
+    assert len(alone["lp"][1]) == 16 and len(alone["lp"][1][0][1]) == 3
+
+
+def run_request(engine, request) -> list[Output]:
+    engine.submit(request)
+    return engine.collector.wait(request.request_id)
+
+
 def test_per_request_sampling_inside_one_batch(engine):
     """Greedy, seeded-hot and penalised requests side by side each get what
     they get alone: one sampler is not applied to the whole batch."""
