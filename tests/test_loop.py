@@ -36,6 +36,19 @@ class Collector:
         assert ev.wait(timeout), f"{request_id} did not finish"
         return self.outputs[request_id]
 
+    def guard(self, engine: Loop) -> None:
+        """Make `engine.submit` refuse a request id this collector has seen:
+        `wait` would return the earlier request's outputs at once (an
+        engine shared by a module's tests)."""
+        submit = engine.submit
+
+        def once(request: Request) -> None:
+            assert request.request_id not in self.outputs, \
+                f"{request.request_id} was used by an earlier request"
+            submit(request)
+
+        engine.submit = once
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
@@ -45,6 +58,7 @@ def engine(tiny_model):
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector
+    collector.guard(e)
     yield e
     e.stop()
 

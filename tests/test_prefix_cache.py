@@ -25,6 +25,7 @@ def make_engine(model, **settings) -> Loop:
     e.start()
     assert e.ready.wait(60) and e.load_error is None
     e.collector = collector
+    collector.guard(e)
     return e
 
 

@@ -67,6 +67,7 @@ def start_engine(path, after_step=None, admission=None, **settings) -> Loop:
     e.start()
     assert e.ready.wait(60) and e.load_error is None, e.load_error
     e.collector = collector
+    collector.guard(e)
     return e
 
 
