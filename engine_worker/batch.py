@@ -226,12 +226,18 @@ class Batch:
         model = self.model
         if not model.batchable or model.prefix_lm or r.prompt_logprobs is not None:
             return None
-        cache, n = (self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
-                    if self.prefix is not None and r.prefix_keys else (None, 0))
+        cache, n = self._cached_prefix(r)
         if cache is not None:  # a copy made on this thread's stream: made here
             mx.eval([c.state for c in cache[:-1]])
         s = self.settings
         return Prefill(cache, n, min(s.prefill_step_size, s.prefill_chunk_while_decoding))
+
+    def _cached_prefix(self, r: Request) -> tuple[list | None, int]:
+        """A private copy of the longest cached prefix of a request's prompt,
+        and its length ((None, 0): none, or no prefix cache)."""
+        if self.prefix is None or not r.prefix_keys:
+            return None, 0
+        return self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
 
     def _initial_cache(self, r: Request) -> tuple[list | None, int]:
         """The cache a request starts from and how many prompt tokens it
@@ -248,8 +254,7 @@ class Batch:
                 self.prefix.insert([(r.prompt[:done.tokens], for_prefix_cache(done.cache),
                                      r.prefix_keys, r.media_spans)])
             return done.cache, done.tokens
-        cache, n = (self.prefix.fetch(r.prompt, r.prefix_keys, r.media_spans)
-                    if self.prefix is not None and r.prefix_keys else (None, 0))
+        cache, n = self._cached_prefix(r)
         seq = self._encoded.pop(r.request_id) if r.media else None
         if cache is None:
             return (self.model.cache_with(seq), 0) if seq else (None, 0)
