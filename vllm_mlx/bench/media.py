@@ -11,12 +11,14 @@ and preprocessing a request's images cost, and nothing else); and "image
 requests" (loaded), where 4 chat requests with such an image are kept in
 flight through the gateway (decoding, then the engine's vision encoder and the
 image tokens' prefill, which share the engine with the text requests). Fresh
-images, so no cache answers for them. Reported: text p50/p99 in each state,
-the ratios to quiet, where the engine loop's time went in each, and how many
-text gaps, engine loop iterations and lags of the front end's, the
-gateway's and this timing client's event loops took over 2.5, 5 and 10 ms (a
-slow gap without a slow iteration arose outside the engine loop; a lag, in
-the process that had it).
+images, so no cache answers for them, unless --load-images is smaller than a
+state's load: then images repeat, and the caches answer the repeats (with
+--load-images 1, what image rows cost the text streams without the encoder).
+Reported: text p50/p99 in each state, the ratios to quiet, where the engine
+loop's time went in each, and how many text gaps, engine loop iterations and
+lags of the front end's, the gateway's and this timing client's event loops
+took over 2.5, 5 and 10 ms (a slow gap without a slow iteration arose
+outside the engine loop; a lag, in the process that had it).
 
 prepare: (1) images by resolution: decode + the model's preprocessing,
 in-process; (2) video by sampled frame count, from a --clip-seconds H.264
@@ -39,6 +41,7 @@ import argparse
 import asyncio
 import importlib.util
 import io
+import itertools
 import json
 import os
 import shutil
@@ -46,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from vllm_mlx.bench import report
@@ -93,8 +97,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=size, default="1920x1080", metavar="WxH",
                    help="the load's images, and the turns' pictures")
     g.add_argument("--load-images", type=int, default=100,
-                   help="images each load process makes before it starts (at most what "
-                        "one state's load sends)")
+                   help="distinct images each load process makes before it starts; a "
+                        "load that sends more sends them again, which the media workers' "
+                        "cache and the prefix cache answer (1: only the first request is "
+                        "decoded and encoded, the rest show what is left without them)")
     g.add_argument("--server-flags", default="",
                    help="extra vllm-mlx-up flags, one string "
                         "(--server-flags=\"--prefill-chunk-while-decoding 64\")")
@@ -191,9 +197,10 @@ async def stream_round(client, n: int, gap_s: float, tokens: int) -> list[float]
     return gaps
 
 
-async def image_load(client, urls: list[str], stop: asyncio.Event, done: list[float]) -> None:
-    while not stop.is_set() and urls:
-        url = urls.pop()
+async def image_load(client, urls: Iterator[str], stop: asyncio.Event,
+                     done: list[float]) -> None:
+    while not stop.is_set():
+        url = next(urls)
         tic = time.perf_counter()
         r = await client.post("/v1/chat/completions", json={
             "model": "default", "max_tokens": 4, "temperature": 0,
@@ -204,7 +211,7 @@ async def image_load(client, urls: list[str], stop: asyncio.Event, done: list[fl
         done.append(time.perf_counter() - tic)
 
 
-async def prepare_load(address: str, urls: list[str], stop: asyncio.Event,
+async def prepare_load(address: str, urls: Iterator[str], stop: asyncio.Event,
                        done: list[float]) -> None:
     import grpc
 
@@ -214,8 +221,8 @@ async def prepare_load(address: str, urls: list[str], stop: asyncio.Event,
     async with grpc.aio.insecure_channel(
             address, options=[("grpc.max_receive_message_length", -1)]) as channel:
         stub = media_pb2_grpc.MediaWorkerStub(channel)
-        while not stop.is_set() and urls:
-            url = urls.pop()
+        while not stop.is_set():
+            url = next(urls)
             tic = time.perf_counter()
             await stub.Prepare(mpb.PrepareRequest(items=[mpb.MediaSource(
                 kind=mpb.MEDIA_KIND_IMAGE, url=url)]), timeout=120)
@@ -233,7 +240,7 @@ def load_process(mode: str, base_url: str, media: list[str], seeds: range,
 
     os.nice(19)
 
-    urls = [load_image(size, s) for s in seeds]
+    urls = itertools.cycle([load_image(size, s) for s in seeds])
 
     async def run() -> list[float]:
         stop, done = asyncio.Event(), []
