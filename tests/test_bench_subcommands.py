@@ -203,6 +203,9 @@ def test_media_load_and_prepare(tmp_path):
              *(f"{state}_{q}_ratio" for state in ("decoding", "loaded") for q in ("p50", "p99")),
              "prepare_calls", "prepare_latency_p50_ms", "image_requests",
              "image_latency_p50_ms", "quiet_all", "decoding_all", "loaded_all")
+    # Each load sends its 8 images at most once, then again: the repeats are counted.
+    assert load["prepare_repeats"] == max(0, load["prepare_calls"] - 8), load
+    assert load["image_repeats"] == max(0, load["image_requests"] - 8), load
     for state in ("quiet", "decoding", "loaded"):
         loop = load["engine_loop_ms"][state]
         spent(loop, "admit", "prefill", "step", "steps", "prefill_passes")

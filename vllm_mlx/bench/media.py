@@ -96,7 +96,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "inter-token latencies (gaps between a stream's tokens), not TTFT")
     g.add_argument("--image-size", type=size, default="1920x1080", metavar="WxH",
                    help="the load's images, and the turns' pictures")
-    g.add_argument("--load-images", type=int, default=100,
+    g.add_argument("--load-images", type=int, default=200,
                    help="distinct images each load process makes before it starts; a "
                         "load that sends more sends them again, which the media workers' "
                         "cache and the prefix cache answer (1: only the first request is "
@@ -304,6 +304,7 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
     ctx = mp.get_context("spawn")
     samples: dict[str, list[float]] = {"quiet": [], "decoding": [], "loaded": []}
     latency: dict[str, list[float]] = {"decoding": [], "loaded": []}
+    repeats = {"decoding": 0, "loaded": 0}  # requests for an image its load had sent
     loop = {state: LoopTime(stack.engine_address, stack.url) for state in samples}
     gap_s = a.gap_ms / 1e3
     limits = httpx.Limits(max_connections=16)
@@ -331,11 +332,14 @@ async def load_states(a: argparse.Namespace, stack: Stack) -> dict:
                 samples[state] += await loop[state].around(text_round(
                     client, a.per_round, gap_s, a.text_tokens))
                 here.send("stop")
-                latency[state] += await asyncio.to_thread(here.recv)
+                sent = await asyncio.to_thread(here.recv)
+                latency[state] += sent
+                repeats[state] += max(0, len(sent) - a.load_images)
                 proc.join()
         for task in watches:
             task.cancel()
-    return figures(samples, latency, loop)
+    return {**figures(samples, latency, loop), "prepare_repeats": repeats["decoding"],
+            "image_repeats": repeats["loaded"]}
 
 
 def figures(samples: dict[str, list[float]], latency: dict[str, list[float]],
@@ -416,6 +420,10 @@ def print_load(r: dict) -> None:
          f"x{r['loaded_p99_ratio']:.2f}",
          load(r["image_requests"], r["image_latency_p50_ms"], "requests")]],
         ["state", "p50 ms", "p99 ms", "p50 / quiet", "p99 / quiet", "load"]))
+    if r["prepare_repeats"] or r["image_repeats"]:
+        print(f"(images repeated, answered by the caches: {r['prepare_repeats']} Prepare "
+              f"calls and {r['image_repeats']} image requests; --load-images "
+              f"{r['load_images']})")
     loop = r["engine_loop_ms"]
     print("\nslow text gaps, engine loop iterations and event-loop lags, per state")
     print(report.table([[state, where, count, *(counts.get(f"{key}_{over(b)}", "")
